@@ -1,0 +1,213 @@
+"""The `orchestrator` command line: parses, calls one function, renders with rich.
+
+Exit codes: 0 done; 2 bad input or a plan that cannot fit (one line on stderr);
+1 an unexpected failure (with its traceback).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator import render
+from orchestrator.config import DEFAULT_CURRICULUM, load_plan
+from orchestrator.errors import OrchestratorError
+
+app = typer.Typer(help="Plan, submit and watch progressive 3D stroke-lesion training on SLURM.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Synthetic data, validation and the preprocessed cache.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder holding the runs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+TargetMem = Annotated[Optional[str], typer.Option(
+    "--target-mem", help="Memory budget per stage in GB (default: probed GPU or host RAM).")]
+Device = Annotated[str, typer.Option(
+    "--device", help="auto | cuda | cpu. 'cuda' without a GPU plans for one (login node).")]
+Curriculum = Annotated[Path, typer.Option("--curriculum", help="Curriculum YAML (order and hand-off).")]
+Cluster = Annotated[Optional[str], typer.Option(
+    "--cluster", help="Cluster profile: a name under envs/clusters/ or a YAML file. Default: local.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data", help="ATLAS-style data tree to train on.")]
+RunName = Annotated[Optional[str], typer.Option("--run", help="Run name (default: run-<time>).")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _emit_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | None,
+          data: Path | None, run: str | None, runs_dir: Path, quiet: bool):
+    from orchestrator.planning.plan_file import PlanRequest, make_plan, parse_target_mem, write_plan
+    from orchestrator.training.step import estimation_step
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
+    req = PlanRequest(curriculum=curriculum, target_mem_gb=parse_target_mem(target_mem),
+                      device=device, cluster=cluster, data_dir=data, run=run, runs_dir=runs_dir)
+    with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
+        plan = make_plan(req, estimation_step,
+                         progress=(lambda name: status.update(f"planning {name}...")) if status else None)
+    return plan, write_plan(plan)
+
+
+@app.command()
+def plan(target_mem: TargetMem = None, device: Device = "auto",
+         curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
+         data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
+         json_out: Json = False) -> None:
+    """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
+    p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out)
+    if json_out:
+        _emit_json(render.plan_json(p))
+        return
+    render.plan_table(out, p)
+    out.print(f"plan written to [bold]{path}[/]")
+
+
+@app.command()
+def submit(plan_path: Annotated[Optional[Path], typer.Option("--plan", help="A plan.yaml from `plan`.")] = None,
+           executor: Annotated[str, typer.Option("--executor", help="slurm | local | debug")] = "slurm",
+           lcnn: Annotated[bool, typer.Option("--lcnn/--no-lcnn", help="Submit the LCNN runs too.")] = True,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the jobs; submit nothing.")] = False,
+           target_mem: TargetMem = None, device: Device = "auto",
+           curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
+           data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs")) -> None:
+    """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
+    from orchestrator.launch.submit import submit_plan
+
+    if executor not in ("slurm", "local", "debug"):
+        raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
+    if plan_path is None:
+        p, plan_path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, False)
+    p = load_plan(plan_path)
+    jobs = submit_plan(p, plan_path, executor, include_lcnn=lcnn, dry_run=dry_run)  # type: ignore[arg-type]
+    render.submitted(out, p, jobs, executor, dry_run)
+
+
+@app.command("run-stage")
+def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
+              stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")]) -> None:
+    """Run one stage in this process (what a job executes; also for debugging)."""
+    from orchestrator.training.trainer import run_stage as _run
+
+    result = _run(plan_path, stage)
+    out.print(f"{stage}: best val Dice {result['best_dice']:.4f}, final weights {result['final']}")
+
+
+@app.command()
+def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs if omitted.")] = None,
+           runs_dir: RunsDir = Path("runs"), json_out: Json = False,
+           watch: Annotated[bool, typer.Option("--watch", help="Refresh in place.")] = False) -> None:
+    """Every run, or one run's stages: job id, state, attempts, epoch, best Dice, memory."""
+    from orchestrator.launch.sacct import sacct_states
+    from orchestrator.runs.status import collect_status
+
+    if json_out:
+        _emit_json(collect_status(runs_dir, run, sacct_states))
+        return
+    if not watch:
+        render.status(out, collect_status(runs_dir, run, sacct_states), run)
+        return
+    render.watch(out, lambda: collect_status(runs_dir, run, sacct_states), run)
+
+
+@app.command()
+def cancel(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs")) -> None:
+    """Cancel every unfinished job of a run."""
+    from orchestrator.launch.submit import cancel_run
+
+    ids = cancel_run(load_plan(runs_dir / run / "plan.yaml"))
+    out.print(f"{run}: cancelled {len(ids)} job(s) {' '.join(ids)}")
+
+
+@app.command()
+def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs"),
+           executor: Annotated[Optional[str], typer.Option("--executor", help="Default: as submitted.")] = None) -> None:
+    """Resubmit a run from its first unfinished stage (each resumes from its last.pt)."""
+    from orchestrator.launch.sacct import sacct_states
+    from orchestrator.launch.submit import submit_plan
+    from orchestrator.runs.state import read_state
+    from orchestrator.runs.status import collect_status
+
+    plan_path = runs_dir / run / "plan.yaml"
+    p = load_plan(plan_path)
+    doc = collect_status(runs_dir, run, sacct_states)["runs"][0]
+    todo = [s["name"] for s in doc["stages"] if s["state"] != "COMPLETED"]
+    if not todo:
+        out.print(f"{run}: every stage is complete; nothing to resume")
+        return
+    kind = executor or read_state(p.run_dir).get("executor") or "slurm"
+    jobs = submit_plan(p, plan_path, kind, only=todo)  # type: ignore[arg-type]
+    render.submitted(out, p, jobs, kind, False)
+
+
+@data_app.command("synth")
+def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the tree into.")],
+               subjects: Annotated[int, typer.Option("--subjects", min=1, help="How many subjects.")] = 4,
+               shape: Annotated[tuple[int, int, int], typer.Option("--shape", help="Volume size X Y Z (1 mm voxels).")] = (197, 233, 189),
+               seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0) -> None:
+    """Write an ATLAS R2.0-style tree of brain-like phantoms with lesions."""
+    from orchestrator.data.synth import synthesize_atlas
+
+    with render.counter(err, "synthesising subjects", subjects) as tick:
+        recs = synthesize_atlas(out_dir, subjects, shape, seed, progress=tick)
+    out.print(f"wrote {len(recs)} subjects ({'x'.join(map(str, shape))}) under {out_dir}")
+
+
+@data_app.command("check")
+def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.")]) -> None:
+    """Validate every image/mask pair; exit 2 if any is broken. Writes nothing."""
+    from orchestrator.data.atlas import discover_subjects
+    from orchestrator.data.volume import check_subjects
+
+    results = check_subjects(discover_subjects(root))
+    bad = render.check_table(out, results)
+    if bad:
+        err.print(f"[red]{bad} of {len(results)} subjects failed the check[/]")
+        raise typer.Exit(2)
+    out.print(f"[green]all {len(results)} subjects passed[/]")
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")] = Path("demo-run"),
+         subjects: Annotated[int, typer.Option("--subjects", min=2)] = 6,
+         executor: Annotated[str, typer.Option("--executor", help="local | debug")] = "local") -> None:
+    """The whole pipeline on synthetic data on this CPU: synth -> plan -> 4 stages -> Dice."""
+    from orchestrator.demo import run_demo
+
+    run_demo(out_dir, subjects, executor, out, err)
+
+
+def main() -> None:
+    """Console entry point: OrchestratorError and usage errors are one line, exit 2."""
+    try:
+        rc = app(standalone_mode=False)
+    except OrchestratorError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.TyperException as exc:  # usage errors (Typer's own copy of click's)
+        if not exc.format_message():  # bare `orchestrator`: the help was printed
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code if exc.exit_code != 1 else 2)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,296 @@
+"""Typed, validated configs: stage, curriculum, cluster profile and plan.
+
+One loader per file kind is the only code that sees raw dicts; everything downstream
+gets frozen pydantic models. A bad file raises `ConfigError` with one line per problem:
+``stages/s1.yaml: unknown key 'lr_rate' (did you mean 'lr'?)``.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
+CLUSTERS_DIR = REPO_ROOT / "envs" / "clusters"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PlannerLimits(_Strict):
+    """How far the planner may move a stage away from its curriculum values."""
+
+    min_base_filters: int = Field(8, gt=0, description="Smallest base filter count to try.")
+    min_input_vox: int = Field(32, gt=0, description="Smallest side of the input patch.")
+    max_batch_size: int = Field(8, gt=0, description="Largest batch size to consider.")
+    min_batch_size: int = Field(2, gt=0, description="Batch size the plan tries to keep.")
+
+
+class StageSpec(_Strict):
+    """One stage of the curriculum (a file under stages/)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Stage id, used in paths.")
+    kind: Literal["seg3d", "lcnn"] = "seg3d"
+    model: dict[str, Any] = Field(description="arch plus the model constructor's options.")
+    input_size_vox: tuple[int, ...] = Field(description="Patch size (3 sides; 2 for LCNN).")
+    base_filters: int = Field(16, gt=0)
+    batch_size: int = Field(2, gt=0, description="Starting batch size; the planner adjusts it.")
+    max_epochs: int = Field(100, gt=0)
+    iterations_per_epoch: int = Field(250, gt=0)
+    val_every_epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip_norm: float | None = Field(12.0, gt=0)
+    amp: bool = Field(True, description="Mixed precision (bf16 where supported).")
+    lesion_fraction: float = Field(1 / 3, ge=0, le=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    augment: bool = True
+    num_workers: int | None = Field(None, ge=0, description="None: from SLURM_CPUS_PER_TASK.")
+    checkpoint_every_steps: int = Field(50, gt=0, description="Write last.pt this often.")
+    early_stop_patience_epochs: int | None = Field(None, gt=0)
+    seed: int = 0
+    planner: PlannerLimits = PlannerLimits()
+
+    @model_validator(mode="after")
+    def _check(self) -> StageSpec:
+        want = 2 if self.kind == "lcnn" else 3
+        if len(self.input_size_vox) != want:
+            raise ValueError(f"input_size_vox needs {want} sides for a {self.kind} stage")
+        if "arch" not in self.model:
+            raise ValueError("model needs an 'arch' key (e.g. arch: resunet3d)")
+        return self
+
+
+class CurriculumEntry(_Strict):
+    file: str = Field(description="Stage YAML, relative to the curriculum file.")
+    init_from: str | None = Field("previous", description="'previous', a stage name or null.")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class Curriculum(_Strict):
+    """Order of the stages and their hand-off (stages/progressive.yaml)."""
+
+    name: str
+    stages: list[CurriculumEntry] = Field(min_length=1)
+    lcnn: list[CurriculumEntry] = Field(default_factory=list)
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every stage.")
+    handoff_noise_std: float = Field(1e-3, ge=0)
+
+
+class ClusterProfile(_Strict):
+    """Where and how jobs run (envs/clusters/*.yaml)."""
+
+    name: str
+    executor: Literal["slurm", "local", "debug"] = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    gres: str | None = None
+    gpu_mem_gb: float | None = Field(None, gt=0, description="Plan for this GPU from a login node.")
+    cpus_per_task: int = Field(2, gt=0)
+    mem_gb: float = Field(8, gt=0)
+    time_min: int = Field(60, gt=0, description="Time limit of each stage's job.")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before a job.")
+    preempt_signal: str = "USR2"
+    signal_grace_s: int = Field(120, ge=0)
+    max_requeues: int = Field(3, ge=0)
+
+
+class StagePlan(_Strict):
+    """The planner's decision for one stage, with the resolved spec it applies to."""
+
+    name: str
+    kind: Literal["seg3d", "lcnn"]
+    spec: StageSpec
+    init_from: str | None
+    input_size_vox: tuple[int, ...]
+    base_filters: int
+    batch_size: int
+    checkpointing: bool
+    amp: bool
+    params: int
+    predicted_gb: float
+    measured_gb: float | None = None
+    reasons: list[str] = Field(default_factory=list)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The model constructor's options as planned (arch removed)."""
+        kw = {k: v for k, v in self.spec.model.items() if k != "arch"}
+        kw.update(base_filters=self.base_filters, checkpointing=self.checkpointing)
+        return kw
+
+
+class Plan(_Strict):
+    """runs/<run>/plan.yaml: everything a stage job needs, resolved once."""
+
+    run: str
+    created: str
+    device: Literal["cpu", "cuda"]
+    budget_gb: float
+    data_dir: str | None
+    runs_dir: str
+    curriculum: str
+    cluster: ClusterProfile
+    probe: dict[str, Any]
+    assumptions: dict[str, Any] = Field(default_factory=dict)
+    handoff_noise_std: float = 1e-3
+    stages: list[StagePlan]
+
+    def stage(self, name: str) -> StagePlan:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise ConfigError(f"plan {self.run}: no stage {name!r} (stages: {[s.name for s in self.stages]})")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_error(path: Path | str, err: ValidationError, fields: set[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            hint = difflib.get_close_matches(key, sorted(fields), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(sorted(fields))})"
+            lines.append(f"{path}: unknown key {loc!r}{extra}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{path}: {loc or 'file'}: {e['msg']}{got_s}")
+    return "; ".join(lines)
+
+
+def parse_model(cls: type[_Strict], data: Any, source: Path | str) -> Any:
+    """Validate `data` as `cls`; a failure becomes one ConfigError line naming `source`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err, set(cls.model_fields))) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file; a missing or malformed file is a ConfigError naming it."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def check_model_options(spec: StageSpec, source: Path | str) -> None:
+    """Reject model options the constructor does not take, before any job runs."""
+    import models  # local: keeps `orchestrator.config` light for the CLI
+
+    kwargs = {k: v for k, v in spec.model.items() if k != "arch"}
+    try:
+        cls = models.model_class(spec.model["arch"])
+    except ValueError as err:
+        raise ConfigError(f"{source}: model.arch: {err}") from None
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p != "self"]
+    for key in kwargs:
+        if key not in params:
+            hint = difflib.get_close_matches(key, valid, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(valid)})"
+            raise ConfigError(f"{source}: unknown key 'model.{key}'{extra}")
+
+
+def load_stage(path: Path, overrides: dict[str, Any] | None = None) -> StageSpec:
+    """Load a stage YAML, apply curriculum overrides (a dict merged one level deep)."""
+    data = read_yaml(path)
+    if isinstance(data, dict) and overrides:
+        data = _merge(data, overrides)
+    spec = parse_model(StageSpec, data, path)
+    check_model_options(spec, path)
+    return spec
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, val in over.items():
+        if isinstance(val, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **val}
+        else:
+            out[key] = val
+    return out
+
+
+def load_curriculum(path: Path) -> tuple[Curriculum, list[tuple[StageSpec, str | None]]]:
+    """Load a curriculum and its stages, resolving 'previous' into stage names.
+
+    Returns:
+        The curriculum and, in order, (stage spec, init_from stage name or None) for the
+        progressive stages followed by the LCNN runs (which never inherit).
+
+    Raises:
+        ConfigError: a file is missing or invalid, a stage name repeats, or init_from
+            names a stage that does not come earlier.
+    """
+    path = Path(path)
+    cur = parse_model(Curriculum, read_yaml(path), path)
+    out: list[tuple[StageSpec, str | None]] = []
+    seen: list[str] = []
+    for group, entries in (("stages", cur.stages), ("lcnn", cur.lcnn)):
+        for i, entry in enumerate(entries):
+            spec = load_stage(path.parent / entry.file, _merge(cur.overrides, entry.overrides))
+            if spec.name in seen:
+                raise ConfigError(f"{path}: {group}.{i}: stage name {spec.name!r} used twice")
+            init = entry.init_from
+            if group == "lcnn" or init is None:
+                init = None
+            elif init == "previous":
+                prev = [s for s, _ in out if s.kind == "seg3d"]
+                init = prev[-1].name if prev else None
+            elif init not in seen:
+                raise ConfigError(
+                    f"{path}: {group}.{i}.init_from: {init!r} is not an earlier stage ({seen})")
+            out.append((spec, init))
+            seen.append(spec.name)
+    return cur, out
+
+
+def resolve_cluster(name_or_file: str | None) -> tuple[ClusterProfile, Path]:
+    """A cluster profile by name (envs/clusters/NAME.yaml) or by path; default 'local'."""
+    ref = name_or_file or "local"
+    path = Path(ref)
+    if not path.suffix:
+        path = CLUSTERS_DIR / f"{ref}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
+            raise ConfigError(f"--cluster: no profile {ref!r} (known: {', '.join(known)})")
+    return parse_model(ClusterProfile, read_yaml(path), path), path
+
+
+def load_plan(path: Path) -> Plan:
+    """Read runs/<run>/plan.yaml back."""
+    return parse_model(Plan, read_yaml(Path(path)), path)
+
+
+def plan_to_yaml(plan: Plan) -> str:
+    return yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False, width=100)

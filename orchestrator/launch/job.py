@@ -1,0 +1,56 @@
+"""What one submitit job runs: a stage of a plan, requeued on preemption or timeout."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from orchestrator.runs import state as run_state
+
+logger = logging.getLogger(__name__)
+
+
+def _log_tail(n: int = 5) -> list[str]:
+    env = submitit.JobEnvironment()
+    paths = submitit.core.utils.JobPaths(env.paths.folder, env.job_id, env.global_rank)
+    try:
+        return paths.stderr.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Runs `run_stage(plan, stage)`; on USR2 or the time limit submitit calls
+    `checkpoint()`, which requeues a fresh copy that resumes from the stage's last.pt."""
+
+    def __init__(self, plan_path: str, stage: str) -> None:
+        self.plan_path = str(plan_path)
+        self.stage = stage
+
+    def _run_dir(self) -> Path:
+        return Path(self.plan_path).parent
+
+    def __call__(self) -> dict[str, Any]:
+        from orchestrator.training.trainer import run_stage
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return run_stage(self.plan_path, self.stage)
+        except BaseException as err:
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+            run_state.update_stage(self._run_dir(), self.stage, state=run_state.FAILED,
+                                   ended=run_state.now_iso(),
+                                   error=f"{type(err).__name__}: {err}"[:500], failed_job=job_id)
+            raise
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        run_state.bump_stage(self._run_dir(), self.stage, "requeues", state=run_state.SUBMITTED)
+        logger.info("%s: requeued; it resumes from last.pt", self.stage)
+        return submitit.helpers.DelayedSubmission(StageJob(self.plan_path, self.stage))

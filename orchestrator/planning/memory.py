@@ -1,0 +1,163 @@
+"""Peak memory of one training step, predicted without running it on the target device.
+
+The real step (forward, loss, backward, optimizer step, twice so that the optimizer
+state exists) runs on CPU FakeTensors: shapes and dtypes only, no arithmetic. A
+TorchDispatchMode adds up the bytes of live storages (rounded like the CUDA caching
+allocator) and keeps the peak. For a CUDA target, CPU autocast's low-precision ops that
+CUDA autocast runs in fp32 are promoted, so the estimate sees CUDA's dtypes.
+
+What the tensor count cannot see (CUDA context, cuDNN workspace, the allocator's
+reserved-minus-allocated gap, the process's own baseline on CPU) is added by
+`Overheads`, each term configurable and reported. See docs/planner.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map, tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from orchestrator.errors import PlanError
+
+GIB = 1024**3
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Memory outside the step's live tensors, added to the estimate."""
+
+    alloc_fraction: float  # caching allocator's reserved/allocated gap (or CPU fragmentation)
+    workspace_gb: float  # cuDNN/cuBLAS workspace; 0 on CPU
+    context_gb: float  # CUDA context + handles, or the CPU process's baseline RSS
+
+    def total_gb(self, tensor_bytes: int) -> float:
+        return tensor_bytes / GIB * (1 + self.alloc_fraction) + self.workspace_gb + self.context_gb
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+DEFAULT_OVERHEADS = {
+    "cuda": Overheads(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
+    "cpu": Overheads(alloc_fraction=0.10, workspace_gb=0.0, context_gb=0.6),
+}
+
+
+class LivePeak(TorchDispatchMode):
+    """Bytes of live storages created inside this mode, and their peak."""
+
+    def __init__(self, round_to: int = 512) -> None:
+        super().__init__()
+        self.round_to = round_to
+        self.current = 0
+        self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _release(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def _track(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage not in self._seen:
+            nbytes = -(-storage.nbytes() // self.round_to) * self.round_to
+            self._seen[storage] = weakref.ref(storage, lambda _r, n=nbytes: self._release(n))
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+_LOW = (torch.float16, torch.bfloat16)
+_FP32_WITH_DTYPE = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+                    torch.Tensor.softmax, torch.Tensor.log_softmax, torch.sum, torch.Tensor.sum,
+                    torch.cumsum, torch.Tensor.cumsum}
+_FP32 = {F.layer_norm, F.group_norm, F.instance_norm, torch.layer_norm, torch.group_norm,
+         torch.instance_norm, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log,
+         torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.norm}
+
+
+class CudaAutocastDtypes(TorchFunctionMode):
+    """Run the ops CUDA autocast keeps in fp32 in fp32 under CPU autocast, too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        first = args[0] if args else None
+        if (torch.is_autocast_enabled("cpu") and isinstance(first, torch.Tensor)
+                and first.dtype in _LOW):
+            if func in _FP32_WITH_DTYPE and kwargs.get("dtype") is None:
+                kwargs["dtype"] = torch.float32
+            elif func in _FP32:
+                def up(t: Any) -> Any:
+                    return t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
+                args, kwargs = tree_map(up, args), tree_map(up, kwargs)
+        return func(*args, **kwargs)
+
+
+def _fakeify(model: nn.Module) -> nn.Module:
+    """Replace parameters and buffers by fresh (fake, under FakeTensorMode) tensors."""
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                     p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    return model.train()
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    tensor_bytes: int
+    seconds: float
+
+
+def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int, ...],
+                       y_shape: tuple[int, ...], step_fn: StepFn, *, cuda_target: bool,
+                       steps: int = 2) -> StepEstimate:
+    """Peak live-tensor bytes of `steps` training steps of the model `build_model()` makes.
+
+    Args:
+        build_model: builds the model (called on the meta device: no memory, no init cost).
+        x_shape: the input batch's shape; y_shape: the label batch's shape (int64).
+        step_fn: one real training step `step_fn(model, optimizer, x, y)`; it must avoid
+            data-dependent Python control flow (`.item()`, `if t.any()`).
+        cuda_target: emulate CUDA autocast's fp32 ops.
+
+    Raises:
+        PlanError: an op of the model or the step cannot run on fake tensors (named).
+    """
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = build_model()
+    try:
+        with FakeTensorMode():
+            tracker = LivePeak()
+            policy = CudaAutocastDtypes() if cuda_target else contextlib.nullcontext()
+            with tracker, policy:
+                model = _fakeify(model)
+                x = torch.empty(x_shape)
+                y = torch.zeros(y_shape, dtype=torch.long)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                for _ in range(steps):
+                    step_fn(model, opt, x, y)
+    except Exception as err:  # the fake mode's own errors name the op that failed
+        raise PlanError(f"memory estimate failed for input {tuple(x_shape)}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+    return StepEstimate(tracker.peak, time.perf_counter() - t0)

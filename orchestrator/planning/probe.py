@@ -1,0 +1,86 @@
+"""What hardware the plan is for: GPUs (nvidia-ml-py), host RAM and CPUs (psutil), SLURM.
+
+`probe()` never fails on a machine without a GPU: pynvml raises NVMLError there, and the
+probe reports no GPUs. The budget is then chosen by `budget_for()`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+logger = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    total_gb: float
+    free_gb: float
+    bf16: bool  # compute capability >= 8.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    gpus: list[GpuInfo] = field(default_factory=list)
+    host_total_gb: float = 0.0
+    host_available_gb: float = 0.0
+    cpus: int = 1
+    slurm: dict[str, str] = field(default_factory=dict)
+    gpu_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _probe_gpus() -> tuple[list[GpuInfo], str | None]:
+    try:
+        import pynvml
+    except ImportError as err:  # nvidia-ml-py is a dependency; say so if it is missing
+        return [], f"nvidia-ml-py not importable ({err})"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        return [], f"no NVIDIA driver ({err})"
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, _minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
+                                mem.total / GIB, mem.free / GIB, major >= 8))
+        return gpus, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _slurm_env() -> dict[str, str]:
+    keys = ("SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU",
+            "SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_PARTITION")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def probe() -> Probe:
+    """Probe GPUs, host memory and CPUs, and the SLURM allocation this process runs in."""
+    gpus, err = _probe_gpus()
+    vm = psutil.virtual_memory()
+    slurm = _slurm_env()
+    cpus = int(slurm.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    return Probe(gpus, vm.total / GIB, vm.available / GIB, cpus, slurm, err)
+
+
+def host_budget_gb(p: Probe) -> float:
+    """RAM this process may use: the SLURM allocation if there is one, else available RAM."""
+    mem_mb = p.slurm.get("SLURM_MEM_PER_NODE")
+    if mem_mb:
+        return int(mem_mb) / 1024
+    if "SLURM_MEM_PER_CPU" in p.slurm:
+        return int(p.slurm["SLURM_MEM_PER_CPU"]) * p.cpus / 1024
+    return p.host_available_gb

@@ -1,0 +1,131 @@
+"""Rich rendering of what the commands return (tables, progress); no logic a test needs."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.config import Plan
+
+
+def _size(s: Any) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    return {"run": plan.run, "device": plan.device, "budget_gb": plan.budget_gb,
+            "assumptions": plan.assumptions, "plan_path": str(plan.run_dir / "plan.yaml"),
+            "stages": [{"name": s.name, "model": s.spec.model["arch"], "kind": s.kind,
+                        "input_size": list(s.input_size_vox), "base_filters": s.base_filters,
+                        "batch_size": s.batch_size, "checkpointing": s.checkpointing,
+                        "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,
+                        "measured_gb": s.measured_gb, "init_from": s.init_from,
+                        "reasons": s.reasons} for s in plan.stages]}
+
+
+def plan_table(console: Console, plan: Plan) -> None:
+    p = plan.probe
+    gpus = ", ".join(f"{g['name']} {g['total_gb']:.0f} GB" for g in p["gpus"]) or f"none ({p['gpu_error']})"
+    console.print(f"probed: GPUs {gpus}; host {p['host_total_gb']:.1f} GB RAM "
+                  f"({p['host_available_gb']:.1f} available), {p['cpus']} CPUs"
+                  + (f"; SLURM {p['slurm']}" if p["slurm"] else ""))
+    console.print(f"budget: {plan.budget_gb:g} GB on {plan.device} ({plan.assumptions['budget_source']}); "
+                  f"overheads {plan.assumptions['overheads']}")
+    if "gpu" in plan.assumptions:
+        console.print(f"assumed: {plan.assumptions['gpu']}")
+    t = Table(title=f"plan {plan.run}")
+    for col in ("stage", "input", "filters", "batch", "ckpt", "AMP", "params", "pred GB", "% budget", "from"):
+        t.add_column(col, justify="right" if col not in ("stage", "from") else "left")
+    for s in plan.stages:
+        t.add_row(s.name, _size(s.input_size_vox), str(s.base_filters), str(s.batch_size),
+                  "yes" if s.checkpointing else "no", "bf16" if s.amp else "no",
+                  f"{s.params / 1e6:.2f}M", f"{s.predicted_gb:.2f}",
+                  f"{100 * s.predicted_gb / plan.budget_gb:.0f}%", s.init_from or "-")
+    console.print(t)
+    for s in plan.stages:
+        console.print(f"  {s.name}: " + "; ".join(s.reasons), highlight=False)
+
+
+def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_run: bool) -> None:
+    t = Table(title=f"{'dry run: ' if dry_run else ''}{plan.run} on {executor}")
+    for col in ("stage", "job", "after", "time", "cpus", "mem GB", "gpus"):
+        t.add_column(col)
+    for j in jobs:
+        p = j.parameters
+        t.add_row(j.stage, j.job_id, j.depends_on or "-", f"{p['timeout_min']} min",
+                  str(p["cpus_per_task"]), f"{p['mem_gb']:g}", str(p.get("gpus_per_node", 0)))
+    console.print(t)
+    if not dry_run:
+        console.print(f"watch it: orchestrator status {plan.run} --runs-dir {plan.runs_dir}")
+
+
+def status_table(doc: dict[str, Any], run: str | None) -> Table:
+    if run is None:
+        t = Table(title="runs")
+        for col in ("run", "state", "executor", "stages done", "best Dice"):
+            t.add_column(col)
+        for r in doc["runs"]:
+            done = sum(s["state"] == "COMPLETED" for s in r["stages"])
+            dices = [s["best_dice"] for s in r["stages"] if isinstance(s["best_dice"], (int, float))]
+            t.add_row(r["run"], r["state"], r["executor"] or "-", f"{done}/{len(r['stages'])}",
+                      f"{max(dices):.3f}" if dices else "-")
+        return t
+    r = doc["runs"][0]
+    t = Table(title=f"{r['run']}: {r['state']}")
+    for col in ("stage", "job", "state", "SLURM", "attempts", "epoch", "best Dice", "peak GB"):
+        t.add_column(col)
+    for s in r["stages"]:
+        t.add_row(s["name"], str(s["job_id"] or "-"), s["state"], s["slurm_state"] or "-",
+                  f"{s['attempts']} ({s['requeues']} requeued)", f"{s['epoch']}/{s['max_epochs']}",
+                  f"{s['best_dice']:.3f}" if isinstance(s["best_dice"], (int, float)) else "-",
+                  f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-")
+    return t
+
+
+def status(console: Console, doc: dict[str, Any], run: str | None) -> None:
+    if not doc["runs"]:
+        console.print("no runs yet")
+        return
+    console.print(status_table(doc, run))
+    if doc["slurm"] != "ok":
+        console.print(f"SLURM: {doc['slurm']}")
+    for r in doc["runs"] if run else []:
+        for s in r["stages"]:
+            if s["state"] == "FAILED":
+                console.print(f"[red]{s['name']} failed[/]: {s['error'] or 'no final.pt'} (log: {s['log']})")
+
+
+def watch(console: Console, fetch: Callable[[], dict[str, Any]], run: str | None,
+          every_s: float = 5.0) -> None:
+    with Live(status_table(fetch(), run), console=console, refresh_per_second=1) as live:
+        while True:
+            time.sleep(every_s)
+            live.update(status_table(fetch(), run))
+
+
+@contextlib.contextmanager
+def counter(console: Console, what: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
+def check_table(console: Console, results: list[Any]) -> int:
+    """Print one row per checked subject; returns how many failed."""
+    t = Table(title="data check")
+    t.add_column("subject")
+    t.add_column("verdict")
+    bad = 0
+    for r in results:
+        ok = getattr(r, "ok", False)
+        bad += not ok
+        t.add_row(str(getattr(r, "subject", r)), "ok" if ok else f"[red]{getattr(r, 'problem', '?')}[/]")
+    console.print(t)
+    return bad

@@ -1,0 +1,62 @@
+"""Atomic file writes: temp file in the same folder + fsync + rename.
+
+A reader (a requeued job, `status`, the next stage) sees either the old file or the
+complete new one, never a truncated one, even if the writer is killed mid-write.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it into place.
+
+    Args:
+        path: the final file.
+        suffix: ending of the temporary name (some writers choose the format by it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:
+    """Write `path` atomically with `writer(file_object)`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        writer(fh)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """torch.save through a temporary file, so a killed job never leaves a truncated .pt."""
+    import torch
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))

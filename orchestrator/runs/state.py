@@ -1,0 +1,81 @@
+"""runs/<run>/state.json: per stage job id, state, attempts, timestamps, checkpoints.
+
+Several processes write it (the submitter records job ids, each stage job its progress),
+so every update is a read-modify-write under an exclusive file lock, written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+from orchestrator.runs.atomic import atomic_write_text
+
+STATE_FILE = "state.json"
+
+# Stage states as the orchestrator records them (SLURM's own states are shown beside).
+PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "PENDING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The run's state; an empty skeleton when the file does not exist yet."""
+    path = Path(run_dir) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"run": Path(run_dir).name, "stages": {}}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data.setdefault("stages", {})
+    return data
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".state.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _mutate(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    with _locked(run_dir):
+        state = read_state(run_dir)
+        change(state)
+        atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        return state
+
+
+def update_stage(run_dir: Path, stage: str, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into the stage's entry; returns the stage's new entry."""
+    def change(state: dict[str, Any]) -> None:
+        state["stages"].setdefault(stage, {}).update(fields, updated=now_iso())
+    return dict(_mutate(run_dir, change)["stages"][stage])
+
+
+def bump_stage(run_dir: Path, stage: str, counter: str, **fields: Any) -> dict[str, Any]:
+    """Increment an integer counter of a stage (attempts, requeues) and merge `fields`."""
+    def change(state: dict[str, Any]) -> None:
+        entry = state["stages"].setdefault(stage, {})
+        entry.update(fields, updated=now_iso())
+        entry[counter] = int(entry.get(counter, 0)) + 1
+    return dict(_mutate(run_dir, change)["stages"][stage])
+
+
+def update_run(run_dir: Path, **fields: Any) -> None:
+    """Merge run-level fields (executor, submitted time, ...)."""
+    _mutate(run_dir, lambda state: state.update(fields))

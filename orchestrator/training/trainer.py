@@ -1,0 +1,276 @@
+"""Run one stage of a plan: patch training, validation Dice, checkpoints, metrics.
+
+`run_stage(plan_path, stage)` is the one entry point `launch/` calls; it runs the same
+in-process, on the local executor and under SLURM. Start: this stage's `last.pt` (a
+requeue), else the `init_from` stage's `final.pt` through the hand-off, else fresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from orchestrator.config import Plan, StagePlan, load_plan
+from orchestrator.errors import CheckpointError, OrchestratorError
+from orchestrator.runs import state as run_state
+from orchestrator.runs.atomic import atomic_write_text
+from orchestrator.training import checkpoints as ck
+from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
+from orchestrator.training.step import amp_dtype_for, build_loss, forward_loss
+from orchestrator.training.validation import validate
+
+logger = logging.getLogger(__name__)
+MAX_BAD_STEPS = 20
+
+
+class StageFailed(OrchestratorError):
+    """Training cannot go on (e.g. the loss stays NaN)."""
+
+
+@dataclass
+class Progress:
+    """Where a stage is; restored from last.pt on a requeue."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_dice: float = -1.0
+    bad_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def stage_dir(plan: Plan, stage: str) -> Path:
+    return plan.run_dir / stage
+
+
+def _device(plan: Plan) -> torch.device:
+    if plan.device == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _num_workers(sp: StagePlan) -> int:
+    if sp.spec.num_workers is not None:
+        return sp.spec.num_workers
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    return max(0, min(4, cpus - 1))
+
+
+def _lr_lambda(sp: StagePlan):  # noqa: ANN202
+    total = sp.spec.max_epochs * sp.spec.iterations_per_epoch
+    warm = sp.spec.warmup_epochs * sp.spec.iterations_per_epoch
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return f
+
+
+class StageRunner:
+    """Holds the objects of one stage's training; `run()` trains it to the end."""
+
+    def __init__(self, plan: Plan, stage: str) -> None:
+        from orchestrator.data.atlas import discover_subjects
+        from orchestrator.data.dataset import PatchDataset, split_subjects
+        import models
+
+        self.plan, self.sp = plan, plan.stage(stage)
+        self.dir = stage_dir(plan, stage)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.device = _device(plan)
+        spec = self.sp.spec
+        torch.manual_seed(spec.seed)
+        self.model = models.build_model(spec.model["arch"], **self.sp.model_kwargs()).to(self.device)
+        if plan.data_dir is None:
+            raise CheckpointError(f"plan {plan.run}: no data directory (plan with --data DIR)")
+        records = discover_subjects(Path(plan.data_dir))
+        self.train_recs, self.val_recs = split_subjects(records, spec.val_fraction, spec.seed)
+        self.dataset = PatchDataset(self.train_recs, tuple(self.sp.input_size_vox),
+                                    samples_per_epoch=spec.iterations_per_epoch * self.sp.batch_size,
+                                    lesion_fraction=spec.lesion_fraction, seed=spec.seed,
+                                    augment=spec.augment)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
+        self.amp_dtype = amp_dtype_for(self.device.type, self.sp.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = build_loss(spec)
+        self.progress = Progress()
+        self.log = MetricsLog(self.dir)
+
+    # ------------------------------------------------------------------ start / save
+    def start(self) -> str:
+        """Load last.pt, or hand off from init_from's final.pt, or start fresh; say which."""
+        last = self.ckpt_dir / "last.pt"
+        if last.exists():
+            ckpt = ck.load_checkpoint(last)
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.progress = Progress(**ckpt["progress"])
+            ck.set_rng_state(ckpt["rng"])
+            self.log.truncate_after(self.progress.epoch)
+            return f"resumed from {last} (epoch {self.progress.epoch}, step {self.progress.step_in_epoch})"
+        self._write_split()
+        if self.sp.init_from:
+            return self._handoff()
+        return "fresh start (no last.pt, no init_from)"
+
+    def _handoff(self) -> str:
+        from orchestrator.training.handoff import transfer_weights
+
+        src = stage_dir(self.plan, self.sp.init_from) / "checkpoints" / "final.pt"
+        ckpt = ck.load_checkpoint(src)
+        old = ck.model_from_checkpoint(ckpt, src)
+        in_ch = self.model_input_channels()
+        probe = (1, in_ch, *ckpt["input_size_vox"])
+        self.model.cpu()
+        report = transfer_weights(old, self.model, probe_shape=probe,
+                                  noise_std=self.plan.handoff_noise_std, seed=self.sp.spec.seed)
+        self.model.to(self.device)
+        report = {"from": self.sp.init_from, "checkpoint": str(src), **report}
+        atomic_write_text(self.dir / "handoff.json", json.dumps(report, indent=2))
+        return (f"hand-off from {self.sp.init_from} ({src}), max output diff "
+                f"{report['max_output_diff']:.2e}")
+
+    def model_input_channels(self) -> int:
+        return int(self.sp.spec.model.get("in_channels", 1))
+
+    def _write_split(self) -> None:
+        split = {"train": [r.subject + "/" + r.session for r in self.train_recs],
+                 "val": [r.subject + "/" + r.session for r in self.val_recs]}
+        atomic_write_text(self.dir / "split.json", json.dumps(split, indent=2))
+
+    def payload(self, full: bool) -> dict[str, Any]:
+        p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model["arch"],
+                             "model_kwargs": self.sp.model_kwargs(),
+                             "input_size_vox": list(self.sp.input_size_vox),
+                             "model": self.model.state_dict(), "best_dice": self.progress.best_dice}
+        if full:
+            p.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                     scaler=self.scaler.state_dict(), progress=self.progress.__dict__.copy(),
+                     rng=ck.rng_state())
+        return p
+
+    def save_last(self) -> None:
+        ck.save_checkpoint(self.ckpt_dir / "last.pt", self.payload(full=True))
+
+    # ------------------------------------------------------------------ loop
+    def train_steps(self, max_steps: int | None = None) -> bool:
+        """Train the current epoch from the saved position; False if stopped early."""
+        spec, pr = self.sp.spec, self.progress
+        self.dataset.set_epoch(pr.epoch)
+        start = pr.step_in_epoch * self.sp.batch_size
+        loader = DataLoader(self.dataset, batch_size=self.sp.batch_size, drop_last=True,
+                            sampler=range(start, len(self.dataset)),
+                            num_workers=_num_workers(self.sp), persistent_workers=False)
+        self.model.train()
+        for batch in loader:
+            if max_steps is not None and pr.global_step >= max_steps:
+                return False
+            self._one_step(batch)
+            pr.step_in_epoch += 1
+            pr.global_step += 1
+            if pr.step_in_epoch % spec.checkpoint_every_steps == 0:
+                self.save_last()
+        return True
+
+    def _one_step(self, batch: dict[str, torch.Tensor]) -> None:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        loss = forward_loss(self.model, x, y, self.loss_fn, self.amp_dtype, self.device.type)
+        if not torch.isfinite(loss):
+            self.progress.bad_steps += 1
+            self.opt.zero_grad(set_to_none=True)
+            logger.warning("%s: non-finite loss at step %d, step skipped", self.sp.name,
+                           self.progress.global_step)
+            if self.progress.bad_steps >= MAX_BAD_STEPS:
+                raise StageFailed(f"stage {self.sp.name}: {MAX_BAD_STEPS} non-finite losses in a "
+                                  "row; lower lr or disable amp in the stage YAML")
+            return
+        self.progress.bad_steps = 0
+        self.scaler.scale(loss).backward()
+        if self.sp.spec.grad_clip_norm:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.sp.spec.grad_clip_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.log.add_loss(float(loss.detach()))
+
+    def end_epoch(self, seconds: float) -> dict[str, Any]:
+        pr, spec = self.progress, self.sp.spec
+        row: dict[str, Any] = {"epoch": pr.epoch + 1, "train_loss": self.log.mean_loss(),
+                               "lr": self.sched.get_last_lr()[0]}
+        if (pr.epoch + 1) % spec.val_every_epochs == 0 or pr.epoch + 1 == spec.max_epochs:
+            row.update(validate(self.model, self.val_recs, self.sp.input_size_vox,
+                                self.device, self.amp_dtype))
+        row["seconds"] = round(seconds, 2)
+        row.update(peak_memory_gb(self.device))
+        pr.epoch += 1
+        pr.step_in_epoch = 0
+        improved = row.get("val_dice", -1.0) > pr.best_dice
+        if improved:
+            pr.best_dice = row["val_dice"]
+        self.log.write_row(row)
+        self.save_last()
+        if improved:
+            ck.save_checkpoint(self.ckpt_dir / "best.pt", self.payload(full=False))
+        return row
+
+
+def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None) -> dict[str, Any]:
+    """Train one stage of the plan at `plan_path` to its end (or `max_steps`, for tests).
+
+    Returns:
+        {"stage", "best_dice", "epochs", "final": path or None, "start": how it started}.
+    """
+    plan = load_plan(Path(plan_path))
+    runner = StageRunner(plan, stage)
+    run_dir = plan.run_dir
+    how = runner.start()
+    logger.info("%s: %s", stage, how)
+    entry = run_state.bump_stage(run_dir, stage, "attempts", state=run_state.RUNNING,
+                                 started=run_state.now_iso(), start=how, pid=os.getpid(),
+                                 max_epochs=runner.sp.spec.max_epochs, error=None)
+    if entry.get("slurm_job_id") is None and os.environ.get("SLURM_JOB_ID"):
+        run_state.update_stage(run_dir, stage, slurm_job_id=os.environ["SLURM_JOB_ID"])
+    spec, pr = runner.sp.spec, runner.progress
+    while pr.epoch < spec.max_epochs:
+        t0 = time.perf_counter()
+        if not runner.train_steps(max_steps):
+            runner.save_last()
+            return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch,
+                    "final": None, "start": how}
+        row = runner.end_epoch(time.perf_counter() - t0)
+        logger.info("%s epoch %d/%d loss %.4f val_dice %s", stage, pr.epoch, spec.max_epochs,
+                    row["train_loss"], row.get("val_dice"))
+        run_state.update_stage(run_dir, stage, epoch=pr.epoch, best_dice=pr.best_dice,
+                               peak_mem_gb=row.get("peak_mem_gb"))
+        if _early_stop(spec.early_stop_patience_epochs, runner.log.val_dices()):
+            logger.info("%s: early stop (no val Dice gain in %d epochs)", stage,
+                        spec.early_stop_patience_epochs)
+            break
+    final = runner.ckpt_dir / "final.pt"
+    ck.save_checkpoint(final, runner.payload(full=False))
+    run_state.update_stage(run_dir, stage, state=run_state.COMPLETED, ended=run_state.now_iso(),
+                           final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
+    return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
+            "start": how}
+
+
+def _early_stop(patience: int | None, dices: list[float]) -> bool:
+    if not patience or len(dices) <= patience:
+        return False
+    return max(dices[-patience:]) <= max(dices[:-patience])
