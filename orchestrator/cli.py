@@ -24,8 +24,9 @@ app = typer.Typer(help="Plan, submit and watch progressive 3D stroke-lesion trai
 data_app = typer.Typer(help="Synthetic data, validation and the preprocessed cache.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (SLURM logs, pipes) rich would wrap tables at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder holding the runs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]

@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss, GeneralizedDiceFocalLoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 from orchestrator.config import StageSpec
+from orchestrator.training.losses import GeneralizedDiceFocalLoss
 
 LossFn = Callable[[torch.Tensor | list[torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -21,7 +22,7 @@ def build_loss(spec: StageSpec) -> LossFn:
     if spec.kind == "lcnn":
         base: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
     else:
-        base = GeneralizedDiceFocalLoss(to_onehot_y=True, softmax=True)
+        base = GeneralizedDiceFocalLoss()
     return DeepSupervisionLoss(base, weight_mode="exp")
 
 

@@ -1,0 +1,219 @@
+"""Subject-level train/validation split and the random-patch training dataset.
+
+`PatchDataset[i]` is a pure function of (seed, epoch, i): every random choice for sample
+i of an epoch comes from `np.random.default_rng([seed, epoch, i])`, so a resumed run, a
+different number of DataLoader workers or a different sample order all see exactly the
+same patches.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.volume import Volume, load_subject
+from orchestrator.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+INTENSITY_SCALE_RANGE = (0.9, 1.1)
+INTENSITY_SHIFT_RANGE = (-0.1, 0.1)
+
+
+def split_subjects(
+    records: Sequence[SubjectRecord], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
+    """Split records into training and validation sets by subject.
+
+    All sessions of one subject land on the same side. The split depends only on the set
+    of records and the seed (not on their order). With two or more subjects each side
+    gets at least one; a single subject goes to training.
+
+    Args:
+        records: the subjects (from `discover_subjects`).
+        val_fraction: share of subjects for validation, in [0, 1).
+        seed: seed of the shuffle.
+
+    Returns:
+        (train, val), each sorted.
+
+    Raises:
+        ConfigError: `val_fraction` outside [0, 1).
+        DataError: `records` is empty.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction {val_fraction}; expected a value in [0, 1)")
+    if not records:
+        raise DataError("split_subjects: no subjects to split; expected at least one record")
+    subjects = sorted({rec.subject for rec in records})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = int(round(val_fraction * len(subjects)))
+    if len(subjects) >= 2:
+        n_val = min(max(n_val, 1), len(subjects) - 1)
+    else:
+        n_val = 0
+    val_subjects = {subjects[j] for j in order[:n_val]}
+    train = sorted(rec for rec in records if rec.subject not in val_subjects)
+    val = sorted(rec for rec in records if rec.subject in val_subjects)
+    return train, val
+
+
+def load_validation_volumes(records: Sequence[SubjectRecord]) -> list[Volume]:
+    """Whole volumes for validation (sliding-window inference), in record order.
+
+    Raises:
+        DataError: as `load_subject`.
+    """
+    return [load_subject(rec) for rec in records]
+
+
+@dataclass
+class _Prepared:
+    """A volume padded to at least the patch size, with its lesion voxels listed."""
+
+    image: np.ndarray
+    label: np.ndarray
+    lesion_flat: np.ndarray  # flat indices of lesion voxels in the padded grid
+
+
+class PatchDataset(Dataset):
+    """Random training patches, a fixed number per epoch.
+
+    Sample i of an epoch takes subject `order[(epoch * samples_per_epoch + i) % n]` (a
+    seed-fixed permutation: round-robin over subjects across epochs). With probability
+    `lesion_fraction` (and if the subject has lesion voxels) the patch is centred on a
+    random lesion voxel, moved as needed to stay inside the volume; otherwise its corner
+    is uniform. Volumes smaller than the patch are zero-padded symmetrically (image with
+    its background value, label with 0).
+
+    Volumes are loaded on first use and kept in the instance (per process: each
+    DataLoader worker fills its own cache; pickling drops it). `max_cached_volumes`
+    bounds that memory (about 43 MB per ATLAS subject) at the cost of re-reading.
+
+    Note: the epoch lives in the instance. Call `set_epoch` before iterating; DataLoader
+    workers see it only if they are started after the call (persistent_workers=False).
+
+    Items: {"image": float32 tensor (1, X, Y, Z), "label": int64 tensor (X, Y, Z)}.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[SubjectRecord],
+        patch_size_vox: tuple[int, int, int],
+        samples_per_epoch: int,
+        lesion_fraction: float = 1 / 3,
+        seed: int = 0,
+        augment: bool = False,
+        max_cached_volumes: int | None = None,
+    ) -> None:
+        if not records:
+            raise DataError("PatchDataset: no training subjects; expected at least one record")
+        missing = [rec.image for rec in records if rec.mask is None]
+        if missing:
+            raise DataError(
+                f"{missing[0]}: no lesion mask; expected a mask for every training image"
+            )
+        if len(patch_size_vox) != 3 or min(patch_size_vox) < 1:
+            raise ConfigError(f"patch_size_vox {patch_size_vox}; expected 3 positive sizes")
+        if samples_per_epoch < 1:
+            raise ConfigError(f"samples_per_epoch {samples_per_epoch}; expected at least 1")
+        if not 0.0 <= lesion_fraction <= 1.0:
+            raise ConfigError(f"lesion_fraction {lesion_fraction}; expected a value in [0, 1]")
+        self.records = list(records)
+        self.patch_size_vox = tuple(int(p) for p in patch_size_vox)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.lesion_fraction = float(lesion_fraction)
+        self.seed = int(seed)
+        self.augment = augment
+        self.max_cached_volumes = max_cached_volumes
+        self.epoch = 0
+        self._order = np.random.default_rng([self.seed]).permutation(len(self.records))
+        self._cache: OrderedDict[int, _Prepared] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose samples `__getitem__` returns."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch}; expected >= 0")
+        self.epoch = int(epoch)
+
+    def subject_index(self, i: int, epoch: int | None = None) -> int:
+        """Which record sample i of `epoch` (default: the current one) is drawn from."""
+        epoch = self.epoch if epoch is None else epoch
+        return int(self._order[(epoch * self.samples_per_epoch + i) % len(self.records)])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.samples_per_epoch:
+            raise IndexError(f"sample {i} out of range [0, {self.samples_per_epoch})")
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        vol = self._volume(self.subject_index(i))
+        start = self._patch_start(rng, vol)
+        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size_vox))
+        image = vol.image[box]
+        label = vol.label[box]
+        if self.augment:
+            image, label = _augment(rng, image, label)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+            "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+        }
+
+    def _patch_start(self, rng: np.random.Generator, vol: _Prepared) -> np.ndarray:
+        shape = np.array(vol.image.shape)
+        patch = np.array(self.patch_size_vox)
+        high = shape - patch  # >= 0: volumes are padded to the patch size
+        draw_lesion = rng.random() < self.lesion_fraction
+        if draw_lesion and vol.lesion_flat.size:
+            flat = vol.lesion_flat[rng.integers(vol.lesion_flat.size)]
+            centre = np.array(np.unravel_index(flat, vol.image.shape))
+            return np.clip(centre - patch // 2, 0, high)
+        return rng.integers(0, high + 1)
+
+    def _volume(self, index: int) -> _Prepared:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        prepared = _prepare(load_subject(self.records[index]), self.patch_size_vox)
+        self._cache[index] = prepared
+        if self.max_cached_volumes is not None:
+            while len(self._cache) > max(1, self.max_cached_volumes):
+                self._cache.popitem(last=False)
+        return prepared
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # workers load their own; never pickle volumes
+        return state
+
+
+def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int]) -> _Prepared:
+    """Pad to at least the patch size (centred) and index the lesion voxels."""
+    assert vol.label is not None
+    pad = [max(0, p - s) for p, s in zip(patch_size_vox, vol.image.shape)]
+    image, label = vol.image, vol.label
+    if any(pad):
+        widths = [(p // 2, p - p // 2) for p in pad]
+        image = np.pad(image, widths, constant_values=vol.background)
+        label = np.pad(label, widths, constant_values=0)
+    return _Prepared(image, label, np.flatnonzero(label))
+
+
+def _augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray):
+    """Random flips per axis and an intensity scale/shift, all drawn from `rng`."""
+    flips = rng.random(3) < 0.5
+    scale = rng.uniform(*INTENSITY_SCALE_RANGE)
+    shift = rng.uniform(*INTENSITY_SHIFT_RANGE)
+    axes = tuple(int(a) for a in np.flatnonzero(flips))
+    if axes:
+        image = np.flip(image, axis=axes)
+        label = np.flip(label, axis=axes)
+    image = image * np.float32(scale) + np.float32(shift)
+    return image, label
