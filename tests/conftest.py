@@ -1,0 +1,83 @@
+"""Shared test setup: the `slurm` and `gpu` markers, and folders for submitit.
+
+Tests marked `slurm` run against the real local cluster (`bash slurm/local-cluster.sh up`).
+Without it they are skipped, unless REQUIRE_SLURM=1 (CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SLURM_SKIP_REASON = "local SLURM not running: start it with `bash slurm/local-cluster.sh up`"
+SLURM_PROBE_TIMEOUT_S = 5
+
+
+def _slurm_required() -> bool:
+    return os.environ.get("REQUIRE_SLURM", "").strip().lower() in {"1", "true", "yes"}
+
+
+@functools.lru_cache(maxsize=1)
+def slurm_problem() -> str | None:
+    """Why the local cluster is not usable, or None when it is. Checked once per session.
+
+    `sinfo` must answer (it blocks for a long time while slurmctld is down, hence the
+    timeout) and `sacct` must work: submitit polls it, and without accounting a
+    cancelled job never looks finished.
+    """
+    probes = (["sinfo", "-h", "-o", "%P %t"], ["sacct", "-n", "-X", "--starttime", "now"])
+    for cmd in probes:
+        shown = " ".join(cmd)
+        if shutil.which(cmd[0]) is None:
+            return f"`{cmd[0]}` is not installed"
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=SLURM_PROBE_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return f"`{shown}` did not answer within {SLURM_PROBE_TIMEOUT_S} s"
+        if proc.returncode != 0:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            return f"`{shown}` exited {proc.returncode}: {detail[-1] if detail else 'no output'}"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_available() -> bool:
+    import torch  # imported only when a gpu test runs: it takes a second or two
+
+    return torch.cuda.is_available()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("slurm") is not None and not _slurm_required():
+        if slurm_problem() is not None:
+            pytest.skip(SLURM_SKIP_REASON)
+    if item.get_closest_marker("gpu") is not None and not _cuda_available():
+        pytest.skip("CUDA is not available")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # With REQUIRE_SLURM=1 a missing cluster is a test failure (FAILED, not a setup ERROR).
+    if item.get_closest_marker("slurm") is not None and _slurm_required():
+        problem = slurm_problem()
+        if problem is not None:
+            pytest.fail(f"REQUIRE_SLURM=1 but {SLURM_SKIP_REASON} ({problem})", pytrace=False)
+
+
+@pytest.fixture
+def slurm_folder(tmp_path: Path) -> Path:
+    """A fresh folder for submitit's pickles and logs.
+
+    Never reuse one across tests: when the cluster's state is reset, job ids restart at 1
+    and a reused folder hands back an old job's result.
+    """
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    return folder
