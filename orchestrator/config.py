@@ -128,6 +128,8 @@ class StagePlan(_Strict):
         """The model constructor's options as planned (arch removed)."""
         kw = {k: v for k, v in self.spec.model.items() if k != "arch"}
         kw.update(base_filters=self.base_filters, checkpointing=self.checkpointing)
+        if self.kind == "seg3d":  # the position embedding's grid follows the planned input
+            kw["input_size_vox"] = list(self.input_size_vox)
         return kw
 
 
@@ -161,15 +163,21 @@ class Plan(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+def unknown_key(source: Path | str, shown: str, key: str, valid: list[str]) -> str:
+    """`file: unknown key 'x' (did you mean 'y'?)`, or the valid keys when none is close."""
+    # a shared prefix ('lr_rate' -> 'lr') beats string similarity ('lr_rate' -> 'val_fraction')
+    prefixed = sorted((v for v in valid if key.startswith(v) or v.startswith(key)), key=len)
+    hint = prefixed[-1:] or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(sorted(valid))})"
+    return f"{source}: unknown key {shown!r}{extra}"
+
+
 def _format_error(path: Path | str, err: ValidationError, fields: set[str]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            key = str(e["loc"][-1])
-            hint = difflib.get_close_matches(key, sorted(fields), n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(sorted(fields))})"
-            lines.append(f"{path}: unknown key {loc!r}{extra}")
+            lines.append(unknown_key(path, loc, str(e["loc"][-1]), sorted(fields)))
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -216,9 +224,7 @@ def check_model_options(spec: StageSpec, source: Path | str) -> None:
     valid = [p for p in params if p != "self"]
     for key in kwargs:
         if key not in params:
-            hint = difflib.get_close_matches(key, valid, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(valid)})"
-            raise ConfigError(f"{source}: unknown key 'model.{key}'{extra}")
+            raise ConfigError(unknown_key(source, f"model.{key}", key, valid))
 
 
 def load_stage(path: Path, overrides: dict[str, Any] | None = None) -> StageSpec:

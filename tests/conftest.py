@@ -81,3 +81,29 @@ def slurm_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "submitit"
     folder.mkdir()
     return folder
+
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CURRICULUM = REPO / "tests" / "data" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four synthetic ATLAS-style subjects of 32^3, written once per session (real NIfTI)."""
+    from orchestrator.data.synth import synthesize_atlas
+
+    root = tmp_path_factory.mktemp("atlas")
+    synthesize_atlas(root, subjects=4, shape_vox=(32, 32, 32), seed=0)
+    return root
+
+
+def make_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", curriculum: Path = TINY_CURRICULUM,
+                   cluster: str = "local"):
+    """Plan the tiny curriculum on the CPU and write runs_dir/run/plan.yaml."""
+    from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
+    from orchestrator.training.step import estimation_step
+
+    req = PlanRequest(curriculum=curriculum, target_mem_gb=2.0, device="cpu", cluster=cluster,
+                      data_dir=data, run=run, runs_dir=runs_dir)
+    plan = make_plan(req, estimation_step)
+    return plan, write_plan(plan)

@@ -122,9 +122,7 @@ def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn
 def _wait(job: submitit.Job, sp: StagePlan, plan: Plan, rest: list[StagePlan],
           poll: Callable[[], None] | None) -> None:
     """Wait for a local/debug job; on failure cancel what depends on it and raise."""
-    if isinstance(job, submitit.DebugJob):
-        pass  # runs in-process inside result()
-    else:
+    if not isinstance(job, submitit.DebugJob):  # a debug job runs inside result()
         while not job.done():
             if poll:
                 poll()
@@ -135,9 +133,9 @@ def _wait(job: submitit.Job, sp: StagePlan, plan: Plan, rest: list[StagePlan],
         for other in rest:
             run_state.update_stage(plan.run_dir, other.name, state=run_state.CANCELLED,
                                    error=f"dependency {sp.name} failed")
-        first = str(err).strip().splitlines()
-        last = [ln for ln in first if ln.strip()][-1] if first else type(err).__name__
-        raise SubmissionError(f"stage {sp.name} failed: {last} (log: {job.paths.stderr})") from None
+        why = run_state.read_state(plan.run_dir)["stages"].get(sp.name, {}).get("error")
+        raise SubmissionError(f"stage {sp.name} failed: {why or type(err).__name__} "
+                              f"(log: {job.paths.stderr})") from None
     finally:
         if poll:
             poll()

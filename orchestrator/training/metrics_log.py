@@ -25,13 +25,12 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
 
 
 class MetricsLog:
-    """Accumulates the epoch's losses and keeps metrics.csv / memory_usage.json in step."""
+    """Keeps metrics.csv and memory_usage.json in step with the epochs trained."""
 
     def __init__(self, stage_dir: Path) -> None:
         self.csv_path = stage_dir / "metrics.csv"
         self.mem_path = stage_dir / "memory_usage.json"
         self.rows: list[dict[str, Any]] = self._read()
-        self._losses: list[float] = []
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.csv_path.exists():
@@ -43,14 +42,6 @@ class MetricsLog:
         """Drop rows of epochs a requeued run will train again (written after last.pt)."""
         self.rows = [r for r in self.rows if int(r["epoch"]) <= epoch]
         self._flush()
-
-    def add_loss(self, value: float) -> None:
-        self._losses.append(value)
-
-    def mean_loss(self) -> float:
-        mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
-        self._losses = []
-        return round(mean, 6)
 
     def write_row(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -44,7 +44,9 @@ def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Lo
         out = [o.float() for o in out]
     else:
         out = out.float()
-    return loss_fn(out, y.unsqueeze(1))
+    # float labels: DeepSupervisionLoss resizes them with nearest-exact, which has no int64
+    # kernel; the losses turn them back into class indices
+    return loss_fn(out, y.unsqueeze(1).float())
 
 
 def estimation_step(spec: StageSpec, amp: bool) -> Callable[..., None]:

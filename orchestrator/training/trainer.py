@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ class Progress:
     global_step: int = 0
     best_dice: float = -1.0
     bad_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0  # running loss of the epoch, so a resumed epoch's row is exact
+    epoch_loss_steps: int = 0
 
 
 def stage_dir(plan: Plan, stage: str) -> Path:
@@ -190,28 +191,40 @@ class StageRunner:
         y = batch["label"].to(self.device, non_blocking=True)
         loss = forward_loss(self.model, x, y, self.loss_fn, self.amp_dtype, self.device.type)
         if not torch.isfinite(loss):
-            self.progress.bad_steps += 1
-            self.opt.zero_grad(set_to_none=True)
-            logger.warning("%s: non-finite loss at step %d, step skipped", self.sp.name,
-                           self.progress.global_step)
-            if self.progress.bad_steps >= MAX_BAD_STEPS:
-                raise StageFailed(f"stage {self.sp.name}: {MAX_BAD_STEPS} non-finite losses in a "
-                                  "row; lower lr or disable amp in the stage YAML")
+            self._skip_step("loss")
             return
-        self.progress.bad_steps = 0
         self.scaler.scale(loss).backward()
-        if self.sp.spec.grad_clip_norm:
-            self.scaler.unscale_(self.opt)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.sp.spec.grad_clip_norm)
-        self.scaler.step(self.opt)
+        self.scaler.unscale_(self.opt)
+        clip = self.sp.spec.grad_clip_norm or float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # fp16: the scaler skips the step and lowers its scale
+        elif not torch.isfinite(grad_norm):
+            self._skip_step("gradient")
+            return
+        else:
+            self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        self.log.add_loss(float(loss.detach()))
+        self.progress.bad_steps = 0
+        self.progress.epoch_loss_sum += float(loss.detach())
+        self.progress.epoch_loss_steps += 1
+
+    def _skip_step(self, what: str) -> None:
+        """A non-finite loss or gradient: drop the step; too many in a row stop the stage."""
+        self.opt.zero_grad(set_to_none=True)
+        self.progress.bad_steps += 1
+        logger.warning("%s: non-finite %s at step %d, step skipped", self.sp.name, what,
+                       self.progress.global_step)
+        if self.progress.bad_steps >= MAX_BAD_STEPS:
+            raise StageFailed(f"stage {self.sp.name}: {MAX_BAD_STEPS} non-finite steps in a "
+                              "row; lower lr or disable amp in the stage YAML")
 
     def end_epoch(self, seconds: float) -> dict[str, Any]:
         pr, spec = self.progress, self.sp.spec
-        row: dict[str, Any] = {"epoch": pr.epoch + 1, "train_loss": self.log.mean_loss(),
+        mean_loss = pr.epoch_loss_sum / max(1, pr.epoch_loss_steps)
+        row: dict[str, Any] = {"epoch": pr.epoch + 1, "train_loss": round(mean_loss, 6),
                                "lr": self.sched.get_last_lr()[0]}
         if (pr.epoch + 1) % spec.val_every_epochs == 0 or pr.epoch + 1 == spec.max_epochs:
             row.update(validate(self.model, self.val_recs, self.sp.input_size_vox,
@@ -219,7 +232,8 @@ class StageRunner:
         row["seconds"] = round(seconds, 2)
         row.update(peak_memory_gb(self.device))
         pr.epoch += 1
-        pr.step_in_epoch = 0
+        pr.step_in_epoch = pr.epoch_loss_steps = 0
+        pr.epoch_loss_sum = 0.0
         improved = row.get("val_dice", -1.0) > pr.best_dice
         if improved:
             pr.best_dice = row["val_dice"]

@@ -23,7 +23,10 @@ def predict_volume(model: nn.Module, image: np.ndarray, roi_size: Sequence[int],
                    sw_batch_size: int = 2) -> np.ndarray:
     """Label map of a whole (X, Y, Z) volume with the stage's patch as the window."""
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    # cache_enabled=False: casts cached under no_grad leaked into the next training step
+    # (seen here: an infinite gradient norm on the step after validation, torch 2.13 CPU)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                        cache_enabled=False):
         logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, model, overlap=0.25,
                                           mode="gaussian")
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
