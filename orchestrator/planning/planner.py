@@ -77,13 +77,25 @@ def _fmt(size: Any) -> str:
     return "x".join(str(s) for s in size)
 
 
+def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_target: bool) -> bool:
+    """AMP as the stage asks, except on the CPU with a 2-voxel bottleneck side: there
+    oneDNN's bf16 conv3d weight gradient is garbage (torch 2.13; docs/known-issues.md)."""
+    if not spec.amp:
+        return False
+    return cuda_target or spec.kind != "seg3d" or all(s // multiple != 2 for s in size)
+
+
 class _Estimator:
     """Memoised predicted GB of (stage, candidate, batch)."""
 
-    def __init__(self, spec: StageSpec, budget: Budget, step_factory: StepFactory) -> None:
-        self.spec, self.budget = spec, budget
-        self.step = step_factory(spec, spec.amp)
+    def __init__(self, spec: StageSpec, budget: Budget, step_factory: StepFactory,
+                 multiple: int) -> None:
+        self.spec, self.budget, self.multiple = spec, budget, multiple
+        self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
         self._memo: dict[tuple, float] = {}
+
+    def amp(self, cand: Candidate) -> bool:
+        return amp_allowed(self.spec, cand.input_size_vox, self.multiple, self.budget.cuda_target)
 
     def gb(self, cand: Candidate, batch: int) -> float:
         key = (cand.input_size_vox, cand.base_filters, cand.checkpointing, batch)
@@ -91,7 +103,7 @@ class _Estimator:
             x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
             est = estimate_step_peak(
                 lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing),
-                x_shape, y_shape, self.step, cuda_target=self.budget.cuda_target)
+                x_shape, y_shape, self.steps[self.amp(cand)], cuda_target=self.budget.cuda_target)
             self._memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
             logger.debug("%s %s bs=%d: %.3f GB (%.1fs)", self.spec.name, key, batch,
                          self._memo[key], est.seconds)
@@ -109,7 +121,7 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     probe_model = build_stage_model_meta(spec)
     multiple = int(getattr(probe_model, "required_multiple", 1))
     params = sum(p.numel() for p in probe_model.parameters())
-    est = _Estimator(spec, budget, step_factory)
+    est = _Estimator(spec, budget, step_factory, multiple)
     lim = spec.planner
     min_bs = min(lim.min_batch_size, batch_cap or lim.min_batch_size)
     reasons: list[str] = []
@@ -130,11 +142,15 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     batch = _grow_batch(est, chosen, min_bs, min(lim.max_batch_size, batch_cap or 10**6), budget)
     reasons.append(f"batch {batch}: " + ("largest that fits" if batch > min_bs
                                           else "no headroom for a larger batch"))
+    amp = est.amp(chosen)
+    if spec.amp and not amp:
+        reasons.append("AMP off: bf16 conv3d gradients are wrong on the CPU at a 2-voxel "
+                       "bottleneck (docs/known-issues.md)")
     if chosen.base_filters != spec.base_filters:  # params at the planned width
         params = sum(p.numel() for p in build_stage_model_meta(spec, chosen.base_filters).parameters())
     return StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=init_from,
                      input_size_vox=chosen.input_size_vox, base_filters=chosen.base_filters,
-                     batch_size=batch, checkpointing=chosen.checkpointing, amp=spec.amp,
+                     batch_size=batch, checkpointing=chosen.checkpointing, amp=amp,
                      params=params, predicted_gb=round(est.gb(chosen, batch), 4), reasons=reasons)
 
 

@@ -1,0 +1,62 @@
+"""The curriculum on the real local SLURM: one job per stage, chained afterok, all COMPLETED,
+and `status --json` agreeing with sacct."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_tiny_plan
+from orchestrator.launch.sacct import sacct_states
+from orchestrator.launch.submit import submit_plan
+
+pytestmark = pytest.mark.slurm
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def _wait_all(job_ids: list[str], timeout_s: float = 480) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = sacct_states(job_ids) or {}
+        if len(states) == len(job_ids) and all(s in TERMINAL for s in states.values()):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"jobs not finished after {timeout_s} s: {sacct_states(job_ids)}")
+
+
+def test_slurm_chain_afterok_completes_and_status_agrees(tmp_path: Path, tiny_data: Path) -> None:
+    plan, plan_path = make_tiny_plan(tmp_path / "runs", tiny_data)
+    jobs = submit_plan(plan, plan_path, "slurm", include_lcnn=False)
+    ids = [j.job_id for j in jobs]
+    assert len(set(ids)) == 4
+    # each stage depends on the one before, as SLURM itself records it
+    for prev, job in zip(jobs, jobs[1:]):
+        assert job.depends_on == prev.job_id
+        show = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True,
+                              text=True, timeout=10).stdout
+        if "JobState=PENDING" in show:  # scontrol forgets the dependency once it is satisfied
+            assert f"afterok:{prev.job_id}" in show, show
+    states = _wait_all(ids)
+    assert states == {i: "COMPLETED" for i in ids}, states
+    rows = subprocess.run(["sacct", "-j", ",".join(ids), "-X", "-n", "-P", "-o", "JobID,Start,End"],
+                          capture_output=True, text=True, timeout=10).stdout.split()
+    times = {r.split("|")[0]: r.split("|")[1:] for r in rows}
+    for prev, nxt in zip(ids, ids[1:]):
+        assert times[nxt][0] >= times[prev][1], "a stage started before its parent ended"
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "status", plan.run, "--runs-dir",
+                          str(plan.run_dir.parent), "--json"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["slurm"] == "ok"
+    run = doc["runs"][0]
+    assert run["state"] == "COMPLETED"
+    for stage, job_id in zip(run["stages"], ids):
+        assert stage["job_id"] == job_id
+        assert stage["slurm_state"] == states[job_id] == "COMPLETED"
+        assert stage["state"] == "COMPLETED"
+        assert Path(plan.run_dir / stage["name"] / "checkpoints" / "final.pt").exists()
