@@ -58,6 +58,8 @@ class StageSpec(_Strict):
     checkpoint_every_steps: int = Field(50, gt=0, description="Write last.pt this often.")
     early_stop_patience_epochs: int | None = Field(None, gt=0)
     seed: int = 0
+    alignment_weight: float = Field(0.1, ge=0, description="LCNN: weight of the alignment loss.")
+    alignment_warmup_epochs: int = Field(3, ge=0, description="LCNN: epochs to reach that weight.")
     planner: PlannerLimits = PlannerLimits()
 
     @model_validator(mode="after")

@@ -73,3 +73,14 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     p.write_bytes(p.read_bytes()[:40])
     with pytest.raises(CheckpointError, match=r"last\.pt: unreadable checkpoint"):
         load_checkpoint(p)
+
+
+def test_lcnn_stage_trains_on_slice_stacks(tmp_path: Path, tiny_data: Path) -> None:
+    plan, plan_path = make_tiny_plan(tmp_path / "runs", tiny_data)
+    sp = plan.stage("lcnn")
+    assert sp.kind == "lcnn" and sp.init_from is None and tuple(sp.input_size_vox) == (64, 64)
+    res = run_stage(plan_path, "lcnn")
+    ckpt = load_checkpoint(Path(res["final"]))
+    assert ckpt["arch"] == "lcnn" and ckpt["model_kwargs"]["in_slices"] == 3
+    row = (plan.run_dir / "lcnn" / "metrics.csv").read_text().splitlines()[1].split(",")
+    assert 0.0 <= float(row[3]) <= 1.0  # val Dice over whole volumes, slice by slice

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map, tree_map_only
@@ -109,6 +109,21 @@ class CudaAutocastDtypes(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class ConstantArange(TorchFunctionMode):
+    """`torch.arange` of Python ints is a constant, not data: compute it for real.
+
+    MONAI's losses build reduction axes with `torch.arange(2, ndim).tolist()`, which
+    fake tensors cannot answer; a real (tiny) tensor can, and the fake mode accepts it.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.arange and all(type(a) is int for a in args) and "device" not in kwargs:
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def _fakeify(model: nn.Module) -> nn.Module:
     """Replace parameters and buffers by fresh (fake, under FakeTensorMode) tensors."""
     for mod in model.modules():
@@ -147,10 +162,10 @@ def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int,
     with torch.device("meta"):
         model = build_model()
     try:
-        with FakeTensorMode():
+        with FakeTensorMode(allow_non_fake_inputs=True):
             tracker = LivePeak()
             policy = CudaAutocastDtypes() if cuda_target else contextlib.nullcontext()
-            with tracker, policy:
+            with tracker, policy, ConstantArange():
                 model = _fakeify(model)
                 x = torch.empty(x_shape)
                 y = torch.zeros(y_shape, dtype=torch.long)

@@ -1,7 +1,7 @@
 """One training step, shared by the trainer and the planner's memory estimate.
 
-`forward_backward` holds no data-dependent Python control flow, so the planner can run
-it on FakeTensors and predict the bytes the trainer will use.
+`Objective` (forward + loss) holds no data-dependent Python control flow, so the planner
+can run it on FakeTensors and predict the bytes the trainer will use.
 """
 from __future__ import annotations
 
@@ -14,17 +14,6 @@ from torch import nn
 from orchestrator.config import StageSpec
 from orchestrator.training.losses import GeneralizedDiceFocalLoss
 
-LossFn = Callable[[torch.Tensor | list[torch.Tensor], torch.Tensor], torch.Tensor]
-
-
-def build_loss(spec: StageSpec) -> LossFn:
-    """The stage's loss: logits (or a deep-supervision list) and labels (B, 1, ...) -> scalar."""
-    if spec.kind == "lcnn":
-        base: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
-    else:
-        base = GeneralizedDiceFocalLoss()
-    return DeepSupervisionLoss(base, weight_mode="exp")
-
 
 def amp_dtype_for(device_type: str, amp: bool) -> torch.dtype | None:
     """bf16 where the device supports it, fp16 on older GPUs, None without AMP."""
@@ -35,28 +24,53 @@ def amp_dtype_for(device_type: str, amp: bool) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                 amp_dtype: torch.dtype | None, device_type: str) -> torch.Tensor:
-    """Forward pass and loss under autocast (labels y are (B, ...) int64)."""
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model(x)
-    if isinstance(out, (list, tuple)):
-        out = [o.float() for o in out]
-    else:
-        out = out.float()
-    # float labels: DeepSupervisionLoss resizes them with nearest-exact, which has no int64
-    # kernel; the losses turn them back into class indices
-    return loss_fn(out, y.unsqueeze(1).float())
+class Objective:
+    """Forward pass and loss of one batch of a stage.
+
+    3D family: Generalized Dice + Focal, through MONAI's DeepSupervisionLoss when the
+    model returns auxiliary outputs. LCNN: Dice + cross-entropy on the centre slice plus
+    the alignment loss, whose weight warms up linearly over `alignment_warmup_epochs`.
+    """
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.lcnn = spec.kind == "lcnn"
+        base: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True) if self.lcnn else GeneralizedDiceFocalLoss()
+        self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp")
+        self.alignment_weight = spec.alignment_weight
+        self.warmup_epochs = spec.alignment_warmup_epochs
+
+    def alignment_factor(self, epoch: float | None) -> float:
+        if epoch is None or self.warmup_epochs == 0:
+            return self.alignment_weight
+        return self.alignment_weight * min(1.0, (epoch + 1) / self.warmup_epochs)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 amp_dtype: torch.dtype | None, device_type: str,
+                 epoch: int | None = None) -> torch.Tensor:
+        """Loss of a batch: x (B, C, ...) and integer labels y (B, ...), under autocast."""
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x, return_aux=True) if self.lcnn else model(x)
+        aux = None
+        if self.lcnn:
+            out, aux = out
+        out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+        # float labels: DeepSupervisionLoss resizes them with nearest-exact, which has no
+        # int64 kernel; the losses turn them back into class indices
+        loss = self.seg_loss(out, y.unsqueeze(1).float())
+        if aux is not None:
+            from models.sean import alignment_loss
+
+            loss = loss + self.alignment_factor(epoch) * alignment_loss(aux)
+        return loss
 
 
 def estimation_step(spec: StageSpec, amp: bool) -> Callable[..., None]:
     """The step the planner measures: forward, loss, backward, clip, optimizer step."""
-    loss_fn = build_loss(spec)
+    objective = Objective(spec)
     amp_dtype = amp_dtype_for("cpu", amp)  # estimates run on CPU fake tensors
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = forward_loss(model, x, y, loss_fn, amp_dtype, "cpu")
-        loss.backward()
+        objective(model, x, y, amp_dtype, "cpu").backward()
         if spec.grad_clip_norm:
             nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm, foreach=True)
         opt.step()

@@ -25,8 +25,8 @@ from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
-from orchestrator.training.step import amp_dtype_for, build_loss, forward_loss
-from orchestrator.training.validation import validate
+from orchestrator.training.step import Objective, amp_dtype_for
+from orchestrator.training.validation import validate, volume_predictor
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS = 20
@@ -77,13 +77,28 @@ def _lr_lambda(sp: StagePlan):  # noqa: ANN202
     return f
 
 
+def _training_dataset(sp: StagePlan, records: list) -> torch.utils.data.Dataset:
+    """3D patches for the 3D family, 2T+1 slice stacks for LCNN; both pure in (seed, epoch, i)."""
+    spec = sp.spec
+    common = {"samples_per_epoch": spec.iterations_per_epoch * sp.batch_size,
+              "lesion_fraction": spec.lesion_fraction, "seed": spec.seed, "augment": spec.augment}
+    if sp.kind == "lcnn":
+        from orchestrator.data.slices import SliceStackDataset
+
+        return SliceStackDataset(records, int(spec.model.get("in_slices", 5)),
+                                 tuple(sp.input_size_vox), **common)
+    from orchestrator.data.dataset import PatchDataset
+
+    return PatchDataset(records, tuple(sp.input_size_vox), **common)
+
+
 class StageRunner:
     """Holds the objects of one stage's training; `run()` trains it to the end."""
 
     def __init__(self, plan: Plan, stage: str) -> None:
         from orchestrator.data.atlas import discover_subjects
-        from orchestrator.data.dataset import PatchDataset, split_subjects
         import models
+        from orchestrator.data.dataset import split_subjects
 
         self.plan, self.sp = plan, plan.stage(stage)
         self.dir = stage_dir(plan, stage)
@@ -96,15 +111,14 @@ class StageRunner:
             raise CheckpointError(f"plan {plan.run}: no data directory (plan with --data DIR)")
         records = discover_subjects(Path(plan.data_dir))
         self.train_recs, self.val_recs = split_subjects(records, spec.val_fraction, spec.seed)
-        self.dataset = PatchDataset(self.train_recs, tuple(self.sp.input_size_vox),
-                                    samples_per_epoch=spec.iterations_per_epoch * self.sp.batch_size,
-                                    lesion_fraction=spec.lesion_fraction, seed=spec.seed,
-                                    augment=spec.augment)
+        self.dataset = _training_dataset(self.sp, self.train_recs)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
         self.amp_dtype = amp_dtype_for(self.device.type, self.sp.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = build_loss(spec)
+        self.objective = Objective(spec)
+        self.predict = volume_predictor(spec.kind, self.sp.model_kwargs(), self.sp.input_size_vox,
+                                        self.device, self.amp_dtype)
         self.progress = Progress()
         self.log = MetricsLog(self.dir)
 
@@ -145,7 +159,8 @@ class StageRunner:
                 f"{report['max_output_diff']:.2e}")
 
     def model_input_channels(self) -> int:
-        return int(self.sp.spec.model.get("in_channels", 1))
+        model = self.sp.spec.model
+        return int(model.get("in_slices", 5) if self.sp.kind == "lcnn" else model.get("in_channels", 1))
 
     def _write_split(self) -> None:
         split = {"train": [r.subject + "/" + r.session for r in self.train_recs],
@@ -189,7 +204,7 @@ class StageRunner:
     def _one_step(self, batch: dict[str, torch.Tensor]) -> None:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
-        loss = forward_loss(self.model, x, y, self.loss_fn, self.amp_dtype, self.device.type)
+        loss = self.objective(self.model, x, y, self.amp_dtype, self.device.type, self.progress.epoch)
         if not torch.isfinite(loss):
             self._skip_step("loss")
             return
@@ -227,8 +242,7 @@ class StageRunner:
         row: dict[str, Any] = {"epoch": pr.epoch + 1, "train_loss": round(mean_loss, 6),
                                "lr": self.sched.get_last_lr()[0]}
         if (pr.epoch + 1) % spec.val_every_epochs == 0 or pr.epoch + 1 == spec.max_epochs:
-            row.update(validate(self.model, self.val_recs, self.sp.input_size_vox,
-                                self.device, self.amp_dtype))
+            row.update(validate(self.model, self.val_recs, self.predict))
         row["seconds"] = round(seconds, 2)
         row.update(peak_memory_gb(self.device))
         pr.epoch += 1

@@ -1,7 +1,7 @@
 """Validation on whole volumes: sliding-window inference (MONAI) and Dice."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,21 @@ def predict_volume(model: nn.Module, image: np.ndarray, roi_size: Sequence[int],
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
-def validate(model: nn.Module, records: Sequence[Any], roi_size: Sequence[int],
-             device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence[int],
+                     device: torch.device, amp_dtype: torch.dtype | None
+                     ) -> Callable[[nn.Module, Any], np.ndarray]:
+    """How a stage's model labels a whole volume: 3D sliding window, or LCNN slice by slice."""
+    if kind == "lcnn":
+        from orchestrator.data.slices import predict_volume_slices
+
+        in_slices = int(model_kwargs.get("in_slices", 5))
+        return lambda model, vol: predict_volume_slices(
+            model, vol.image, in_slices, tuple(roi_size), device, amp_dtype, background=vol.background)
+    return lambda model, vol: predict_volume(model, vol.image, roi_size, device, amp_dtype)
+
+
+def validate(model: nn.Module, records: Sequence[Any],
+             predict: Callable[[nn.Module, Any], np.ndarray]) -> dict[str, float]:
     """Mean Dice over the validation subjects (each volume loaded, predicted, dropped)."""
     from orchestrator.data.volume import load_subject
 
@@ -42,8 +55,7 @@ def validate(model: nn.Module, records: Sequence[Any], roi_size: Sequence[int],
     scores = []
     for rec in records:
         vol = load_subject(rec)
-        pred = predict_volume(model, vol.image, roi_size, device, amp_dtype)
-        scores.append(dice_score(pred, vol.label))
+        scores.append(dice_score(predict(model, vol), vol.label))
     model.train(was_training)
     return {"val_dice": round(float(np.mean(scores)), 6) if scores else float("nan"),
             "val_subjects": len(scores)}
