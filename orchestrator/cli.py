@@ -80,11 +80,15 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
     out.print(f"plan written to [bold]{path}[/]")
 
 
+PlanPath = Annotated[Optional[Path], typer.Option("--plan", help="A plan.yaml from `plan`.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the jobs; submit nothing.")]
+
+
 @app.command()
-def submit(plan_path: Annotated[Optional[Path], typer.Option("--plan", help="A plan.yaml from `plan`.")] = None,
+def submit(plan_path: PlanPath = None,
            executor: Annotated[str, typer.Option("--executor", help="slurm | local | debug")] = "slurm",
            lcnn: Annotated[bool, typer.Option("--lcnn/--no-lcnn", help="Submit the LCNN runs too.")] = True,
-           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the jobs; submit nothing.")] = False,
+           dry_run: DryRun = False,
            target_mem: TargetMem = None, device: Device = "auto",
            curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
            data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs")) -> None:
@@ -138,7 +142,8 @@ def cancel(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
 
 @app.command()
 def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs"),
-           executor: Annotated[Optional[str], typer.Option("--executor", help="Default: as submitted.")] = None) -> None:
+           executor: Annotated[Optional[str], typer.Option("--executor", help="Default: as submitted.")]
+           = None) -> None:
     """Resubmit a run from its first unfinished stage (each resumes from its last.pt)."""
     from orchestrator.launch.sacct import sacct_states
     from orchestrator.launch.submit import submit_plan
@@ -160,7 +165,8 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
 @data_app.command("synth")
 def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the tree into.")],
                subjects: Annotated[int, typer.Option("--subjects", min=1, help="How many subjects.")] = 4,
-               shape: Annotated[tuple[int, int, int], typer.Option("--shape", help="Volume size X Y Z (1 mm voxels).")] = (197, 233, 189),
+               shape: Annotated[tuple[int, int, int], typer.Option(
+                   "--shape", help="Volume size X Y Z (1 mm voxels).")] = (197, 233, 189),
                seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0) -> None:
     """Write an ATLAS R2.0-style tree of brain-like phantoms with lesions."""
     from orchestrator.data.synth import synthesize_atlas
@@ -185,7 +191,8 @@ def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.
 
 
 @app.command()
-def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")] = Path("demo-run"),
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")]
+         = Path("demo-run"),
          subjects: Annotated[int, typer.Option("--subjects", min=2)] = 6,
          executor: Annotated[str, typer.Option("--executor", help="local | debug")] = "local") -> None:
     """The whole pipeline on synthetic data on this CPU: synth -> plan -> 4 stages -> Dice."""

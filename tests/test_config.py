@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import (ClusterProfile, load_curriculum, load_stage, parse_model,
-                                 resolve_cluster)
+from orchestrator.config import (
+    ClusterProfile,
+    load_curriculum,
+    load_stage,
+    parse_model,
+    resolve_cluster,
+)
 from orchestrator.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +52,8 @@ def test_unknown_stage_key_names_file_and_suggests() -> None:
 def test_unknown_model_option_is_rejected_before_any_job(tmp_path: Path) -> None:
     p = tmp_path / "s.yaml"
     p.write_text("name: s\nmodel: {arch: resunet3d, base_filterz: 8}\ninput_size_vox: [32, 32, 32]\n")
-    with pytest.raises(ConfigError, match=r"s\.yaml: unknown key 'model\.base_filterz' \(did you mean 'base_filters'\?\)"):
+    want = r"s\.yaml: unknown key 'model\.base_filterz' \(did you mean 'base_filters'\?\)"
+    with pytest.raises(ConfigError, match=want):
         load_stage(p)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, make_tiny_plan
+
 from orchestrator.launch.submit import submit_plan
 from orchestrator.runs.status import collect_status
 
@@ -28,8 +29,8 @@ def test_local_executor_runs_the_chain_with_handoffs(tmp_path: Path, tiny_data: 
     doc = collect_status(plan.run_dir.parent, plan.run)
     run = doc["runs"][0]
     assert run["state"] == "COMPLETED"
-    assert [s["state"] for s in run["stages"]] == ["COMPLETED"] * 4
-    assert all(s["attempts"] == 1 and s["epoch"] == 1 for s in run["stages"])
+    assert [s["state"] for s in run["stages"]] == ["COMPLETED"] * 4 + ["NOT_SUBMITTED"]  # --no-lcnn
+    assert all(s["attempts"] == 1 and s["epoch"] == 1 for s in run["stages"][:4])
 
 
 def test_failed_stage_cancels_the_rest_and_status_names_it(tmp_path: Path, tiny_data: Path) -> None:
@@ -37,16 +38,19 @@ def test_failed_stage_cancels_the_rest_and_status_names_it(tmp_path: Path, tiny_
     # break stage 1's data after planning: the job fails on the node, not at submission
     plan_path.write_text(plan_path.read_text().replace(str(tiny_data), str(tmp_path / "gone")))
     (tmp_path / "gone").mkdir()
-    from orchestrator.config import load_plan
-    from orchestrator.errors import SubmissionError
     import pytest
 
-    with pytest.raises(SubmissionError, match=r"stage stage1_basic_cnn failed: DataError: .*gone.*\(log: .*log\.err\)"):
+    from orchestrator.config import load_plan
+    from orchestrator.errors import SubmissionError
+
+    want = r"stage stage1_basic_cnn failed: DataError: .*gone.*\(log: .*log\.err\)"
+    with pytest.raises(SubmissionError, match=want):
         submit_plan(load_plan(plan_path), plan_path, "local", include_lcnn=False)
     run = collect_status(plan.run_dir.parent, plan.run)["runs"][0]
     states = {s["name"]: s["state"] for s in run["stages"]}
     assert states == {"stage1_basic_cnn": "FAILED", "stage2_cnn_attention": "CANCELLED",
-                      "stage3_hybrid_small": "CANCELLED", "stage4_hybrid_full": "CANCELLED"}
+                      "stage3_hybrid_small": "CANCELLED", "stage4_hybrid_full": "CANCELLED",
+                      "lcnn": "NOT_SUBMITTED"}
     assert run["state"] == "FAILED"
 
 
@@ -60,4 +64,4 @@ def test_status_json_cli_over_all_runs(tmp_path: Path, tiny_data: Path) -> None:
     doc = json.loads(res.stdout)
     assert [r["run"] for r in doc["runs"]] == ["a", "b"]
     assert all(r["state"] == "NOT_SUBMITTED" for r in doc["runs"])
-    assert {s["name"] for s in doc["runs"][0]["stages"]} == set(STAGES)
+    assert [s["name"] for s in doc["runs"][0]["stages"]] == STAGES + ["lcnn"]

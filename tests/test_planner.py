@@ -69,5 +69,6 @@ def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:
 
 
 def test_nothing_fits_names_smallest_budget(stage1) -> None:
-    with pytest.raises(PlanError, match=r"nothing fits in 0\.05 GB; .* needs [0-9.]+ GB: use --target-mem [0-9.]+"):
+    want = r"nothing fits in 0\.05 GB; .* needs [0-9.]+ GB: use --target-mem [0-9.]+"
+    with pytest.raises(PlanError, match=want):
         plan_stage(stage1, None, Budget(0.05, DEFAULT_OVERHEADS["cpu"], False), estimation_step)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_tiny_plan
+
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.launch.submit import submit_plan
 
@@ -55,6 +55,7 @@ def test_slurm_chain_afterok_completes_and_status_agrees(tmp_path: Path, tiny_da
     assert doc["slurm"] == "ok"
     run = doc["runs"][0]
     assert run["state"] == "COMPLETED"
+    assert run["stages"][4]["state"] == "NOT_SUBMITTED"  # the LCNN run was left out
     for stage, job_id in zip(run["stages"], ids):
         assert stage["job_id"] == job_id
         assert stage["slurm_state"] == states[job_id] == "COMPLETED"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_plan
+
 from orchestrator.errors import CheckpointError
 from orchestrator.runs.state import read_state
 from orchestrator.training.checkpoints import load_checkpoint

@@ -11,6 +11,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,81 @@ class _Prepared:
     lesion_flat: np.ndarray  # flat indices of lesion voxels in the padded grid
 
 
-class PatchDataset(Dataset):
+class SubjectSampledDataset(Dataset):
+    """Training samples that are a pure function of (seed, epoch, i).
+
+    Sample i of an epoch comes from the subject `order[(epoch * samples_per_epoch + i) % n]`
+    (a fixed permutation from the seed), so epochs rotate through all subjects and a
+    resumed run sees exactly the samples an uninterrupted one would. Subjects are loaded
+    on first use and cached per process (`max_cached_volumes` bounds it; pickling drops
+    it, so DataLoader workers load their own). Subclasses prepare a subject once
+    (`_prepare_record`) and cut samples from it (`__getitem__`, using `_rng(i)`).
+    """
+
+    def __init__(self, records: Sequence[SubjectRecord], samples_per_epoch: int,
+                 lesion_fraction: float, seed: int, augment: bool,
+                 max_cached_volumes: int | None) -> None:
+        if not records:
+            raise DataError(f"{type(self).__name__}: no training subjects; expected at least one record")
+        missing = [rec.image for rec in records if rec.mask is None]
+        if missing:
+            raise DataError(
+                f"{missing[0]}: no lesion mask; expected a mask for every training image"
+            )
+        if samples_per_epoch < 1:
+            raise ConfigError(f"samples_per_epoch {samples_per_epoch}; expected at least 1")
+        if not 0.0 <= lesion_fraction <= 1.0:
+            raise ConfigError(f"lesion_fraction {lesion_fraction}; expected a value in [0, 1]")
+        self.records = list(records)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.lesion_fraction = float(lesion_fraction)
+        self.seed = int(seed)
+        self.augment = augment
+        self.max_cached_volumes = max_cached_volumes
+        self.epoch = 0
+        self._order = np.random.default_rng([self.seed]).permutation(len(self.records))
+        self._cache: OrderedDict[int, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose samples `__getitem__` returns."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch}; expected >= 0")
+        self.epoch = int(epoch)
+
+    def subject_index(self, i: int, epoch: int | None = None) -> int:
+        """Which record sample i of `epoch` (default: the current one) is drawn from."""
+        epoch = self.epoch if epoch is None else epoch
+        return int(self._order[(epoch * self.samples_per_epoch + i) % len(self.records)])
+
+    def _rng(self, i: int) -> np.random.Generator:
+        if not 0 <= i < self.samples_per_epoch:
+            raise IndexError(f"sample {i} out of range [0, {self.samples_per_epoch})")
+        return np.random.default_rng([self.seed, self.epoch, int(i)])
+
+    def _prepare_record(self, rec: SubjectRecord) -> Any:
+        raise NotImplementedError
+
+    def _volume(self, index: int) -> Any:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        prepared = self._prepare_record(self.records[index])
+        self._cache[index] = prepared
+        if self.max_cached_volumes is not None:
+            while len(self._cache) > max(1, self.max_cached_volumes):
+                self._cache.popitem(last=False)
+        return prepared
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # workers load their own; never pickle volumes
+        return state
+
+
+class PatchDataset(SubjectSampledDataset):
     """Random training patches, a fixed number per epoch.
 
     Sample i of an epoch takes subject `order[(epoch * samples_per_epoch + i) % n]` (a
@@ -112,48 +187,14 @@ class PatchDataset(Dataset):
         augment: bool = False,
         max_cached_volumes: int | None = None,
     ) -> None:
-        if not records:
-            raise DataError("PatchDataset: no training subjects; expected at least one record")
-        missing = [rec.image for rec in records if rec.mask is None]
-        if missing:
-            raise DataError(
-                f"{missing[0]}: no lesion mask; expected a mask for every training image"
-            )
         if len(patch_size_vox) != 3 or min(patch_size_vox) < 1:
             raise ConfigError(f"patch_size_vox {patch_size_vox}; expected 3 positive sizes")
-        if samples_per_epoch < 1:
-            raise ConfigError(f"samples_per_epoch {samples_per_epoch}; expected at least 1")
-        if not 0.0 <= lesion_fraction <= 1.0:
-            raise ConfigError(f"lesion_fraction {lesion_fraction}; expected a value in [0, 1]")
-        self.records = list(records)
+        super().__init__(records, samples_per_epoch, lesion_fraction, seed, augment,
+                         max_cached_volumes)
         self.patch_size_vox = tuple(int(p) for p in patch_size_vox)
-        self.samples_per_epoch = int(samples_per_epoch)
-        self.lesion_fraction = float(lesion_fraction)
-        self.seed = int(seed)
-        self.augment = augment
-        self.max_cached_volumes = max_cached_volumes
-        self.epoch = 0
-        self._order = np.random.default_rng([self.seed]).permutation(len(self.records))
-        self._cache: OrderedDict[int, _Prepared] = OrderedDict()
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose samples `__getitem__` returns."""
-        if epoch < 0:
-            raise ValueError(f"epoch {epoch}; expected >= 0")
-        self.epoch = int(epoch)
-
-    def subject_index(self, i: int, epoch: int | None = None) -> int:
-        """Which record sample i of `epoch` (default: the current one) is drawn from."""
-        epoch = self.epoch if epoch is None else epoch
-        return int(self._order[(epoch * self.samples_per_epoch + i) % len(self.records)])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.samples_per_epoch:
-            raise IndexError(f"sample {i} out of range [0, {self.samples_per_epoch})")
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self._rng(i)
         vol = self._volume(self.subject_index(i))
         start = self._patch_start(rng, vol)
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size_vox))
@@ -177,21 +218,8 @@ class PatchDataset(Dataset):
             return np.clip(centre - patch // 2, 0, high)
         return rng.integers(0, high + 1)
 
-    def _volume(self, index: int) -> _Prepared:
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        prepared = _prepare(load_subject(self.records[index]), self.patch_size_vox)
-        self._cache[index] = prepared
-        if self.max_cached_volumes is not None:
-            while len(self._cache) > max(1, self.max_cached_volumes):
-                self._cache.popitem(last=False)
-        return prepared
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()  # workers load their own; never pickle volumes
-        return state
+    def _prepare_record(self, rec: SubjectRecord) -> _Prepared:
+        return _prepare(load_subject(rec), self.patch_size_vox)
 
 
 def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int]) -> _Prepared:

@@ -14,19 +14,21 @@ within half a voxel of the middle of W.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from orchestrator.data.atlas import SubjectRecord
-from orchestrator.data.dataset import INTENSITY_SCALE_RANGE, INTENSITY_SHIFT_RANGE
+from orchestrator.data.dataset import (
+    INTENSITY_SCALE_RANGE,
+    INTENSITY_SHIFT_RANGE,
+    SubjectSampledDataset,
+)
 from orchestrator.data.volume import load_subject
-from orchestrator.errors import ConfigError, DataError
+from orchestrator.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class _Slices:
     brain_z: np.ndarray  # slices with brain (non-background) voxels inside the fitted plane
 
 
-class SliceStackDataset(Dataset):
+class SliceStackDataset(SubjectSampledDataset):
     """Random training slice stacks for the LCNN, a fixed number per epoch.
 
     Sample i of an epoch takes subject `order[(epoch * samples_per_epoch + i) % n]` (a
@@ -113,47 +115,13 @@ class SliceStackDataset(Dataset):
             DataError: no records, or a record without mask.
         """
         _check_geometry(in_slices, size_hw)
-        if samples_per_epoch < 1:
-            raise ConfigError(f"samples_per_epoch {samples_per_epoch}; expected at least 1")
-        if not 0.0 <= lesion_fraction <= 1.0:
-            raise ConfigError(f"lesion_fraction {lesion_fraction}; expected a value in [0, 1]")
-        if not records:
-            raise DataError("SliceStackDataset: no training subjects; expected at least one record")
-        missing = [rec.image for rec in records if rec.mask is None]
-        if missing:
-            raise DataError(
-                f"{missing[0]}: no lesion mask; expected a mask for every training image"
-            )
-        self.records = list(records)
+        super().__init__(records, samples_per_epoch, lesion_fraction, seed, augment,
+                         max_cached_volumes)
         self.in_slices = int(in_slices)
         self.size_hw = (int(size_hw[0]), int(size_hw[1]))
-        self.samples_per_epoch = int(samples_per_epoch)
-        self.lesion_fraction = float(lesion_fraction)
-        self.seed = int(seed)
-        self.augment = augment
-        self.max_cached_volumes = max_cached_volumes
-        self.epoch = 0
-        self._order = np.random.default_rng([self.seed]).permutation(len(self.records))
-        self._cache: OrderedDict[int, _Slices] = OrderedDict()
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose samples `__getitem__` returns."""
-        if epoch < 0:
-            raise ValueError(f"epoch {epoch}; expected >= 0")
-        self.epoch = int(epoch)
-
-    def subject_index(self, i: int, epoch: int | None = None) -> int:
-        """Which record sample i of `epoch` (default: the current one) is drawn from."""
-        epoch = self.epoch if epoch is None else epoch
-        return int(self._order[(epoch * self.samples_per_epoch + i) % len(self.records)])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.samples_per_epoch:
-            raise IndexError(f"sample {i} out of range [0, {self.samples_per_epoch})")
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self._rng(i)
         vol = self._volume(self.subject_index(i))
         z = self._centre_slice(rng, vol)
         half_width = self.in_slices // 2
@@ -174,27 +142,14 @@ class SliceStackDataset(Dataset):
             return int(vol.brain_z[rng.integers(vol.brain_z.size)])
         return int(rng.integers(vol.image.shape[0]))
 
-    def _volume(self, index: int) -> _Slices:
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        vol = load_subject(self.records[index])
+    def _prepare_record(self, rec: SubjectRecord) -> _Slices:
+        vol = load_subject(rec)
         assert vol.label is not None  # checked in __init__
         image = crop_or_pad_hw(vol.image.transpose(2, 1, 0), self.size_hw, vol.background)
         label = crop_or_pad_hw(vol.label.transpose(2, 1, 0), self.size_hw, 0)
         lesion_z = np.flatnonzero(label.any(axis=(1, 2)))
         brain_z = np.flatnonzero((image != vol.background).any(axis=(1, 2)))
-        prepared = _Slices(image, label, lesion_z, brain_z)
-        self._cache[index] = prepared
-        if self.max_cached_volumes is not None:
-            while len(self._cache) > max(1, self.max_cached_volumes):
-                self._cache.popitem(last=False)
-        return prepared
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()  # workers load their own; never pickle volumes
-        return state
+        return _Slices(image, label, lesion_z, brain_z)
 
 
 def predict_volume_slices(

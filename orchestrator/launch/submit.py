@@ -94,7 +94,8 @@ def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn
             run_state.update_stage(run_dir, sp.name, state=run_state.PENDING, job_id=None,
                                    slurm_job_id=None, error=None, executor=kind)
     for i, sp in enumerate(stages):
-        dep = job_of.get(sp.init_from) if (sp.init_from and sp.init_from in [s.name for s in stages]) else None
+        in_batch = sp.init_from in {s.name for s in stages}
+        dep = job_of.get(sp.init_from) if sp.init_from and in_batch else None
         params = job_parameters(plan, sp, kind, dep if kind == "slurm" else None)
         if dry_run:
             done.append(Submitted(sp.name, "-", dep, params))

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from orchestrator.config import (ClusterProfile, Plan, load_curriculum, plan_to_yaml,
-                                 resolve_cluster)
+from orchestrator.config import ClusterProfile, Plan, load_curriculum, plan_to_yaml, resolve_cluster
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, StepFactory, plan_curriculum

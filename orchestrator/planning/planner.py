@@ -94,6 +94,12 @@ class _Estimator:
         self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
         self._memo: dict[tuple, float] = {}
 
+    def emulate_cuda(self, cand: Candidate) -> bool:
+        """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
+        recomputation in backward does not see (its metadata check fails): checkpointed
+        candidates are estimated with CPU autocast dtypes (issue 6 moves this lower)."""
+        return self.budget.cuda_target and not cand.checkpointing
+
     def amp(self, cand: Candidate) -> bool:
         return amp_allowed(self.spec, cand.input_size_vox, self.multiple, self.budget.cuda_target)
 
@@ -103,7 +109,7 @@ class _Estimator:
             x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
             est = estimate_step_peak(
                 lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing),
-                x_shape, y_shape, self.steps[self.amp(cand)], cuda_target=self.budget.cuda_target)
+                x_shape, y_shape, self.steps[self.amp(cand)], cuda_target=self.emulate_cuda(cand))
             self._memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
             logger.debug("%s %s bs=%d: %.3f GB (%.1fs)", self.spec.name, key, batch,
                          self._memo[key], est.seconds)
@@ -143,6 +149,9 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     reasons.append(f"batch {batch}: " + ("largest that fits" if batch > min_bs
                                           else "no headroom for a larger batch"))
     amp = est.amp(chosen)
+    if budget.cuda_target and amp and not est.emulate_cuda(chosen):
+        reasons.append("estimate with CPU autocast dtypes (CUDA's fp32 ops not emulated under "
+                       "checkpointing)")
     if spec.amp and not amp:
         reasons.append("AMP off: bf16 conv3d gradients are wrong on the CPU at a 2-voxel "
                        "bottleneck (docs/known-issues.md)")

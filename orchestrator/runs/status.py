@@ -27,7 +27,8 @@ def list_runs(runs_dir: Path) -> list[Path]:
 
 def _plan_stages(run_dir: Path) -> list[dict[str, Any]]:
     # status must be fast over many runs: read only the keys it needs, no validation
-    data = yaml.load((run_dir / "plan.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    data = yaml.load((run_dir / "plan.yaml").read_text(), Loader=loader)
     return [{"name": s["name"], "max_epochs": s["spec"]["max_epochs"]} for s in data.get("stages", [])]
 
 
@@ -57,7 +58,10 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
 
 
 def _run_state(stages: list[dict[str, Any]]) -> str:
-    states = [s["state"] for s in stages]
+    """A run's state over the stages that were submitted (`submit --no-lcnn` can complete)."""
+    states = [s["state"] for s in stages if s["state"] != "NOT_SUBMITTED"]
+    if not states:
+        return "NOT_SUBMITTED"
     if all(s == run_state.COMPLETED for s in states):
         return run_state.COMPLETED
     for bad in (run_state.FAILED, "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
@@ -67,9 +71,7 @@ def _run_state(stages: list[dict[str, Any]]) -> str:
         return "RUNNING"
     if any(s in (run_state.SUBMITTED, run_state.PENDING, "PENDING") for s in states):
         return "PENDING"
-    if any(s.startswith("CANCEL") for s in states):
-        return run_state.CANCELLED
-    return "NOT_SUBMITTED"
+    return run_state.CANCELLED  # what is left: CANCELLED (by the user or a failed dependency)
 
 
 def collect_status(runs_dir: Path, run: str | None = None,

@@ -67,5 +67,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint")
         model = models.build_model(ckpt["arch"], **ckpt["model_kwargs"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: does not match its model ({str(err).splitlines()[0][:200]})") from None
+        first = str(err).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: does not match its model ({first})") from None
     return model

@@ -34,7 +34,8 @@ class Objective:
 
     def __init__(self, spec: StageSpec) -> None:
         self.lcnn = spec.kind == "lcnn"
-        base: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True) if self.lcnn else GeneralizedDiceFocalLoss()
+        base: nn.Module = (DiceCELoss(to_onehot_y=True, softmax=True) if self.lcnn
+                           else GeneralizedDiceFocalLoss())
         self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp")
         self.alignment_weight = spec.alignment_weight
         self.warmup_epochs = spec.alignment_warmup_epochs

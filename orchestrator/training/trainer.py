@@ -96,8 +96,8 @@ class StageRunner:
     """Holds the objects of one stage's training; `run()` trains it to the end."""
 
     def __init__(self, plan: Plan, stage: str) -> None:
-        from orchestrator.data.atlas import discover_subjects
         import models
+        from orchestrator.data.atlas import discover_subjects
         from orchestrator.data.dataset import split_subjects
 
         self.plan, self.sp = plan, plan.stage(stage)
