@@ -107,11 +107,26 @@ def submit(plan_path: PlanPath = None,
 @app.command("run-stage")
 def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
               stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")]) -> None:
-    """Run one stage in this process (what a job executes; also for debugging)."""
+    """Run one stage in this process (what a job executes; also for debugging).
+
+    On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits
+    with code 75; running it again resumes there. A complete stage is not run again.
+    """
+    import signal
+
+    from orchestrator.training.interrupt import EXIT_INTERRUPTED, StopFlag
     from orchestrator.training.trainer import run_stage as _run
 
-    result = _run(plan_path, stage)
-    out.print(f"{stage}: best val Dice {result['best_dice']:.4f}, final weights {result['final']}")
+    stop = StopFlag()
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        stop.install(signum)
+    result = _run(plan_path, stage, stop=stop)
+    if result["interrupted"]:
+        err.print(f"{stage}: interrupted at epoch {result['epochs']}; last.pt written, "
+                  f"run again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    out.print(f"{stage}: {result['start']}; best val Dice {result['best_dice']:.4f}, "
+              f"final weights {result['final']}")
 
 
 @app.command()
@@ -153,7 +168,7 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
     plan_path = runs_dir / run / "plan.yaml"
     p = load_plan(plan_path)
     doc = collect_status(runs_dir, run, sacct_states)["runs"][0]
-    todo = [s["name"] for s in doc["stages"] if s["state"] != "COMPLETED"]
+    todo = [s["name"] for s in doc["stages"] if s["state"] not in ("COMPLETED", "NOT_SUBMITTED")]
     if not todo:
         out.print(f"{run}: every stage is complete; nothing to resume")
         return

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,6 @@ import submitit
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)
-
-
-def _log_tail(n: int = 5) -> list[str]:
-    env = submitit.JobEnvironment()
-    paths = submitit.core.utils.JobPaths(env.paths.folder, env.job_id, env.global_rank)
-    try:
-        return paths.stderr.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -35,12 +27,19 @@ class StageJob(submitit.helpers.Checkpointable):
         return Path(self.plan_path).parent
 
     def __call__(self) -> dict[str, Any]:
+        from orchestrator.training.interrupt import StopFlag
         from orchestrator.training.trainer import run_stage
 
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # submitit's USR2 handler checkpoints and requeues at once, possibly mid-step; we
+        # stop at the next step boundary first (last.pt written), then hand over to it.
+        # SIGTERM (scancel, `scontrol requeue`, the end of KillWait) stops the same way.
+        stop = StopFlag()
+        submitit_handler = stop.install(signal.SIGUSR2)
+        stop.install(signal.SIGTERM)
         try:
-            return run_stage(self.plan_path, self.stage)
+            result = run_stage(self.plan_path, self.stage, stop=stop)
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -49,6 +48,12 @@ class StageJob(submitit.helpers.Checkpointable):
                                    ended=run_state.now_iso(),
                                    error=f"{type(err).__name__}: {err}"[:500], failed_job=job_id)
             raise
+        if result["interrupted"] and stop.signum == signal.SIGUSR2 and callable(submitit_handler):
+            submitit_handler(stop.signum, None)  # checkpoint() -> requeue -> exit
+        elif result["interrupted"]:  # SLURM is ending or requeueing this job itself
+            logging.shutdown()
+            os._exit(128 + int(stop.signum or signal.SIGTERM))
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         run_state.bump_stage(self._run_dir(), self.stage, "requeues", state=run_state.SUBMITTED)

@@ -21,6 +21,7 @@ STATE_FILE = "state.json"
 # Stage states as the orchestrator records them (SLURM's own states are shown beside).
 PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "PENDING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+INTERRUPTED = "INTERRUPTED"  # stopped by a signal with last.pt written; a requeue resumes it
 
 
 def now_iso() -> str:

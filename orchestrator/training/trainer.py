@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,10 @@ class StageRunner:
         ck.save_checkpoint(self.ckpt_dir / "last.pt", self.payload(full=True))
 
     # ------------------------------------------------------------------ loop
-    def train_steps(self, max_steps: int | None = None) -> bool:
-        """Train the current epoch from the saved position; False if stopped early."""
+    def train_steps(self, max_steps: int | None = None,
+                    stop: Callable[[], bool] | None = None) -> bool:
+        """Train the current epoch from the saved position; False if stopped early
+        (`max_steps` reached, or `stop()` became true: checked between steps)."""
         spec, pr = self.sp.spec, self.progress
         self.dataset.set_epoch(pr.epoch)
         start = pr.step_in_epoch * self.sp.batch_size
@@ -192,7 +195,7 @@ class StageRunner:
                             num_workers=_num_workers(self.sp), persistent_workers=False)
         self.model.train()
         for batch in loader:
-            if max_steps is not None and pr.global_step >= max_steps:
+            if (max_steps is not None and pr.global_step >= max_steps) or (stop and stop()):
                 return False
             self._one_step(batch)
             pr.step_in_epoch += 1
@@ -258,13 +261,25 @@ class StageRunner:
         return row
 
 
-def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None) -> dict[str, Any]:
-    """Train one stage of the plan at `plan_path` to its end (or `max_steps`, for tests).
+def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
+              stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train one stage of the plan at `plan_path` to its end.
+
+    A stage whose final.pt exists is complete and is not trained again. `stop()` is
+    checked between steps (see `interrupt.StopFlag`); when it turns true, or after
+    `max_steps` (tests), last.pt is written and the stage returns with "final": None.
 
     Returns:
-        {"stage", "best_dice", "epochs", "final": path or None, "start": how it started}.
+        {"stage", "best_dice", "epochs", "final": path or None, "start": how it started,
+        "interrupted": bool}.
     """
     plan = load_plan(Path(plan_path))
+    final = stage_dir(plan, stage) / "checkpoints" / "final.pt"
+    if final.exists() and plan.stage(stage):
+        done = ck.load_checkpoint(final)
+        logger.info("%s: already complete (%s)", stage, final)
+        return {"stage": stage, "best_dice": done.get("best_dice", -1.0), "epochs": None,
+                "final": str(final), "start": "already complete", "interrupted": False}
     runner = StageRunner(plan, stage)
     run_dir = plan.run_dir
     how = runner.start()
@@ -277,10 +292,14 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None) -
     spec, pr = runner.sp.spec, runner.progress
     while pr.epoch < spec.max_epochs:
         t0 = time.perf_counter()
-        if not runner.train_steps(max_steps):
+        if not runner.train_steps(max_steps, stop):
             runner.save_last()
+            run_state.update_stage(run_dir, stage, state=run_state.INTERRUPTED,
+                                   epoch=pr.epoch, best_dice=pr.best_dice)
+            logger.info("%s: stopped at epoch %d step %d; last.pt written", stage, pr.epoch,
+                        pr.step_in_epoch)
             return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch,
-                    "final": None, "start": how}
+                    "final": None, "start": how, "interrupted": True}
         row = runner.end_epoch(time.perf_counter() - t0)
         logger.info("%s epoch %d/%d loss %.4f val_dice %s", stage, pr.epoch, spec.max_epochs,
                     row["train_loss"], row.get("val_dice"))
@@ -290,12 +309,11 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None) -
             logger.info("%s: early stop (no val Dice gain in %d epochs)", stage,
                         spec.early_stop_patience_epochs)
             break
-    final = runner.ckpt_dir / "final.pt"
     ck.save_checkpoint(final, runner.payload(full=False))
     run_state.update_stage(run_dir, stage, state=run_state.COMPLETED, ended=run_state.now_iso(),
                            final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
     return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
-            "start": how}
+            "start": how, "interrupted": False}
 
 
 def _early_stop(patience: int | None, dices: list[float]) -> bool:

@@ -1,0 +1,117 @@
+"""Preemption, requeue and failure on the real local SLURM (issue 7)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_plan
+from orchestrator.launch.sacct import sacct_states
+from orchestrator.launch.submit import submit_plan
+from orchestrator.runs.state import read_state
+from orchestrator.runs.status import collect_status
+from orchestrator.training.checkpoints import load_checkpoint
+from orchestrator.training.trainer import run_stage
+
+pytestmark = pytest.mark.slurm
+S1 = "stage1_basic_cnn"
+LONGER = {"max_epochs: 1": "max_epochs: 3", "iterations_per_epoch: 2": "iterations_per_epoch: 40"}
+
+
+def _longer_plan(root: Path, data: Path, run: str = "r"):
+    plan, path = make_tiny_plan(root, data, run=run)
+    text = path.read_text()
+    for a, b in LONGER.items():
+        text = text.replace(a, b)
+    path.write_text(text)
+    return plan, path
+
+
+def _wait(cond, what: str, timeout_s: float = 240, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stage(plan, name=S1) -> dict:
+    return read_state(plan.run_dir)["stages"].get(name, {})
+
+
+def _weights(plan, name=S1) -> dict[str, torch.Tensor]:
+    return load_checkpoint(plan.run_dir / name / "checkpoints" / "final.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """Stage 1 trained without interruption, in-process: what a resumed job must equal."""
+    plan, path = _longer_plan(tmp_path_factory.mktemp("ref"), tiny_data)
+    run_stage(path, S1)
+    return _weights(plan)
+
+
+def _done(job_id: str) -> str | None:
+    st = (sacct_states([job_id]) or {}).get(job_id)
+    return st if st in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"} else None
+
+
+def _check_resumed_equal(plan, reference) -> None:
+    epochs = [int(r.split(",")[0]) for r in
+              (plan.run_dir / S1 / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == [1, 2, 3], "metrics.csv has a repeated or missing epoch"
+    got = _weights(plan)
+    for k in reference:
+        assert torch.equal(got[k], reference[k]), k
+
+
+@pytest.mark.parametrize("how", ["scontrol requeue", "preemption signal"])
+def test_interrupted_stage_resumes_from_last_pt(tmp_path, tiny_data, reference, how) -> None:
+    plan, path = _longer_plan(tmp_path / "runs", tiny_data)
+    (job,) = submit_plan(plan, path, "slurm", only=[S1])
+    _wait(lambda: _stage(plan).get("epoch", 0) >= 1, "the first epoch")
+    if how == "scontrol requeue":  # from outside: the job restarts from its original pickle
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=10)
+    else:  # what SLURM sends before preemption or the time limit (--signal=USR2@grace)
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=10)
+    assert _wait(lambda: _done(job.job_id), "the requeued job to finish") == "COMPLETED"
+    st = _stage(plan)
+    assert st["attempts"] == 2 and st["state"] == "COMPLETED"
+    assert st["start"].startswith("resumed from"), st["start"]
+    if how == "preemption signal":
+        assert st["requeues"] == 1  # counted by checkpoint()
+    _check_resumed_equal(plan, reference)
+
+
+def test_failed_stage_cancels_dependents_and_resume_completes(tmp_path, tiny_data) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    plan, path = make_tiny_plan(tmp_path / "runs", data)
+    hidden = tmp_path / "hidden"
+    data.rename(hidden)  # the stage fails on the node: its data is gone
+    jobs = submit_plan(plan, path, "slurm", include_lcnn=False)
+    assert _wait(lambda: _done(jobs[0].job_id), "stage 1 to fail") == "FAILED"
+    _wait(lambda: all(_done(j.job_id) == "CANCELLED" for j in jobs[1:]), "dependents cancelled")
+    run = collect_status(tmp_path / "runs", plan.run, sacct_states)["runs"][0]
+    s1 = run["stages"][0]
+    assert run["state"] == "FAILED" and s1["state"] == "FAILED"
+    assert "DataError" in s1["error"] and Path(s1["log"]).exists()
+    assert [s["state"] for s in run["stages"][1:4]] == ["CANCELLED"] * 3
+    hidden.rename(data)
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "resume", plan.run, "--runs-dir",
+                          str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    ids = [read_state(plan.run_dir)["stages"][s.stage]["slurm_job_id"] for s in jobs]
+    assert not set(ids) & {j.job_id for j in jobs}, "resume must submit new jobs"
+    _wait(lambda: all(_done(i) for i in ids), "the resumed chain", timeout_s=360)
+    run = collect_status(tmp_path / "runs", plan.run, sacct_states)["runs"][0]
+    assert run["state"] == "COMPLETED", run
