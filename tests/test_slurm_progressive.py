@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_CURRICULUM
+
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.runs.status import collect_status
 

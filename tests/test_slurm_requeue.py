@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, make_tiny_plan
+
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.launch.submit import submit_plan
 from orchestrator.runs.state import read_state

@@ -5,11 +5,18 @@ with `to_onehot_y=True, softmax=True` (square weights, mean reduction; a test ho
 two equal), but without data-dependent Python (MONAI's calls `.tolist()` on a tensor
 and assigns through a boolean mask), which the planner's fake-tensor estimate cannot
 run. Deep supervision stays MONAI's `DeepSupervisionLoss` wrapper.
+
+`BoundaryLoss` (Kervadec et al., "Boundary loss for highly unbalanced segmentation",
+MIDL 2019) weights the foreground probability with the ground truth's signed distance map
+(`signed_distance_map`, precomputed by the data cache); `RegionBoundaryLoss` moves weight
+from the regional loss to it as training goes on.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 
@@ -52,3 +59,115 @@ class GeneralizedDiceFocalLoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
         focal = ((F.logsigmoid(-logits * (onehot * 2 - 1)) * self.gamma).exp() * bce).mean()
         return self.lambda_gdl * gdl + self.lambda_focal * focal
+
+
+def signed_distance_map(mask: np.ndarray) -> np.ndarray:
+    """Signed Euclidean distance to the lesion boundary, in voxels (Kervadec et al., 2019).
+
+    The boundary is taken on the voxel faces between lesion and background: a voxel's
+    value is its centre's distance to the nearest voxel of the other kind, minus half a
+    voxel, negative inside the lesion and positive outside. So no voxel is 0, the voxels
+    next to the boundary are -0.5 (inside) and +0.5 (outside), and 1D [0, 0, 1, 1, 0]
+    gives [1.5, 0.5, -0.5, -0.5, 0.5].
+
+    A mask with no lesion voxel, or with no background voxel, has no boundary: its map is
+    all zeros (as in Kervadec's reference code), so the boundary loss of such a patch is
+    exactly 0 and the regional term alone decides; a constant there would make the loss
+    depend on the patch size. Distances are in voxels (ATLAS is 1 mm isotropic).
+
+    Args:
+        mask: binary (nonzero = lesion) array of any dimension.
+
+    Returns:
+        float32 array of `mask`'s shape.
+    """
+    fg = np.asarray(mask) != 0
+    if fg.all() or not fg.any():
+        return np.zeros(fg.shape, dtype=np.float32)
+    outside = ndimage.distance_transform_edt(~fg)
+    inside = ndimage.distance_transform_edt(fg)
+    return np.where(fg, 0.5 - inside, outside - 0.5).astype(np.float32)
+
+
+class BoundaryLoss(nn.Module):
+    """Boundary loss (Kervadec et al., 2019): mean of foreground probability x signed distance.
+
+    Minimised by putting probability on the voxels with negative distance (inside the
+    lesion); every probability given outside costs its distance to the lesion. Only shape
+    arithmetic, no data-dependent Python, so it runs on FakeTensors.
+    """
+
+    def forward(self, logits: torch.Tensor, sdm: torch.Tensor) -> torch.Tensor:
+        """Boundary loss of a batch.
+
+        Args:
+            logits: (B, C, *spatial). C == 1: sigmoid foreground probability; C >= 2:
+                softmax, the foreground being the classes 1..C-1.
+            sdm: (B, K, *spatial) signed distance maps (`signed_distance_map`). K == 1:
+                one map of the union of the foreground classes, weighted by 1 - p(class 0);
+                K == C - 1 (C >= 2): one map per foreground class.
+
+        Returns:
+            The scalar mean over batch, foreground channels and voxels.
+
+        Raises:
+            ValueError: `sdm`'s batch or spatial shape differs from `logits`', or K is
+                neither 1 nor C - 1.
+        """
+        n_classes = logits.shape[1]
+        if sdm.ndim != logits.ndim or sdm.shape[0] != logits.shape[0] or sdm.shape[2:] != logits.shape[2:]:
+            raise ValueError(f"BoundaryLoss: sdm of shape {tuple(sdm.shape)} does not match logits "
+                             f"{tuple(logits.shape)}; expected (B, 1 or C-1, *spatial)")
+        if sdm.shape[1] not in (1, max(1, n_classes - 1)):
+            raise ValueError(f"BoundaryLoss: sdm has {sdm.shape[1]} channels for {n_classes} classes; "
+                             f"expected 1 or {n_classes - 1}")
+        if n_classes == 1:
+            p_fg = torch.sigmoid(logits)
+        elif sdm.shape[1] == 1:
+            p_fg = 1.0 - logits.softmax(1)[:, :1]
+        else:
+            p_fg = logits.softmax(1)[:, 1:]
+        return (p_fg * sdm.to(p_fg.dtype)).mean()
+
+
+class RegionBoundaryLoss(nn.Module):
+    """(1 - a) x Generalized Dice + Focal + a x Boundary, with a rising with the epoch.
+
+    Kervadec et al. start with the regional loss alone (the boundary term gives a poor
+    signal while predictions are far off) and move weight to the boundary term: here
+    `a(epoch) = start + (end - start) * min(1, epoch / ramp_epochs)`.
+
+    Args:
+        boundary_weight_start: a at epoch 0.
+        boundary_weight_end: a from `ramp_epochs` on.
+        ramp_epochs: epochs of the linear ramp (0: `boundary_weight_end` from the start).
+        regional: the regional loss (default `GeneralizedDiceFocalLoss()`).
+
+    Raises:
+        ValueError: a weight outside [0, 1] or `ramp_epochs` < 0.
+    """
+
+    def __init__(self, boundary_weight_start: float = 0.01, boundary_weight_end: float = 0.5,
+                 ramp_epochs: int = 50, regional: nn.Module | None = None) -> None:
+        super().__init__()
+        for name, w in (("boundary_weight_start", boundary_weight_start),
+                        ("boundary_weight_end", boundary_weight_end)):
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"{name} {w}; expected a weight in [0, 1]")
+        if ramp_epochs < 0:
+            raise ValueError(f"ramp_epochs {ramp_epochs}; expected >= 0")
+        self.start, self.end, self.ramp_epochs = boundary_weight_start, boundary_weight_end, ramp_epochs
+        self.regional = regional if regional is not None else GeneralizedDiceFocalLoss()
+        self.boundary = BoundaryLoss()
+
+    def alpha(self, epoch: float | None) -> float:
+        """Weight of the boundary term at `epoch` (0-based; None: the final weight)."""
+        if epoch is None or self.ramp_epochs == 0:
+            return self.end
+        return self.start + (self.end - self.start) * min(1.0, max(0.0, epoch) / self.ramp_epochs)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, sdm: torch.Tensor,
+                epoch: float | None = None) -> torch.Tensor:
+        """logits (B, C, *spatial); target (B, 1, *spatial) labels; sdm as `BoundaryLoss`."""
+        a = self.alpha(epoch)
+        return (1.0 - a) * self.regional(logits, target) + a * self.boundary(logits, sdm)

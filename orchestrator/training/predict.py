@@ -1,0 +1,148 @@
+"""Lesion masks for new T1w scans from a trained checkpoint (`orchestrator predict`).
+
+The image is validated and normalised exactly as in training (`load_subject`), labelled
+whole (3D: sliding window with the checkpoint's patch; LCNN: slice by slice), and the
+uint8 mask is written with the input's affine and header, so it overlays the input in
+any viewer.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.volume import Volume, load_subject
+from orchestrator.errors import DataError
+from orchestrator.runs.atomic import atomic_path
+from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
+from orchestrator.training.validation import volume_predictor
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PRED_SUFFIX = "_pred.nii.gz"
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model, ready to label whole volumes.
+
+    Attributes:
+        path: the checkpoint file.
+        checkpoint: its payload (without re-reading it: "arch", "stage", "input_size_vox", ...).
+        model: the network, in eval mode on the device.
+        predict: volume -> uint8 (X, Y, Z) label map.
+    """
+
+    path: Path
+    checkpoint: dict[str, Any]
+    model: nn.Module
+    predict: Callable[[Volume], np.ndarray]
+
+    def __call__(self, vol: Volume) -> np.ndarray:
+        return self.predict(vol)
+
+
+def load_inference_model(checkpoint: Path, device: str | torch.device = "cpu") -> InferenceModel:
+    """Load `checkpoint` and wrap its model for whole-volume prediction (fp32).
+
+    Raises:
+        CheckpointError: missing/unreadable checkpoint, or weights that do not fit the model.
+    """
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    dev = torch.device(device)
+    model = model_from_checkpoint(ckpt, path).to(dev).eval()
+    kind = "lcnn" if ckpt["arch"] == "lcnn" else "seg3d"
+    predictor = volume_predictor(kind, ckpt.get("model_kwargs", {}), tuple(ckpt["input_size_vox"]), dev, None)
+    return InferenceModel(path, ckpt, model, lambda vol: predictor(model, vol))
+
+
+def write_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
+    """Write `mask` as uint8 NIfTI with `reference`'s affine and header, atomically."""
+    ref = nib.load(reference)
+    img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), ref.affine, ref.header)
+    img.set_data_dtype(np.uint8)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks gzip by the name
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+
+
+def image_stem(path: Path) -> str:
+    """File name without its .nii/.nii.gz suffix."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def list_inputs(input: Path) -> list[Path]:
+    """The NIfTI files to label: `input` itself, or the images directly in the folder.
+
+    Files ending in `_pred.nii.gz` (earlier outputs) are left out of a folder's listing.
+
+    Raises:
+        DataError: `input` does not exist, is a file that is not .nii/.nii.gz, or is a
+            folder without such files.
+    """
+    if input.is_file():
+        if not input.name.endswith(NIFTI_SUFFIXES):
+            raise DataError(f"{input}: not a NIfTI file; expected a .nii or .nii.gz T1w image")
+        return [input]
+    if input.is_dir():
+        files = sorted(p for p in input.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name.endswith(NIFTI_SUFFIXES) and not p.name.endswith(PRED_SUFFIX))
+        if not files:
+            raise DataError(f"{input}: no .nii/.nii.gz images in this folder; expected T1w images")
+        return files
+    raise DataError(f"{input}: input not found; expected a .nii/.nii.gz T1w image or a folder of them")
+
+
+def output_path(image: Path, input: Path, out: Path | None) -> Path:
+    """Where the mask of `image` goes (see `predict_paths`)."""
+    name = image_stem(image) + PRED_SUFFIX
+    if out is None:
+        return image.parent / name
+    if input.is_file():
+        return out
+    return out / name
+
+
+def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
+                  device: str | torch.device = "cpu") -> list[Path]:
+    """Label one T1w image, or every image in a folder, with a trained checkpoint.
+
+    Args:
+        checkpoint: a `best.pt`/`final.pt`/`last.pt` of a stage.
+        input: a .nii/.nii.gz image, or a folder of them (not searched recursively).
+        out: for a file input, the output file; for a folder, the output folder. Default:
+            `<input stem>_pred.nii.gz` beside each input image.
+        device: where the model runs ("cpu", "cuda", ...).
+
+    Returns:
+        The written mask files, in input order.
+
+    Raises:
+        DataError: the input is missing, not NIfTI, or an image is unreadable or invalid
+            (the message names the file).
+        CheckpointError: the checkpoint is missing, unreadable or does not fit its model.
+    """
+    input, out = Path(input), None if out is None else Path(out)
+    images = list_inputs(input)
+    runner = load_inference_model(checkpoint, device)
+    written = []
+    for image in images:
+        vol = load_subject(SubjectRecord(image_stem(image), "", image, None))
+        target = output_path(image, input, out)
+        write_mask(runner(vol), image, target)
+        logger.info("%s -> %s", image, target)
+        written.append(target)
+    return written
