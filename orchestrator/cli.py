@@ -177,6 +177,41 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
     render.submitted(out, p, jobs, kind, False)
 
 
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
+OnDevice = Annotated[str, typer.Option("--device", help="cpu | cuda")]
+
+
+@app.command()
+def evaluate(checkpoint: Checkpoint,
+             data: Annotated[Path, typer.Option("--data", help="Labelled data tree (or cache).")],
+             out_dir: Annotated[Optional[Path], typer.Option(
+                 "--out", help="Default: the stage folder's eval/.")] = None,
+             device: OnDevice = "cpu", json_out: Json = False) -> None:
+    """Whole-volume inference over a labelled dataset: report.json, subjects.csv, overlays."""
+    from orchestrator.training.evaluate import evaluate_checkpoint
+
+    with render.counter(err, "evaluating subjects", 0) as tick:
+        report = evaluate_checkpoint(checkpoint, data, out_dir, device=device, progress=tick)
+    if json_out:
+        _emit_json(report)
+        return
+    render.metrics_table(out, report["metrics"])
+    out.print(f"report: {report['out_dir']}/report.json")
+
+
+@app.command()
+def predict(checkpoint: Checkpoint,
+            input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
+            out_path: Annotated[Optional[Path], typer.Option(
+                "--out", help="File (one input) or folder; default: beside the input.")] = None,
+            device: OnDevice = "cpu") -> None:
+    """Write lesion masks (NIfTI, the input's affine and header) for new images."""
+    from orchestrator.training.predict import predict_paths
+
+    for path in predict_paths(checkpoint, input_path, out_path, device=device):
+        out.print(str(path))
+
+
 @data_app.command("synth")
 def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the tree into.")],
                subjects: Annotated[int, typer.Option("--subjects", min=1, help="How many subjects.")] = 4,
@@ -203,6 +238,43 @@ def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.
         err.print(f"[red]{bad} of {len(results)} subjects failed the check[/]")
         raise typer.Exit(2)
     out.print(f"[green]all {len(results)} subjects passed[/]")
+
+
+@data_app.command("cache")
+def data_cache(root: Annotated[Path, typer.Argument(help="ATLAS-style data tree.")],
+               out_dir: Annotated[Optional[Path], typer.Option(
+                   "--out", help="Cache folder (default: DIR/.cache).")] = None,
+               resample_mm: Annotated[Optional[float], typer.Option(
+                   "--resample-mm", help="Resample to this isotropic spacing.")] = None) -> None:
+    """Preprocess into an HDF5 cache (RAS, brain crop, normalised, distance maps).
+
+    Unchanged sources are reused; an interrupted run is completed by running it again.
+    Use the cache folder as --data.
+    """
+    from orchestrator.data.cache import build_cache
+
+    with render.counter(err, "caching subjects", 0) as tick:
+        rep = build_cache(root, out_dir, progress=tick, resample_mm=resample_mm)
+    out.print(f"cache {rep.out}: {rep.built} built, {rep.reused} reused, {rep.removed} removed "
+              f"in {rep.seconds:.1f} s; train with --data {rep.out}")
+
+
+bench_app = typer.Typer(help="Measure speed: print figures (record them in docs/benchmarks.md).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("data")
+def bench_data(json_out: Json = False) -> None:
+    """Random crops from .nii.gz vs the HDF5 cache (96^3, 144^3), and loader samples/s."""
+    from orchestrator.bench_data import bench_data as _bench
+
+    with err.status("benchmarking data loading (about 20 s)..."):
+        doc = _bench()
+    if json_out:
+        _emit_json(doc)
+        return
+    render.figures(out, doc)
 
 
 @app.command()

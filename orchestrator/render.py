@@ -113,8 +113,29 @@ def watch(console: Console, fetch: Callable[[], dict[str, Any]], run: str | None
 def counter(console: Console, what: str, total: int) -> Iterator[Callable[[int, int], None]]:
     with Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda done, _total: bar.update(task, completed=done)
+        task = bar.add_task(what, total=total or None)
+        yield lambda done, total_now: bar.update(task, completed=done, total=total_now)
+
+
+def figures(console: Console, doc: dict[str, Any]) -> None:
+    t = Table(title=f"bench {doc['bench']}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for name, value in doc["figures"].items():
+        t.add_row(name, f"{value:.4g}" if isinstance(value, (int, float)) else str(value))
+    console.print(t)
+    console.print(f"machine: {doc['machine']}", highlight=False)
+
+
+def metrics_table(console: Console, metrics: dict[str, dict[str, float]]) -> None:
+    t = Table(title="evaluation")
+    t.add_column("metric")
+    for stat in ("mean", "median", "std", "min", "max"):
+        t.add_column(stat, justify="right")
+    for name, stats in metrics.items():
+        keys = ("mean", "median", "std", "min", "max")
+        t.add_row(name, *(f"{stats.get(k, float('nan')):.4g}" for k in keys))
+    console.print(t)
 
 
 def check_table(console: Console, results: list[Any]) -> int:

@@ -16,6 +16,10 @@ Two layouts are recognised anywhere under the root folder:
 
 Images and masks are paired by their BIDS `sub-` and `ses-` entities; where several masks
 share them, the one closest to the image in the tree wins (same folder, then `../Masks`).
+
+A preprocessing cache folder (`orchestrator data cache`, see `orchestrator.data.cache`) is
+recognised by its manifest, `orchestrator-cache.json`: its records carry the HDF5 file in
+`cached`, and `load_subject` reads that instead of the NIfTI files.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("_T1w.nii.gz", "_T1w.nii")
 MASK_SUFFIXES = ("_label-L_desc-T1lesion_mask.nii.gz", "_label-L_desc-T1lesion_mask.nii")
+CACHE_MANIFEST_NAME = "orchestrator-cache.json"
 SEARCHED_PATTERNS = (
     "Training/R0NN/sub-*/ses-*/anat/*_T1w.nii[.gz]",
     "Training/Images/*_T1w.nii[.gz]",
@@ -48,12 +53,16 @@ class SubjectRecord:
         session: BIDS session id, e.g. "ses-1" ("" when the file name has none).
         image: the T1w NIfTI file.
         mask: the binary lesion mask (None for `Testing/` scans).
+        cached: the subject's preprocessed HDF5 file when the record comes from a cache
+            folder (then `image` and `mask` name the sources it was built from, which need
+            not exist on this machine); None for plain NIfTI data.
     """
 
     subject: str
     session: str
     image: Path
     mask: Path | None = None
+    cached: Path | None = None
 
 
 def mask_name_for(image: Path) -> str:
@@ -68,7 +77,9 @@ def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRec
     """List every T1w scan under `root` with its lesion mask, sorted by subject and session.
 
     Args:
-        root: a folder holding an ATLAS R2.0 tree (BIDS or flattened) anywhere below it.
+        root: a folder holding an ATLAS R2.0 tree (BIDS or flattened) anywhere below it,
+            or a preprocessing cache folder (one holding `orchestrator-cache.json`), whose
+            records are returned with `cached` set.
         require_masks: training use. Every image outside a `Testing/` folder must have a
             mask; `Testing/` images (which ATLAS ships without masks) are left out. With
             False, every image is listed and `mask` is None where there is none.
@@ -80,7 +91,8 @@ def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRec
         DataError: `root` is missing or not a folder; no T1w image was found (the message
             lists the patterns searched); with `require_masks`, an image has no mask (the
             message names the image and the expected mask file); a subject and session
-            appears twice; two masks are equally close to one image.
+            appears twice; two masks are equally close to one image; a cache folder's
+            manifest is unreadable, incomplete or lists a missing or truncated file.
     """
     root = Path(root)
     if not root.is_dir():
@@ -88,6 +100,10 @@ def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRec
             f"{root}: dataset folder not found; expected a folder holding an ATLAS R2.0 tree"
             " (Training/R0NN/sub-*/ses-*/anat/ or Training/Images + Training/Masks)"
         )
+    if (root / CACHE_MANIFEST_NAME).is_file():
+        from orchestrator.data.cache import cached_records  # numpy; only for cache folders
+
+        return cached_records(root)
     images, masks = _scan(root)
     if not images:
         raise DataError(

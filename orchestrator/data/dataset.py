@@ -11,7 +11,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,13 +74,40 @@ def load_validation_volumes(records: Sequence[SubjectRecord]) -> list[Volume]:
     return [load_subject(rec) for rec in records]
 
 
+class PatchDraw(NamedTuple):
+    """Where sample i of an epoch comes from (`PatchDataset.patch_draw`).
+
+    Attributes:
+        subject_index: index of its record.
+        start_vox: the patch's corner in the (padded) volume.
+        lesion_centred: True when it was drawn centred on a lesion voxel (then moved only
+            as far as needed to stay inside the volume).
+    """
+
+    subject_index: int
+    start_vox: tuple[int, int, int]
+    lesion_centred: bool
+
+
 @dataclass
 class _Prepared:
-    """A volume padded to at least the patch size, with its lesion voxels listed."""
+    """A volume padded to at least the patch size, with its lesion voxels listed.
+
+    For a cached subject `orchestrator.data.cachefile.CachedVolume` stands in for it:
+    the same `shape`, `lesion_flat` and `crop`, read from the HDF5 file patch by patch.
+    """
 
     image: np.ndarray
     label: np.ndarray
     lesion_flat: np.ndarray  # flat indices of lesion voxels in the padded grid
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.image.shape
+
+    def crop(self, start: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        box = tuple(slice(s, s + p) for s, p in zip(start, size))
+        return self.image[box], self.label[box]
 
 
 class SubjectSampledDataset(Dataset):
@@ -170,6 +197,8 @@ class PatchDataset(SubjectSampledDataset):
     Volumes are loaded on first use and kept in the instance (per process: each
     DataLoader worker fills its own cache; pickling drops it). `max_cached_volumes`
     bounds that memory (about 43 MB per ATLAS subject) at the cost of re-reading.
+    Records from a cache folder (`rec.cached` set) are not loaded: only their lesion
+    voxel list is kept, and each patch is read from the HDF5 file (a few ms).
 
     Note: the epoch lives in the instance. Call `set_epoch` before iterating; DataLoader
     workers see it only if they are started after the call (persistent_workers=False).
@@ -196,10 +225,8 @@ class PatchDataset(SubjectSampledDataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = self._rng(i)
         vol = self._volume(self.subject_index(i))
-        start = self._patch_start(rng, vol)
-        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch_size_vox))
-        image = vol.image[box]
-        label = vol.label[box]
+        start, _ = self._patch_start(rng, vol)
+        image, label = vol.crop(start, self.patch_size_vox)
         if self.augment:
             image, label = _augment(rng, image, label)
         return {
@@ -207,18 +234,28 @@ class PatchDataset(SubjectSampledDataset):
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
         }
 
-    def _patch_start(self, rng: np.random.Generator, vol: _Prepared) -> np.ndarray:
-        shape = np.array(vol.image.shape)
+    def patch_draw(self, i: int) -> PatchDraw:
+        """Where sample i of the current epoch comes from (the draws `__getitem__` makes)."""
+        index = self.subject_index(i)
+        start, lesion_centred = self._patch_start(self._rng(i), self._volume(index))
+        return PatchDraw(index, tuple(int(s) for s in start), lesion_centred)
+
+    def _patch_start(self, rng: np.random.Generator, vol: _Prepared) -> tuple[np.ndarray, bool]:
+        shape = np.array(vol.shape)
         patch = np.array(self.patch_size_vox)
         high = shape - patch  # >= 0: volumes are padded to the patch size
         draw_lesion = rng.random() < self.lesion_fraction
         if draw_lesion and vol.lesion_flat.size:
             flat = vol.lesion_flat[rng.integers(vol.lesion_flat.size)]
-            centre = np.array(np.unravel_index(flat, vol.image.shape))
-            return np.clip(centre - patch // 2, 0, high)
-        return rng.integers(0, high + 1)
+            centre = np.array(np.unravel_index(flat, vol.shape))
+            return np.clip(centre - patch // 2, 0, high), True
+        return rng.integers(0, high + 1), False
 
-    def _prepare_record(self, rec: SubjectRecord) -> _Prepared:
+    def _prepare_record(self, rec: SubjectRecord) -> Any:
+        if rec.cached is not None:
+            from orchestrator.data.cachefile import CachedVolume  # h5py only for cached data
+
+            return CachedVolume(rec.cached, self.patch_size_vox)
         return _prepare(load_subject(rec), self.patch_size_vox)
 
 

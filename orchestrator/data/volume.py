@@ -30,7 +30,8 @@ class Volume:
             the voxels that were zero (background) are 0.
         label: uint8 (X, Y, Z) in {0, 1}, or None for a scan without mask.
         affine: 4x4 voxel-to-world (RAS mm) matrix of the image.
-        path: the image file.
+        path: the image file (for a cached subject the source NIfTI it was built from;
+            the voxels come from the record's `cached` HDF5 file).
         background: the value of background voxels in `image` (0.0, or the image minimum
             when the scan had no zero voxels); patches are padded with it.
         subject: BIDS subject id.
@@ -69,6 +70,9 @@ class CheckResult:
 def load_subject(rec: SubjectRecord) -> Volume:
     """Read, validate and normalise one subject.
 
+    A record from a cache folder (`rec.cached` set) is read from its HDF5 file instead:
+    already RAS, cropped to the brain's bounding box and normalised the same way.
+
     Args:
         rec: the subject's image and (optional) mask files.
 
@@ -78,8 +82,13 @@ def load_subject(rec: SubjectRecord) -> Volume:
     Raises:
         DataError: a file is missing, unreadable or truncated; the image is not 3D; it holds
             NaN/Inf voxels or only zeros; the mask's shape or affine differs from the image's
-            (tolerance 1e-3); the mask holds values other than 0 and 1.
+            (tolerance 1e-3); the mask holds values other than 0 and 1; a cache file lacks
+            a dataset or attribute.
     """
+    if rec.cached is not None:
+        from orchestrator.data.cachefile import load_cached  # h5py only for cached data
+
+        return load_cached(rec)
     data, affine = _read_nifti(rec.image)
     data = _as_3d(data, rec.image, "image")
     finite = np.isfinite(data)

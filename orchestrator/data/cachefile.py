@@ -1,0 +1,166 @@
+"""Read one preprocessing-cache file (HDF5, written by `orchestrator.data.cache`).
+
+`load_cached` gives the whole subject as a `Volume` (what `load_subject` returns for a
+cached record); `CachedVolume` reads patches without loading the volume, through a small
+per-process pool of open files (h5py handles are never pickled, and a forked DataLoader
+worker opens its own). Every problem is a one-line `DataError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.data.atlas import SubjectRecord
+from orchestrator.errors import DataError
+
+DATASETS = ("image", "label", "sdm", "lesion_flat")
+MAX_OPEN_FILES = 64  # per process, for patch reads
+REBUILD_HINT = "rerun `orchestrator data cache` on the source folder"
+
+
+def load_cached(rec: SubjectRecord):
+    """The whole cached subject as a `Volume` (what `load_subject` returns for it).
+
+    Raises:
+        DataError: the file is missing, not HDF5 or truncated, or lacks a dataset or
+            attribute, or its label's shape differs from its image's.
+    """
+    from orchestrator.data.volume import Volume
+
+    assert rec.cached is not None
+    with _open(rec.cached) as f:
+        image = np.asarray(_read(f, rec.cached, "image"), dtype=np.float32)
+        label = np.asarray(_read(f, rec.cached, "label"), dtype=np.uint8)
+        affine = np.asarray(_attr(f, rec.cached, "affine"), dtype=np.float64)
+        background = float(_attr(f, rec.cached, "background"))
+    if label.shape != image.shape or affine.shape != (4, 4):
+        raise DataError(f"{rec.cached}: label shape {label.shape}, affine {affine.shape} for image"
+                        f" {image.shape}; expected the image's shape and a 4x4 affine")
+    return Volume(image, label, affine, rec.image, background, rec.subject)
+
+
+def load_sdm(path: Path) -> np.ndarray:
+    """The signed distance map of a cached subject as float32 (`cache.signed_distance`).
+
+    Raises:
+        DataError: as `load_cached`.
+    """
+    with _open(path) as f:
+        return np.asarray(_read(f, path, "sdm"), dtype=np.float32)
+
+
+class CachedVolume:
+    """A cached subject, read patch by patch (PatchDataset's prepared volume for a cache).
+
+    It looks like the volume padded (centred, with the background value; label 0) to at
+    least `patch_size_vox`, as the in-memory one, so sampling is the same function of the
+    random draws. Only `lesion_flat` is held in memory; patches are read from the file
+    through a per-process pool of open handles (never pickled, reopened after a fork).
+    """
+
+    def __init__(self, path: Path, patch_size_vox: tuple[int, int, int]) -> None:
+        self.path = Path(path)
+        f = _handle(self.path)
+        self.stored_shape = tuple(int(s) for s in _dataset(f, self.path, "image").shape)
+        pad = [max(0, p - s) for p, s in zip(patch_size_vox, self.stored_shape)]
+        self.pad_lo = np.array([p // 2 for p in pad], dtype=np.intp)
+        self.shape = tuple(s + p for s, p in zip(self.stored_shape, pad))
+        self.background = float(_attr(f, self.path, "background"))
+        flat = np.asarray(_read(f, self.path, "lesion_flat"), dtype=np.intp)
+        if any(pad):
+            coords = np.unravel_index(flat, self.stored_shape)
+            flat = np.ravel_multi_index(tuple(c + o for c, o in zip(coords, self.pad_lo)), self.shape)
+        self.lesion_flat = np.asarray(flat, dtype=np.intp)
+
+    def crop(self, start: np.ndarray, size: tuple[int, ...],
+             names: tuple[str, ...] = ("image", "label")) -> tuple[np.ndarray, ...]:
+        """The box [start, start + size) of the padded grid, one array per dataset name."""
+        f = _handle(self.path)
+        lo = np.asarray(start, dtype=np.intp) - self.pad_lo
+        hi = lo + np.asarray(size, dtype=np.intp)
+        src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, self.stored_shape)
+        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        inside = bool((lo >= 0).all() and (hi <= self.stored_shape).all())
+        out = []
+        for name in names:
+            part = _read(f, self.path, name, src)
+            if inside:
+                out.append(part)
+                continue
+            fill = self.background if name == "image" else 0
+            arr = np.full(tuple(size), fill, dtype=part.dtype)
+            arr[tuple(slice(a - o, b - o) for a, b, o in zip(src_lo, src_hi, lo))] = part
+            out.append(arr)
+        return tuple(out)
+
+
+_OPEN: OrderedDict[Path, tuple[Any, tuple[int, int]]] = OrderedDict()
+_OPEN_PID = [os.getpid()]
+
+
+def _handle(path: Path):
+    """An open read-only h5py.File from this process's pool (LRU, `MAX_OPEN_FILES`).
+
+    A file replaced since it was opened (a rebuild) is reopened; after a fork the
+    parent's handles are dropped, as HDF5 handles must not be shared between processes.
+    """
+    if _OPEN_PID[0] != os.getpid():
+        _OPEN.clear()
+        _OPEN_PID[0] = os.getpid()
+    try:
+        stat = os.stat(path)
+        ident = (stat.st_ino, stat.st_mtime_ns)
+    except OSError:
+        ident = (-1, -1)  # _open raises the DataError
+    if path in _OPEN:
+        handle, seen = _OPEN[path]
+        if seen == ident:
+            _OPEN.move_to_end(path)
+            return handle
+        del _OPEN[path]
+        handle.close()
+    handle = _open(path)
+    _OPEN[path] = (handle, ident)
+    while len(_OPEN) > MAX_OPEN_FILES:
+        _OPEN.popitem(last=False)[1][0].close()
+    return handle
+
+
+def _open(path: Path):
+    import h5py
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: cache file not found; {REBUILD_HINT}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: unreadable or truncated HDF5 ({reason}); expected a complete"
+                        f" cache file - {REBUILD_HINT}") from None
+
+
+def _dataset(f, path: Path, name: str):
+    if name not in f:
+        raise DataError(f"{path}: no '{name}' dataset; expected {', '.join(DATASETS)} - {REBUILD_HINT}")
+    return f[name]
+
+
+def _attr(f, path: Path, name: str):
+    if name not in f.attrs:
+        raise DataError(f"{path}: no '{name}' attribute; expected a cache file - {REBUILD_HINT}")
+    return f.attrs[name]
+
+
+def _read(f, path: Path, name: str, box: Any = ()) -> np.ndarray:
+    """`f[name][box]`, a damaged file's read error as one DataError line."""
+    ds = _dataset(f, path, name)
+    try:
+        return ds[box]
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: damaged '{name}' dataset ({reason}); expected a complete"
+                        f" cache file - {REBUILD_HINT}") from None
