@@ -17,6 +17,10 @@ Two layouts are recognised anywhere under the root folder:
 Images and masks are paired by their BIDS `sub-` and `ses-` entities; where several masks
 share them, the one closest to the image in the tree wins (same folder, then `../Masks`).
 
+A folder of PNG slices (`images/<patient>/<NNN>.png` + `masks/<patient>/<NNN>.png`, see
+`orchestrator.data.pngslices`) gives one record per patient whose `image` and `mask` are
+the two slice folders.
+
 A preprocessing cache folder (`orchestrator data cache`, see `orchestrator.data.cache`) is
 recognised by its manifest, `orchestrator-cache.json`: its records carry the HDF5 file in
 `cached`, and `load_subject` reads that instead of the NIfTI files.
@@ -104,6 +108,10 @@ def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRec
         from orchestrator.data.cache import cached_records  # numpy; only for cache folders
 
         return cached_records(root)
+    from orchestrator.data.pngslices import is_png_tree, png_records
+
+    if is_png_tree(root):
+        return png_records(root, require_masks)
     images, masks = _scan(root)
     if not images:
         raise DataError(

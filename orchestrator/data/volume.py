@@ -89,6 +89,12 @@ def load_subject(rec: SubjectRecord) -> Volume:
         from orchestrator.data.cachefile import load_cached  # h5py only for cached data
 
         return load_cached(rec)
+    if rec.image.is_dir():  # a folder of PNG slices (orchestrator.data.pngslices)
+        from orchestrator.data.pngslices import read_png_volume
+
+        data, label = read_png_volume(rec.image, rec.mask)
+        image, background = _zscore(data, rec.image)
+        return Volume(image, label, np.eye(4), rec.image, background, rec.subject)
     data, affine = _read_nifti(rec.image)
     data = _as_3d(data, rec.image, "image")
     finite = np.isfinite(data)
