@@ -70,9 +70,19 @@ def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | 
 def plan(target_mem: TargetMem = None, device: Device = "auto",
          curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
          data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
+         verify: Annotated[bool, typer.Option(
+             "--verify", help="Run each stage for 3 real steps here (a fresh process each); "
+             "print measured vs predicted peak and calibrate later plans.")] = False,
          json_out: Json = False) -> None:
     """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
     p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out)
+    if verify:
+        from orchestrator.planning.plan_file import verify_and_calibrate
+
+        with err.status("verifying...", spinner="dots") if not json_out \
+                else contextlib.nullcontext() as status:
+            p = verify_and_calibrate(p, path, "orchestrator.training.trial", progress=(
+                lambda name: status.update(f"verifying {name} (real steps)...")) if status else None)
     if json_out:
         _emit_json(render.plan_json(p))
         return
@@ -91,7 +101,10 @@ def submit(plan_path: PlanPath = None,
            dry_run: DryRun = False,
            target_mem: TargetMem = None, device: Device = "auto",
            curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
-           data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs")) -> None:
+           data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
+           folds: Annotated[Optional[int], typer.Option(
+               "--folds", help="K-fold cross-validation by subject: each stage a job array of K.")]
+           = None) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
     from orchestrator.launch.submit import submit_plan
 
@@ -100,6 +113,15 @@ def submit(plan_path: PlanPath = None,
     if plan_path is None:
         p, plan_path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, False)
     p = load_plan(plan_path)
+    if folds is not None:
+        from orchestrator.launch.folds import submit_folds
+
+        doc, jobs = submit_folds(p, plan_path, executor, folds, include_lcnn=lcnn,  # type: ignore[arg-type]
+                                 dry_run=dry_run)
+        render.submitted(out, p, jobs, executor, dry_run)
+        for f in doc["folds"]:
+            out.print(f"fold {f['fold']} validates on {', '.join(f['val_subjects'])}", highlight=False)
+        return
     jobs = submit_plan(p, plan_path, executor, include_lcnn=lcnn, dry_run=dry_run)  # type: ignore[arg-type]
     render.submitted(out, p, jobs, executor, dry_run)
 
@@ -110,14 +132,16 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     """Run one stage in this process (what a job executes; also for debugging).
 
     On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits
-    with code 75; running it again resumes there. A complete stage is not run again.
+    with code 75 (under SLURM also at an epoch boundary when the next epoch would not end
+    before the time limit); running it again resumes there. A complete stage is not run again.
     """
     import signal
 
-    from orchestrator.training.interrupt import EXIT_INTERRUPTED, StopFlag
+    from orchestrator.launch.node import stop_flag
+    from orchestrator.training.interrupt import EXIT_INTERRUPTED
     from orchestrator.training.trainer import run_stage as _run
 
-    stop = StopFlag()
+    stop = stop_flag(str(plan_path))  # under SLURM: also at an epoch boundary near the time limit
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         stop.install(signum)
     result = _run(plan_path, stage, stop=stop)
@@ -134,16 +158,17 @@ def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs
            runs_dir: RunsDir = Path("runs"), json_out: Json = False,
            watch: Annotated[bool, typer.Option("--watch", help="Refresh in place.")] = False) -> None:
     """Every run, or one run's stages: job id, state, attempts, epoch, best Dice, memory."""
-    from orchestrator.launch.sacct import sacct_states
+    from orchestrator.launch.sacct import rate_limited_sacct
     from orchestrator.runs.status import collect_status
 
+    sacct = rate_limited_sacct(runs_dir)  # one batched sacct call per refresh, at most every 5 s
     if json_out:
-        _emit_json(collect_status(runs_dir, run, sacct_states))
+        _emit_json(collect_status(runs_dir, run, sacct))
         return
     if not watch:
-        render.status(out, collect_status(runs_dir, run, sacct_states), run)
+        render.status(out, collect_status(runs_dir, run, sacct), run)
         return
-    render.watch(out, lambda: collect_status(runs_dir, run, sacct_states), run)
+    render.watch(out, lambda: collect_status(runs_dir, run, sacct), run)
 
 
 @app.command()
@@ -173,7 +198,12 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
         out.print(f"{run}: every stage is complete; nothing to resume")
         return
     kind = executor or read_state(p.run_dir).get("executor") or "slurm"
-    jobs = submit_plan(p, plan_path, kind, only=todo)  # type: ignore[arg-type]
+    if doc.get("folds"):  # cross-validation: each fold's unfinished stages, in that fold
+        from orchestrator.launch.folds import resume_folds
+
+        jobs = resume_folds(p, kind, todo)  # type: ignore[arg-type]
+    else:
+        jobs = submit_plan(p, plan_path, kind, only=todo)  # type: ignore[arg-type]
     render.submitted(out, p, jobs, kind, False)
 
 
@@ -271,6 +301,33 @@ def bench_data(json_out: Json = False) -> None:
 
     with err.status("benchmarking data loading (about 20 s)..."):
         doc = _bench()
+    if json_out:
+        _emit_json(doc)
+        return
+    render.figures(out, doc)
+
+
+@bench_app.command("plan")
+def bench_plan(json_out: Json = False) -> None:
+    """Seconds to plan 4 stages + LCNN: CPU and GPU at 20 GB, CPU at 4 GB (cold estimates)."""
+    from orchestrator.bench_plan import bench_plan as _bench
+
+    with err.status("benchmarking the planner (about a minute)..."):
+        doc = _bench()
+    if json_out:
+        _emit_json(doc)
+        return
+    render.figures(out, doc)
+
+
+@bench_app.command("status")
+def bench_status(runs: Annotated[int, typer.Option("--runs", min=1, help="Runs to create.")] = 50,
+                 json_out: Json = False) -> None:
+    """`status` over many realistic runs on disk: collect_status and the CLI, per sacct case."""
+    from orchestrator.bench_status import bench_status as _bench
+
+    with err.status(f"benchmarking status over {runs} runs (about 20 s)..."):
+        doc = _bench(n_runs=runs)
     if json_out:
         _emit_json(doc)
         return

@@ -101,6 +101,9 @@ class ClusterProfile(_Strict):
     gres: str | None = None
     gpu_mem_gb: float | None = Field(None, gt=0, description="Plan for this GPU from a login node.")
     cpus_per_task: int = Field(2, gt=0)
+    tasks_per_node: int = Field(1, gt=0, description="More than 1 task runs DistributedDataParallel "
+                                "(one task per GPU; gloo on CPU). The plan's batch is per task.")
+    nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes).")
     mem_gb: float = Field(8, gt=0)
     time_min: int = Field(60, gt=0, description="Time limit of each stage's job.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run before a job.")
@@ -124,6 +127,10 @@ class StagePlan(_Strict):
     params: int
     predicted_gb: float
     measured_gb: float | None = None
+    calibration_ratio: float | None = Field(
+        None, description="measured/predicted of an earlier `plan --verify`, applied to predicted_gb.")
+    measurement: dict[str, Any] | None = Field(
+        None, description="`plan --verify`: what was measured, how, and the ratio.")
     reasons: list[str] = Field(default_factory=list)
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -150,6 +157,9 @@ class Plan(_Strict):
     assumptions: dict[str, Any] = Field(default_factory=dict)
     handoff_noise_std: float = 1e-3
     stages: list[StagePlan]
+    fold: int | None = Field(None, ge=0, description="Cross-validation fold this plan trains.")
+    val_subjects: list[str] | None = Field(
+        None, description="The fold's validation subjects; None: split by val_fraction.")
 
     def stage(self, name: str) -> StagePlan:
         for st in self.stages:

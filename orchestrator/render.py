@@ -26,6 +26,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
                         "batch_size": s.batch_size, "checkpointing": s.checkpointing,
                         "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,
                         "measured_gb": s.measured_gb, "init_from": s.init_from,
+                        "calibration_ratio": s.calibration_ratio, "measurement": s.measurement,
+                        "max_epochs": s.spec.max_epochs,
+                        "iterations_per_epoch": s.spec.iterations_per_epoch,
                         "reasons": s.reasons} for s in plan.stages]}
 
 
@@ -39,17 +42,42 @@ def plan_table(console: Console, plan: Plan) -> None:
                   f"overheads {plan.assumptions['overheads']}")
     if "gpu" in plan.assumptions:
         console.print(f"assumed: {plan.assumptions['gpu']}")
+    cal = plan.assumptions.get("calibration") or {}
+    if cal.get("applied"):
+        console.print(f"calibrated: predictions x measured/predicted from {cal['file']} "
+                      f"({cal['hardware']}): {cal['applied']}", highlight=False)
+    measured = any(s.measurement for s in plan.stages)
     t = Table(title=f"plan {plan.run}")
-    for col in ("stage", "input", "filters", "batch", "ckpt", "AMP", "params", "pred GB", "% budget", "from"):
+    cols = ["stage", "input", "filters", "batch", "ckpt", "AMP", "params", "pred GB", "% budget"]
+    cols += ["meas GB", "meas/pred", "tensors m/p"] if measured else []
+    for col in [*cols, "from"]:
         t.add_column(col, justify="right" if col not in ("stage", "from") else "left")
     for s in plan.stages:
-        t.add_row(s.name, _size(s.input_size_vox), str(s.base_filters), str(s.batch_size),
-                  "yes" if s.checkpointing else "no", "bf16" if s.amp else "no",
-                  f"{s.params / 1e6:.2f}M", f"{s.predicted_gb:.2f}",
-                  f"{100 * s.predicted_gb / plan.budget_gb:.0f}%", s.init_from or "-")
+        row = [s.name, _size(s.input_size_vox), str(s.base_filters), str(s.batch_size),
+               "yes" if s.checkpointing else "no", "bf16" if s.amp else "no",
+               f"{s.params / 1e6:.2f}M", f"{s.predicted_gb:.2f}",
+               f"{100 * s.predicted_gb / plan.budget_gb:.0f}%"]
+        if measured:
+            m = s.measurement or {}
+            row += ([f"{m['peak_gb']:.2f}", f"{m['ratio']:.3f}", f"{m['tensor_ratio']:.3f}"]
+                    if "peak_gb" in m else ["[red]failed[/]", "-", "-"])
+        t.add_row(*row, s.init_from or "-")
     console.print(t)
     for s in plan.stages:
         console.print(f"  {s.name}: " + "; ".join(s.reasons), highlight=False)
+    for s in plan.stages if measured else []:
+        m = s.measurement or {}
+        if "error" in m:
+            console.print(f"  [red]{s.name}: verify failed[/]: {m['error']}", highlight=False)
+    if measured:
+        methods = sorted({s.measurement["method"] for s in plan.stages
+                          if s.measurement and "method" in s.measurement})
+        steps = max((s.measurement or {}).get("steps", 0) for s in plan.stages)
+        console.print(f"measured: {'; '.join(methods)} ({steps} real steps per stage, each in a "
+                      f"fresh process)", highlight=False)
+        if cal.get("recorded"):
+            console.print(f"calibration recorded in {cal['recorded']['file']}: later plans on "
+                          f"this hardware apply measured/predicted", highlight=False)
 
 
 def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_run: bool) -> None:

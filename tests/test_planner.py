@@ -9,7 +9,15 @@ import torch
 from orchestrator.config import load_curriculum
 from orchestrator.errors import PlanError
 from orchestrator.planning.memory import DEFAULT_OVERHEADS, LivePeak, estimate_step_peak
-from orchestrator.planning.planner import Budget, build_stage_model, plan_stage
+from orchestrator.planning.planner import (
+    Budget,
+    Candidate,
+    StageEstimator,
+    build_stage_model,
+    candidate_ladder,
+    first_fit,
+    plan_stage,
+)
 from orchestrator.training.step import estimation_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,15 +53,56 @@ def test_estimate_grows_with_batch_and_shrinks_with_checkpointing(stage1) -> Non
     assert est(2, True) < est(2, False)
 
 
-def test_plan_fits_and_next_larger_batch_does_not(stage1) -> None:
-    spec = stage1.model_copy(update={"planner": stage1.planner.model_copy(update={"max_batch_size": 64})})
-    budget = Budget(1.0, DEFAULT_OVERHEADS["cpu"], cuda_target=False)
-    sp = plan_stage(spec, None, budget, estimation_step)
-    assert sp.predicted_gb <= budget.target_gb
-    bigger = plan_stage(spec.model_copy(update={"planner": spec.planner.model_copy(
-        update={"min_batch_size": sp.batch_size + 1, "max_batch_size": sp.batch_size + 1})}),
-        None, Budget(100.0, budget.overheads, False), estimation_step)
-    assert bigger.predicted_gb > budget.target_gb, "a batch one larger would also have fitted"
+def _ranged(spec, **planner):
+    return spec.model_copy(update={"planner": spec.planner.model_copy(update=planner)})
+
+
+@pytest.fixture(scope="module")
+def stage1_64(stage1):
+    """Stage 1 at 64^3 with 8 base filters: room for checkpointing, 4 filters, 48^3..32^3."""
+    return _ranged(stage1.model_copy(update={"input_size_vox": (64, 64, 64), "base_filters": 8}),
+                   max_batch_size=8)
+
+
+@pytest.mark.parametrize("budget_gb", [0.5, 0.65, 1.2])  # shrunk input; 4 filters; batch 3
+def test_chosen_configuration_fits_and_the_next_larger_does_not(stage1_64, budget_gb) -> None:
+    """The property of the search: the chosen rung at the chosen batch fits; one more
+    sample does not (unless at max_batch_size); the rung before it does not at min batch."""
+    budget = Budget(budget_gb, DEFAULT_OVERHEADS["cpu"], cuda_target=False)
+    sp = plan_stage(stage1_64, None, budget, estimation_step)
+    assert sp.predicted_gb <= budget_gb
+    est = StageEstimator(stage1_64, budget, estimation_step, 16)
+    ladder = candidate_ladder(stage1_64, 16)
+    i = ladder.index(Candidate(tuple(sp.input_size_vox), sp.base_filters, sp.checkpointing))
+    assert est.gb(ladder[i], sp.batch_size) == pytest.approx(sp.predicted_gb, abs=1e-4)
+    if sp.batch_size < stage1_64.planner.max_batch_size:
+        assert not est.fits(ladder[i], sp.batch_size + 1), "one more sample would have fitted"
+    if i > 0:
+        assert not est.fits(ladder[i - 1], stage1_64.planner.min_batch_size), \
+            f"{ladder[i - 1].describe()} would have fitted"
+        assert "needs" in sp.reasons[0] and f"> {budget_gb:g} GB" in sp.reasons[0]
+
+
+def test_ladder_orders_checkpointing_filters_then_input(stage1_64) -> None:
+    ladder = candidate_ladder(stage1_64, 16)
+    assert [c.describe() for c in ladder[:4]] == [
+        "64x64x64, base filters 8, no checkpointing", "64x64x64, base filters 8, checkpointing",
+        "64x64x64, base filters 4, checkpointing", "48x64x64, base filters 4, checkpointing"]
+    assert ladder[-1].input_size_vox == (32, 32, 32)
+    assert len(ladder) == 3 + 6  # 64^3 -> 32^3, one side at a time
+
+
+def test_first_fit_bisects_and_never_skips_the_boundary() -> None:
+    for n in (1, 2, 5, 29):
+        for boundary in range(n + 1):
+            seen: list[int] = []
+
+            def fits(k: int, b: int = boundary) -> bool:
+                seen.append(k)
+                return k >= b
+            got = first_fit(n, fits)
+            assert got == (boundary if boundary < n else None)
+            assert len(seen) <= 2 * max(1, n).bit_length() + 1
 
 
 def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:
@@ -69,6 +118,52 @@ def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:
 
 
 def test_nothing_fits_names_smallest_budget(stage1) -> None:
-    want = r"nothing fits in 0\.05 GB; .* needs [0-9.]+ GB: use --target-mem [0-9.]+"
-    with pytest.raises(PlanError, match=want):
+    want = (r"nothing fits in 0\.05 GB for stage1_basic_cnn; the smallest configuration of "
+            r"stage1_basic_cnn \(32x32x32, base filters 4, checkpointing, batch 2\) needs "
+            r"([0-9.]+) GB: use --target-mem ([0-9.]+) or more")
+    with pytest.raises(PlanError, match=want) as info:
         plan_stage(stage1, None, Budget(0.05, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    import re
+
+    suggested = float(re.search(want, str(info.value)).group(2))
+    sp = plan_stage(stage1, None, Budget(suggested, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    assert sp.predicted_gb <= suggested  # the budget named is enough
+
+
+def test_tighter_budget_changes_stage4_and_says_why() -> None:
+    """What `--target-mem 6` does to the real stage 4, at test scale: the curriculum values
+    at a roomy budget; checkpointing, with the need that forced it, at a tight one."""
+    _cur, stages = load_curriculum(REPO / "tests" / "data" / "tiny.yaml")
+    stage4 = stages[3][0]
+    overheads = DEFAULT_OVERHEADS["cpu"]
+    roomy = plan_stage(stage4, None, Budget(20.0, overheads, False), estimation_step)
+    assert not roomy.checkpointing and roomy.reasons[0].startswith("curriculum values")
+    need = roomy.predicted_gb  # batch 2 = the stage's min and max
+    est = StageEstimator(stage4, Budget(need, overheads, False), estimation_step, 16)
+    with_ckpt = est.gb(Candidate((32, 32, 32), 4, True), 2)
+    tight_gb = round((need + with_ckpt) / 2, 4)
+    tight = plan_stage(stage4, None, Budget(tight_gb, overheads, False), estimation_step)
+    assert tight.checkpointing and tight.predicted_gb <= tight_gb
+    assert tight.reasons[0] == (f"gradient checkpointing on: {with_ckpt:.2f} GB at batch 2; "
+                                f"32x32x32, base filters 4, no checkpointing needs {need:.2f} GB "
+                                f"at batch 2 > {tight_gb:g} GB")
+
+
+def test_cli_nothing_fits_exits_2_naming_the_smallest_budget(tmp_path) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "plan", "--device", "cpu",
+                          "--target-mem", "0.05", "--curriculum", str(REPO / "tests" / "data" / "tiny.yaml"),
+                          "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "ORCHESTRATOR_CALIBRATION": "off"})
+    assert res.returncode == 2, res.stderr
+    assert res.stdout == ""
+    (line,) = res.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: nothing fits in 0\.05 GB for stage1_basic_cnn, stage2_cnn_attention, "
+                        r"stage3_hybrid_small, stage4_hybrid_full, lcnn; the smallest configuration of "
+                        r"lcnn \(64x64, base filters 8, checkpointing, batch 2\) needs [0-9.]+ GB: "
+                        r"use --target-mem [0-9.]+ or more", line), line
+    assert not (tmp_path / "runs").exists()  # nothing written

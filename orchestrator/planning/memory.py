@@ -1,14 +1,16 @@
 """Peak memory of one training step, predicted without running it on the target device.
 
-The real step (forward, loss, backward, optimizer step, twice so that the optimizer
-state exists) runs on CPU FakeTensors: shapes and dtypes only, no arithmetic. A
+The real step (forward, loss, backward, optimizer step, with the optimizer state
+allocated beforehand as from the second step on) runs on CPU FakeTensors: shapes and
+dtypes only, no arithmetic. A
 TorchDispatchMode adds up the bytes of live storages (rounded like the CUDA caching
 allocator) and keeps the peak. For a CUDA target, CPU autocast's low-precision ops that
 CUDA autocast runs in fp32 are promoted, so the estimate sees CUDA's dtypes.
 
 What the tensor count cannot see (CUDA context, cuDNN workspace, the allocator's
 reserved-minus-allocated gap, the process's own baseline on CPU) is added by
-`Overheads`, each term configurable and reported. See docs/planner.md.
+`Overheads`, each term configurable and reported; docs/benchmarks.md ("Planner")
+has what was measured.
 """
 from __future__ import annotations
 
@@ -49,9 +51,15 @@ class Overheads:
         return asdict(self)
 
 
+# CPU: a fresh training process holds 0.35 GB before its first tensor (torch, MONAI and
+# the models imported) and ~0.1 GB more once a step has run (threads, oneDNN), and glibc
+# keeps freed heap blocks mapped: the process's peak RSS exceeded baseline + live-tensor
+# peak by 10-27 % at 96^3-144^3 (docs/benchmarks.md, "Planner: predicted vs measured").
+# `plan --verify` measures each stage and stores measured/predicted, which later plans on
+# the same hardware apply (planning/calibration.py).
 DEFAULT_OVERHEADS = {
     "cuda": Overheads(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
-    "cpu": Overheads(alloc_fraction=0.10, workspace_gb=0.0, context_gb=0.6),
+    "cpu": Overheads(alloc_fraction=0.22, workspace_gb=0.0, context_gb=0.45),
 }
 
 
@@ -143,17 +151,42 @@ class StepEstimate:
     seconds: float
 
 
+def prime_adamw(opt: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's state as its first step would, without running that step.
+
+    Every later step holds the state throughout, so one step after this has the peak of
+    the second real step (the first step's peak is never higher) at half the cost.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def make_optimizer(params: Any, cuda_target: bool) -> torch.optim.Optimizer:
+    """AdamW as the trainer builds it on the target: PyTorch's default there is the
+    foreach implementation on CUDA (all parameters' temporaries at once) and the
+    per-tensor loop on the CPU, and their peaks differ."""
+    return torch.optim.AdamW(params, lr=1e-3, foreach=cuda_target)
+
+
 def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int, ...],
                        y_shape: tuple[int, ...], step_fn: StepFn, *, cuda_target: bool,
-                       steps: int = 2) -> StepEstimate:
-    """Peak live-tensor bytes of `steps` training steps of the model `build_model()` makes.
+                       steps: int = 1) -> StepEstimate:
+    """Peak live-tensor bytes of a training step of the model `build_model()` makes,
+    with the optimizer state present (as from the second step on).
 
     Args:
         build_model: builds the model (called on the meta device: no memory, no init cost).
         x_shape: the input batch's shape; y_shape: the label batch's shape (int64).
         step_fn: one real training step `step_fn(model, optimizer, x, y)`; it must avoid
             data-dependent Python control flow (`.item()`, `if t.any()`).
-        cuda_target: emulate CUDA autocast's fp32 ops.
+        cuda_target: emulate CUDA autocast's fp32 ops and CUDA's foreach AdamW.
+        steps: steps to run after the optimizer state is allocated.
 
     Raises:
         PlanError: an op of the model or the step cannot run on fake tensors (named).
@@ -169,7 +202,8 @@ def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int,
                 model = _fakeify(model)
                 x = torch.empty(x_shape)
                 y = torch.zeros(y_shape, dtype=torch.long)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                opt = make_optimizer(model.parameters(), cuda_target)
+                prime_adamw(opt)
                 for _ in range(steps):
                     step_fn(model, opt, x, y)
     except Exception as err:  # the fake mode's own errors name the op that failed

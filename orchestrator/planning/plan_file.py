@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from orchestrator.config import ClusterProfile, Plan, load_curriculum, plan_to_yaml, resolve_cluster
+from orchestrator.config import (
+    ClusterProfile,
+    Plan,
+    StagePlan,
+    load_curriculum,
+    plan_to_yaml,
+    resolve_cluster,
+)
 from orchestrator.errors import ConfigError, PlanError
+from orchestrator.planning import calibration as cal
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, StepFactory, plan_curriculum
 from orchestrator.planning.probe import Probe, host_budget_gb, probe
+from orchestrator.planning.schedule import DatasetSize, batch_cap, derive_schedule, measure_dataset
 from orchestrator.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -29,6 +38,7 @@ class PlanRequest:
     data_dir: Path | None = None
     run: str | None = None
     runs_dir: Path = Path("runs")
+    calibrate: bool = True  # apply ratios from earlier `plan --verify` runs on this hardware
 
 
 def parse_target_mem(text: str | None) -> float | None:
@@ -69,22 +79,43 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
               progress: Callable[[str], None] | None = None) -> Plan:
     """Probe, choose the budget and plan every stage (nothing is written).
 
+    With `req.data_dir`, the dataset caps each stage's batch and sets the epochs and
+    iterations the stage YAML leaves out (planning/schedule.py). Ratios recorded by an
+    earlier `plan --verify` on this hardware calibrate the predictions.
+
     Raises:
-        ConfigError: a bad curriculum, stage or cluster file, or a bad flag value.
+        ConfigError: a bad curriculum, stage, cluster or calibration file, or a bad flag.
+        DataError: the data folder holds no usable subjects.
         PlanError: a stage cannot fit the budget.
     """
     cur, stages = load_curriculum(req.curriculum)
     cluster, _cluster_path = resolve_cluster(req.cluster)
     if req.data_dir is not None and not Path(req.data_dir).is_dir():
         raise ConfigError(f"--data: {req.data_dir} is not a directory")
+    ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else None
     p = probe()
     device, budget_gb, source = choose_budget(req, p, cluster)
     overheads = DEFAULT_OVERHEADS[device]
-    budget = Budget(budget_gb, overheads, cuda_target=device == "cuda")
-    planned = plan_curriculum(stages, budget, step_factory, progress=progress)
+    cal_path = cal.calibration_path() if req.calibrate else None
+    hardware = cal.hardware_key(device, p.as_dict())
+    ratios = cal.load_ratios(cal_path, hardware, [s for s, _ in stages])
+    budget = Budget(budget_gb, overheads, cuda_target=device == "cuda", calibration=ratios)
+    caps = {s.name: batch_cap(s, ds) for s, _ in stages} if ds else None
+    planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
+    if ds is not None:
+        planned = [_with_schedule(sp, ds) for sp in planned]
     assumptions = {"budget_source": source, "overheads": overheads.as_dict(),
-                   "estimate": "peak live tensors of 2 real training steps on fake tensors"
-                               + (", CUDA autocast dtypes emulated" if device == "cuda" else "")}
+                   "estimate": "peak live tensors of a real training step (optimizer state "
+                               "present) on fake tensors"
+                               + (", CUDA autocast dtypes emulated" if device == "cuda" else ""),
+                   "calibration": {"file": str(cal_path) if cal_path else None,
+                                   "hardware": hardware,
+                                   "applied": {k: round(v[0], 4) for k, v in ratios.items()},
+                                   "fingerprints": {s.name: cal.stage_fingerprint(s)
+                                                    for s, _ in stages}}}
+    if ds is not None:
+        assumptions["dataset"] = {"root": ds.root, "subjects": len(ds.records),
+                                  "voxels": sum(ds.voxels.values())}
     if device == "cuda" and not p.gpus:
         assumptions["gpu"] = "no GPU here: planning for one (bf16 autocast assumed)"
     name = req.run or time.strftime("run-%Y%m%d-%H%M%S")
@@ -93,6 +124,46 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
                 runs_dir=str(Path(req.runs_dir).resolve()), curriculum=str(Path(req.curriculum).resolve()),
                 cluster=cluster, probe=p.as_dict(), assumptions=assumptions,
                 handoff_noise_std=cur.handoff_noise_std, stages=planned)
+
+
+def _with_schedule(sp: StagePlan, ds: DatasetSize) -> StagePlan:
+    update, reasons = derive_schedule(sp.spec, sp.input_size_vox, sp.batch_size, ds)
+    if not update:
+        return sp
+    return sp.model_copy(update={"spec": sp.spec.model_copy(update=update),
+                                 "reasons": [*sp.reasons, *reasons]})
+
+
+def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
+                         progress: Callable[[str], None] | None = None,
+                         steps: int | None = None) -> Plan:
+    """Measure every stage (`verify.verify_plan`), rewrite plan.yaml with the results and
+    record the measured/predicted ratios for later plans on this hardware.
+
+    Raises:
+        PlanError: a GPU plan on a machine without a GPU.
+        ConfigError: the calibration file exists but is not one.
+    """
+    from orchestrator.planning.verify import VERIFY_STEPS, verify_plan
+
+    plan = verify_plan(plan, plan_path, worker, steps or VERIFY_STEPS, progress=progress)
+    info = dict(plan.assumptions.get("calibration") or {})
+    path, hardware = cal.calibration_path(), info.get("hardware")
+    ok = {s.name: {"ratio": s.measurement["uncalibrated_ratio"], "measured_gb": s.measured_gb,
+                   "predicted_gb": s.measurement["uncalibrated_predicted_gb"],
+                   "method": s.measurement["method"],
+                   "config": {"input_size_vox": list(s.input_size_vox), "batch_size": s.batch_size,
+                              "base_filters": s.base_filters, "checkpointing": s.checkpointing,
+                              "amp": s.amp}}
+          for s in plan.stages if s.measurement and "error" not in s.measurement}
+    specs = {s.name: s.spec for s in plan.stages}
+    if path is not None and hardware and ok:
+        fingerprints = info.get("fingerprints", {})
+        cal.record_ratios(path, hardware, ok, specs, fingerprints)
+        info["recorded"] = {"file": str(path), "stages": sorted(ok)}
+    plan = plan.model_copy(update={"assumptions": {**plan.assumptions, "calibration": info}})
+    atomic_write_text(plan_path, plan_to_yaml(plan))
+    return plan
 
 
 def write_plan(plan: Plan) -> Path:

@@ -1,17 +1,21 @@
 """Fit every stage of the curriculum to a memory budget.
 
-Per stage, within the ranges its YAML allows: keep the curriculum's input size with AMP
-and the minimum batch if it fits without checkpointing; else enable checkpointing; else
-reduce base filters; else shrink the input (multiples of the model's required multiple,
-largest side first); then spend the headroom on batch size. Every decision is recorded
-with its reason. The planner is a pure function of (specs, budget, overheads, step).
+Per stage, within the ranges its YAML allows, the configurations form a ladder in order
+of preference, each needing no more memory than the one before: the curriculum's input
+size and base filters without checkpointing; with checkpointing; fewer base filters
+(steps of 4, down to the stage's minimum); a smaller input (multiples of the model's
+required multiple, largest side first). The first rung that fits at the minimum batch
+is found by galloping then bisection (few estimates even on a long ladder); the headroom
+then goes to batch size, up to the stage's maximum and the dataset's cap. Every decision
+is recorded with its reason and the numbers behind it. The planner is a pure function of
+(specs, budget, step factory, dataset size).
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import nn
@@ -22,6 +26,7 @@ from orchestrator.errors import PlanError
 from orchestrator.planning.memory import Overheads, StepFn, estimate_step_peak
 
 logger = logging.getLogger(__name__)
+FILTER_STEP = 4  # base filters are tried in multiples of this (and the stage's minimum)
 
 
 class StepFactory(Protocol):
@@ -35,7 +40,10 @@ class Candidate:
     input_size_vox: tuple[int, ...]
     base_filters: int
     checkpointing: bool
-    reason: str
+
+    def describe(self) -> str:
+        return (f"{_fmt(self.input_size_vox)}, base filters {self.base_filters}, "
+                f"{'checkpointing' if self.checkpointing else 'no checkpointing'}")
 
 
 @dataclass
@@ -43,12 +51,25 @@ class Budget:
     target_gb: float
     overheads: Overheads
     cuda_target: bool
+    # stage name -> (measured/predicted ratio from an earlier `plan --verify`, where from)
+    calibration: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
-def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool) -> nn.Module:
+def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
+                      input_size_vox: tuple[int, ...] | None = None) -> nn.Module:
     kwargs = {k: v for k, v in spec.model.items() if k != "arch"}
     kwargs.update(base_filters=base_filters, checkpointing=checkpointing)
+    if input_size_vox is not None and spec.kind == "seg3d":  # the transformer's token grid
+        kwargs["input_size_vox"] = list(input_size_vox)
     return models.build_model(spec.model["arch"], **kwargs)
+
+
+def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None,
+                           input_size_vox: tuple[int, ...] | None = None) -> nn.Module:
+    import torch
+
+    with torch.device("meta"):
+        return build_stage_model(spec, base_filters or spec.base_filters, False, input_size_vox)
 
 
 def _shapes(spec: StageSpec, size: tuple[int, ...], batch: int) -> tuple[tuple, tuple]:
@@ -56,25 +77,26 @@ def _shapes(spec: StageSpec, size: tuple[int, ...], batch: int) -> tuple[tuple, 
     return (batch, in_ch, *size), (batch, *size)
 
 
-def _candidates(spec: StageSpec, multiple: int) -> Iterator[Candidate]:
-    size, bf, lim = tuple(spec.input_size_vox), spec.base_filters, spec.planner
-    yield Candidate(size, bf, False, f"curriculum input {_fmt(size)}, base filters {bf}")
-    yield Candidate(size, bf, True, "gradient checkpointing: the curriculum values did not fit")
-    while bf // 2 >= lim.min_base_filters:
-        bf //= 2
-        yield Candidate(size, bf, True, f"base filters reduced to {bf}: still did not fit")
-    sides = list(size)
-    while True:
-        i = max(range(len(sides)), key=lambda k: sides[k])
-        smaller = sides[i] - multiple
-        if smaller < max(lim.min_input_vox, multiple):
-            return
-        sides[i] = smaller
-        yield Candidate(tuple(sides), bf, True, f"input shrunk to {_fmt(sides)}: still did not fit")
-
-
 def _fmt(size: Any) -> str:
     return "x".join(str(s) for s in size)
+
+
+def candidate_ladder(spec: StageSpec, multiple: int) -> list[Candidate]:
+    """Every configuration the stage's YAML allows, in order of preference; each needs no
+    more memory than the one before (at the same batch)."""
+    size, bf, lim = tuple(spec.input_size_vox), spec.base_filters, spec.planner
+    out = [Candidate(size, bf, False), Candidate(size, bf, True)]
+    fewer = {f for f in range(FILTER_STEP, bf, FILTER_STEP) if f >= lim.min_base_filters}
+    if lim.min_base_filters < bf:
+        fewer.add(lim.min_base_filters)
+    out += [Candidate(size, f, True) for f in sorted(fewer, reverse=True)]
+    f_min, sides = out[-1].base_filters, list(size)
+    while True:
+        i = max(range(len(sides)), key=lambda k: sides[k])
+        if sides[i] - multiple < max(lim.min_input_vox, multiple):
+            return out
+        sides[i] -= multiple
+        out.append(Candidate(tuple(sides), f_min, True))
 
 
 def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_target: bool) -> bool:
@@ -85,69 +107,145 @@ def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_targ
     return cuda_target or spec.kind != "seg3d" or all(s // multiple != 2 for s in size)
 
 
-class _Estimator:
-    """Memoised predicted GB of (stage, candidate, batch)."""
+# Live-tensor bytes by (step factory, stage spec, candidate, batch, CUDA emulation): an
+# estimate is a pure function of these, so plans made in one process share them.
+_TENSOR_BYTES: dict[tuple, int] = {}
+
+
+def clear_estimate_cache() -> None:
+    _TENSOR_BYTES.clear()
+
+
+def estimates_run() -> int:
+    """Step estimates held in the cache (run since it was last cleared)."""
+    return len(_TENSOR_BYTES)
+
+
+class StageEstimator:
+    """Memoised predicted GB of (candidate, batch) for one stage, calibrated if known."""
 
     def __init__(self, spec: StageSpec, budget: Budget, step_factory: StepFactory,
                  multiple: int) -> None:
         self.spec, self.budget, self.multiple = spec, budget, multiple
         self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
+        self.ratio = budget.calibration.get(spec.name, (1.0, ""))[0]
+        self._key = (step_factory, spec.model_dump_json())
         self._memo: dict[tuple, float] = {}
 
     def emulate_cuda(self, cand: Candidate) -> bool:
         """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
         recomputation in backward does not see (its metadata check fails): checkpointed
-        candidates are estimated with CPU autocast dtypes (issue 6 moves this lower)."""
+        candidates are estimated with CPU autocast dtypes."""
         return self.budget.cuda_target and not cand.checkpointing
 
     def amp(self, cand: Candidate) -> bool:
         return amp_allowed(self.spec, cand.input_size_vox, self.multiple, self.budget.cuda_target)
 
-    def gb(self, cand: Candidate, batch: int) -> float:
-        key = (cand.input_size_vox, cand.base_filters, cand.checkpointing, batch)
+    def raw_gb(self, cand: Candidate, batch: int) -> float:
+        """Predicted GB before calibration: live tensors x (1 + alloc) + workspace + context."""
+        key = (cand, batch)
         if key not in self._memo:
-            x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
-            est = estimate_step_peak(
-                lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing),
-                x_shape, y_shape, self.steps[self.amp(cand)], cuda_target=self.emulate_cuda(cand))
-            self._memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
-            logger.debug("%s %s bs=%d: %.3f GB (%.1fs)", self.spec.name, key, batch,
-                         self._memo[key], est.seconds)
+            shared = (*self._key, cand, batch, self.emulate_cuda(cand))
+            if shared not in _TENSOR_BYTES:
+                x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
+                est = estimate_step_peak(
+                    lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing,
+                                              cand.input_size_vox),
+                    x_shape, y_shape, self.steps[self.amp(cand)],
+                    cuda_target=self.emulate_cuda(cand))
+                _TENSOR_BYTES[shared] = est.tensor_bytes
+                logger.debug("%s %s bs=%d: %.3f GB tensors (%.1fs)", self.spec.name,
+                             cand.describe(), batch, est.tensor_bytes / 1024**3, est.seconds)
+            self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
         return self._memo[key]
+
+    def gb(self, cand: Candidate, batch: int) -> float:
+        return self.raw_gb(cand, batch) * self.ratio
+
+    def fits(self, cand: Candidate, batch: int) -> bool:
+        return self.gb(cand, batch) <= self.budget.target_gb
+
+    @property
+    def estimates(self) -> int:
+        return len(self._memo)
+
+
+def first_fit(n: int, fits: Callable[[int], bool]) -> int | None:
+    """Smallest index i of a ladder of n rungs with fits(i), assuming fits is monotone:
+    probe 0, 1, 3, 7, ... then bisect the bracket. Exactness at the boundary does not
+    depend on monotonicity: the answer fits and the rung before it does not."""
+    if fits(0):
+        return 0
+    bad, step = 0, 1
+    while True:
+        probe = min(bad + step, n - 1)
+        if fits(probe):
+            good = probe
+            break
+        if probe == n - 1:
+            return None
+        bad, step = probe, step * 2
+    while good - bad > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A stage nothing fits: its smallest configuration and what that needs."""
+
+    stage: str
+    smallest: Candidate
+    batch: int
+    need_gb: float
+
+
+class _NoFit(Exception):
+    def __init__(self, shortfall: Shortfall) -> None:
+        super().__init__(shortfall.stage)
+        self.shortfall = shortfall
 
 
 def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
-               step_factory: StepFactory, batch_cap: int | None = None) -> StagePlan:
+               step_factory: StepFactory, batch_cap: tuple[int, str] | None = None) -> StagePlan:
     """Choose input size, base filters, checkpointing and batch size for one stage.
+
+    Args:
+        batch_cap: (largest batch the dataset supports, why), or None without a dataset.
 
     Raises:
         PlanError: nothing the stage's YAML allows fits; the message names the smallest
             budget that would.
     """
+    try:
+        return _plan_stage(spec, init_from, budget, step_factory, batch_cap)
+    except _NoFit as nofit:
+        raise PlanError(_shortfall_message(budget, [nofit.shortfall])) from None
+
+
+def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
+                step_factory: StepFactory, batch_cap: tuple[int, str] | None) -> StagePlan:
     probe_model = build_stage_model_meta(spec)
     multiple = int(getattr(probe_model, "required_multiple", 1))
-    params = sum(p.numel() for p in probe_model.parameters())
-    est = _Estimator(spec, budget, step_factory, multiple)
-    lim = spec.planner
-    min_bs = min(lim.min_batch_size, batch_cap or lim.min_batch_size)
-    reasons: list[str] = []
-    chosen, last = None, None
-    for cand in _candidates(spec, multiple):
-        last = cand
-        reasons.append(cand.reason)
-        if est.gb(cand, min_bs) <= budget.target_gb:
-            chosen = cand
-            break
-    if chosen is None:
-        assert last is not None
-        need = est.gb(last, 1)
-        raise PlanError(f"stage {spec.name}: nothing fits in {budget.target_gb:g} GB; the smallest "
-                        f"configuration ({_fmt(last.input_size_vox)}, base filters "
-                        f"{last.base_filters}, checkpointing, batch 1) needs {need:.2f} GB: "
-                        f"use --target-mem {math.ceil(need * 100) / 100:g} or more")
-    batch = _grow_batch(est, chosen, min_bs, min(lim.max_batch_size, batch_cap or 10**6), budget)
-    reasons.append(f"batch {batch}: " + ("largest that fits" if batch > min_bs
-                                          else "no headroom for a larger batch"))
+    est = StageEstimator(spec, budget, step_factory, multiple)
+    lim, target = spec.planner, budget.target_gb
+    cap = batch_cap[0] if batch_cap else None
+    min_bs = max(1, min(lim.min_batch_size, cap or lim.min_batch_size))
+    max_bs = max(min_bs, min(lim.max_batch_size, cap or lim.max_batch_size))
+    ladder = candidate_ladder(spec, multiple)
+    i = first_fit(len(ladder), lambda k: est.fits(ladder[k], min_bs))
+    if i is None:
+        raise _NoFit(Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs)))
+    chosen = ladder[i]
+    reasons = _search_reasons(spec, ladder, i, est, min_bs, target)
+    batch, why = _grow_batch(est, chosen, min_bs, max_bs, target)
+    if batch == max_bs and batch_cap and cap is not None and cap < lim.max_batch_size:
+        why = f"capped by the dataset: {batch_cap[1]}"
+    reasons.append(f"batch {batch}: {why}")
     amp = est.amp(chosen)
     if budget.cuda_target and amp and not est.emulate_cuda(chosen):
         reasons.append("estimate with CPU autocast dtypes (CUDA's fp32 ops not emulated under "
@@ -155,41 +253,88 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     if spec.amp and not amp:
         reasons.append("AMP off: bf16 conv3d gradients are wrong on the CPU at a 2-voxel "
                        "bottleneck (docs/known-issues.md)")
-    if chosen.base_filters != spec.base_filters:  # params at the planned width
-        params = sum(p.numel() for p in build_stage_model_meta(spec, chosen.base_filters).parameters())
+    ratio = budget.calibration.get(spec.name)
+    if ratio:
+        reasons.append(f"predictions x {ratio[0]:.3f}: measured/predicted of {ratio[1]}")
+    params = sum(p.numel() for p in build_stage_model_meta(
+        spec, chosen.base_filters, chosen.input_size_vox).parameters())
+    logger.debug("%s: %d estimates", spec.name, est.estimates)
     return StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=init_from,
                      input_size_vox=chosen.input_size_vox, base_filters=chosen.base_filters,
                      batch_size=batch, checkpointing=chosen.checkpointing, amp=amp,
-                     params=params, predicted_gb=round(est.gb(chosen, batch), 4), reasons=reasons)
+                     params=params, predicted_gb=round(est.gb(chosen, batch), 4),
+                     calibration_ratio=round(ratio[0], 4) if ratio else None, reasons=reasons)
 
 
-def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None) -> nn.Module:
-    import torch
+def _search_reasons(spec: StageSpec, ladder: list[Candidate], i: int, est: StageEstimator,
+                    bs: int, target: float) -> list[str]:
+    """Why rung i: what it needs, and what the rung before it needed (it did not fit)."""
+    chosen = ladder[i]
+    have = f"{est.gb(chosen, bs):.2f} GB at batch {bs}"
+    if i == 0:
+        return [f"curriculum values ({chosen.describe()}): {have}"]
+    before = ladder[i - 1]
+    no = f"{before.describe()} needs {est.gb(before, bs):.2f} GB at batch {bs} > {target:g} GB"
+    if chosen.input_size_vox != tuple(spec.input_size_vox):
+        what = f"input shrunk to {_fmt(chosen.input_size_vox)}, the largest that fits"
+    elif chosen.base_filters != spec.base_filters:
+        what = (f"base filters reduced to {chosen.base_filters} (from {spec.base_filters}), "
+                f"the most that fit")
+    else:
+        what = "gradient checkpointing on"
+    return [f"{what}: {have}; {no}"]
 
-    with torch.device("meta"):
-        return build_stage_model(spec, base_filters or spec.base_filters, False)
 
+def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
+                target: float) -> tuple[int, str]:
+    """Largest batch in [min_bs, max_bs] that fits, and why it is not larger.
 
-def _grow_batch(est: _Estimator, cand: Candidate, min_bs: int, max_bs: int, budget: Budget) -> int:
-    """Largest batch that fits: the peak is affine in batch size, so extrapolate from two
-    estimates, then confirm (and step down if the extrapolation was optimistic)."""
+    The peak is affine in batch size: extrapolate from two estimates, then confirm that the
+    batch fits and that one more sample would not (stepping if the line was off)."""
     if max_bs <= min_bs:
-        return min_bs
+        return min_bs, f"the stage's batch range is {min_bs}..{max_bs}"
     g1, g2 = est.gb(cand, min_bs), est.gb(cand, min_bs + 1)
+    if g2 > target:
+        return min_bs, f"batch {min_bs + 1} needs {g2:.2f} GB"
     per_sample = max(g2 - g1, 1e-9)
-    batch = min(max_bs, min_bs + int((budget.target_gb - g1) / per_sample))
-    while batch > min_bs and est.gb(cand, batch) > budget.target_gb:
+    batch = max(min_bs + 1, min(max_bs, min_bs + 1 + int((target - g2) / per_sample)))
+    while batch > min_bs + 1 and not est.fits(cand, batch):
         batch -= 1
-    return max(batch, min_bs)
+    while batch < max_bs and est.fits(cand, batch + 1):
+        batch += 1
+    if batch == max_bs:
+        return batch, f"the stage's max_batch_size ({est.gb(cand, batch):.2f} GB)"
+    return batch, f"the largest that fits; batch {batch + 1} needs {est.gb(cand, batch + 1):.2f} GB"
+
+
+def _shortfall_message(budget: Budget, shortfalls: list[Shortfall]) -> str:
+    worst = max(shortfalls, key=lambda s: s.need_gb)
+    names = ", ".join(s.stage for s in shortfalls)
+    need = math.ceil(worst.need_gb * 100) / 100
+    return (f"nothing fits in {budget.target_gb:g} GB for {names}; the smallest configuration "
+            f"of {worst.stage} ({worst.smallest.describe()}, batch {worst.batch}) needs "
+            f"{worst.need_gb:.2f} GB: use --target-mem {need:g} or more")
 
 
 def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
-                    step_factory: StepFactory, batch_cap: int | None = None,
+                    step_factory: StepFactory,
+                    batch_caps: dict[str, tuple[int, str]] | None = None,
                     progress: Callable[[str], None] | None = None) -> list[StagePlan]:
-    """Plan every stage in order (see `plan_stage`)."""
-    out = []
+    """Plan every stage in order (see `plan_stage`).
+
+    Raises:
+        PlanError: some stages fit nothing; one message names them and the smallest budget
+            that fits every stage.
+    """
+    out, short = [], []
     for spec, init_from in stages:
         if progress:
             progress(spec.name)
-        out.append(plan_stage(spec, init_from, budget, step_factory, batch_cap))
+        try:
+            out.append(_plan_stage(spec, init_from, budget, step_factory,
+                                   (batch_caps or {}).get(spec.name)))
+        except _NoFit as nofit:
+            short.append(nofit.shortfall)
+    if short:
+        raise PlanError(_shortfall_message(budget, short))
     return out

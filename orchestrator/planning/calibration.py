@@ -1,0 +1,122 @@
+"""Measured/predicted peak-memory ratios from `plan --verify`, per hardware and stage.
+
+`plan --verify` measures each planned stage on this machine and records
+measured_gb / predicted_gb (the prediction before any calibration) under a hardware key
+(device type, CPU or GPU model, torch version) and the stage's name. A later plan on the
+same hardware multiplies that stage's predictions by the ratio, and says so, if the
+stage's spec is the one measured (a fingerprint of the resolved stage YAML: a stage
+changed since, or the same name in another curriculum, is not calibrated).
+
+The file is JSON at $ORCHESTRATOR_CALIBRATION, else $XDG_CACHE_HOME/orchestrator/
+calibration.json (~/.cache/...); ORCHESTRATOR_CALIBRATION=off disables it. Written
+atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import StageSpec
+from orchestrator.errors import ConfigError
+from orchestrator.runs.atomic import atomic_write_text
+
+ENV_VAR = "ORCHESTRATOR_CALIBRATION"
+VERSION = 1
+
+
+def calibration_path() -> Path | None:
+    """Where the calibration file lives, or None when disabled."""
+    value = os.environ.get(ENV_VAR)
+    if value is not None:
+        if value.strip().lower() in ("", "off", "none", "0"):
+            return None
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "orchestrator" / "calibration.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_key(device: str, probe: dict[str, Any]) -> str | None:
+    """`device|model|torch version`; None for a GPU plan on a machine without the GPU."""
+    import torch
+
+    if device == "cuda":
+        if not probe.get("gpus"):
+            return None
+        model = probe["gpus"][0]["name"]
+    else:
+        model = cpu_model()
+    return f"{device}|{model}|torch {torch.__version__}"
+
+
+def stage_fingerprint(spec: StageSpec) -> str:
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"version": VERSION, "hardware": {}}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable calibration file ({err}); expected JSON written "
+                          f"by `plan --verify`; delete it or set {ENV_VAR}=off") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION \
+            or not isinstance(doc.get("hardware"), dict):
+        raise ConfigError(f"{path}: version/hardware: expected a version {VERSION} calibration "
+                          f"file written by `plan --verify`; delete it or set {ENV_VAR}=off")
+    return doc
+
+
+def load_ratios(path: Path | None, key: str | None,
+                specs: list[StageSpec]) -> dict[str, tuple[float, str]]:
+    """{stage name: (ratio, where from)} for the stages measured on this hardware as they are.
+
+    Raises:
+        ConfigError: the file exists but is not a calibration file.
+    """
+    if path is None or key is None:
+        return {}
+    entries = _read(path)["hardware"].get(key, {})
+    out = {}
+    for spec in specs:
+        e = entries.get(spec.name)
+        if isinstance(e, dict) and e.get("fingerprint") == stage_fingerprint(spec) \
+                and isinstance(e.get("ratio"), (int, float)) and e["ratio"] > 0:
+            out[spec.name] = (float(e["ratio"]), f"`plan --verify` on {e.get('date', '?')} "
+                                                 f"({path})")
+    return out
+
+
+def record_ratios(path: Path, key: str, measured: dict[str, dict[str, Any]],
+                  specs: dict[str, StageSpec], fingerprints: dict[str, str] | None = None) -> None:
+    """Store {stage: {"ratio", ...}} under `key`, replacing those stages' earlier entries.
+
+    `fingerprints` are those of the stage YAMLs as planned from (the plan's own specs may
+    carry epochs the dataset set); missing ones are taken from `specs`.
+
+    Raises:
+        ConfigError: the file exists but is not a calibration file.
+    """
+    doc = _read(path)
+    entries = doc["hardware"].setdefault(key, {})
+    date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for name, m in measured.items():
+        fp = (fingerprints or {}).get(name) or stage_fingerprint(specs[name])
+        entries[name] = {**m, "fingerprint": fp, "date": date}
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

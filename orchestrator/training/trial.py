@@ -1,0 +1,78 @@
+"""A trial of one planned stage: a few real training steps in a fresh process, its peak
+memory measured (what `plan --verify` runs for each stage).
+
+    python -m orchestrator.training.trial --plan runs/R/plan.yaml --stage S [--steps 2]
+
+prints one JSON line (`orchestrator.planning.verify.measure`). The step is the one the
+planner estimated (forward, loss, backward, clip, AdamW step), on random data of the
+planned shape, with the optimizer the trainer builds, its state allocated before the
+first step (as the estimate has it: the peak of every step from the second on); on the
+plan's device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.config import StagePlan, load_plan
+from orchestrator.planning.memory import prime_adamw
+from orchestrator.planning.verify import measure
+from orchestrator.training.step import Objective, amp_dtype_for, estimation_step
+
+
+def _step(sp: StagePlan, device: torch.device):  # noqa: ANN202
+    if device.type == "cpu":  # exactly the step the estimate ran
+        return estimation_step(sp.spec, sp.amp)
+    objective, amp_dtype = Objective(sp.spec), amp_dtype_for(device.type, sp.amp)
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+        objective(model, x, y, amp_dtype, device.type).backward()
+        if sp.spec.grad_clip_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), sp.spec.grad_clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def trial(plan_path: Path, stage: str, steps: int = 2) -> dict[str, Any]:
+    """Measure `steps` real steps of a planned stage on the plan's device."""
+    import models
+
+    plan = load_plan(plan_path)
+    sp = plan.stage(stage)
+    device = torch.device("cuda" if plan.device == "cuda" else "cpu")
+    step = _step(sp, device)
+    model_opts = sp.spec.model  # input channels as the planner's estimate counts them
+    in_ch = int(model_opts.get("in_channels", model_opts.get("in_slices", 1)))
+
+    def run() -> None:
+        torch.manual_seed(sp.spec.seed)
+        model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=sp.spec.lr, weight_decay=sp.spec.weight_decay)
+        prime_adamw(opt)  # every step measured holds the optimizer state, as the estimate's
+        x = torch.randn(sp.batch_size, in_ch, *sp.input_size_vox, device=device)
+        y = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=device)
+        for _ in range(steps):
+            step(model, opt, x, y)
+
+    return measure(run, device.type)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan", type=Path, required=True)
+    ap.add_argument("--stage", required=True)
+    ap.add_argument("--steps", type=int, default=2)
+    args = ap.parse_args(argv)
+    result = trial(args.plan, args.stage, args.steps)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
