@@ -27,7 +27,8 @@ class StageJob(submitit.helpers.Checkpointable):
         return Path(self.plan_path).parent
 
     def __call__(self) -> dict[str, Any]:
-        from orchestrator.training.interrupt import StopFlag
+        from orchestrator.launch import node
+        from orchestrator.training import distributed
         from orchestrator.training.trainer import run_stage
 
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
@@ -35,27 +36,40 @@ class StageJob(submitit.helpers.Checkpointable):
         # submitit's USR2 handler checkpoints and requeues at once, possibly mid-step; we
         # stop at the next step boundary first (last.pt written), then hand over to it.
         # SIGTERM (scancel, `scontrol requeue`, the end of KillWait) stops the same way.
-        stop = StopFlag()
+        stop = node.stop_flag(self.plan_path)  # also stops at an epoch boundary near the time limit
         submitit_handler = stop.install(signal.SIGUSR2)
         stop.install(signal.SIGTERM)
+        rank = node.export_distributed_env()
+        if not rank:  # which code this job runs: the run's snapshot (launch/snapshot.py)
+            run_state.update_stage(self._run_dir(), self.stage,
+                                   code=str(Path(run_state.__file__).resolve().parents[2]))
         try:
-            result = run_stage(self.plan_path, self.stage, stop=stop)
+            with distributed.session():
+                result = run_stage(self.plan_path, self.stage, stop=stop)
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+            who = f"rank {rank}: " if rank is not None else ""
             run_state.update_stage(self._run_dir(), self.stage, state=run_state.FAILED,
                                    ended=run_state.now_iso(),
-                                   error=f"{type(err).__name__}: {err}"[:500], failed_job=job_id)
+                                   error=f"{who}{type(err).__name__}: {err}"[:500], failed_job=job_id)
             raise
-        if result["interrupted"] and stop.signum == signal.SIGUSR2 and callable(submitit_handler):
-            submitit_handler(stop.signum, None)  # checkpoint() -> requeue -> exit
+        if result["interrupted"] and rank:  # DDP: rank 0 requeues or ends the job
+            return result
+        if result["interrupted"] and (stop.signum == signal.SIGUSR2 or stop.time_up) \
+                and callable(submitit_handler):
+            self._time_up = stop.time_up
+            submitit_handler(signal.SIGUSR2, None)  # checkpoint() -> requeue -> exit
         elif result["interrupted"]:  # SLURM is ending or requeueing this job itself
             logging.shutdown()
             os._exit(128 + int(stop.signum or signal.SIGTERM))
         return result
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        run_state.bump_stage(self._run_dir(), self.stage, "requeues", state=run_state.SUBMITTED)
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        from orchestrator.launch.node import count_requeue
+
+        if not count_requeue(self.plan_path, self.stage, getattr(self, "_time_up", False)):
+            return None  # max_requeues reached: submitit ends the job, the stage is FAILED
         logger.info("%s: requeued; it resumes from last.pt", self.stage)
         return submitit.helpers.DelayedSubmission(StageJob(self.plan_path, self.stage))

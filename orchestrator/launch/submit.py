@@ -18,6 +18,7 @@ import submitit
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import SubmissionError
 from orchestrator.launch.job import StageJob
+from orchestrator.launch.snapshot import code_dir, setup_lines, snapshot_code
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,17 @@ def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorKind,
                    depends_on: str | None) -> dict[str, Any]:
     """submitit parameters of one stage's job, from the cluster profile."""
     c = plan.cluster
+    tasks, nodes = c.tasks_per_node, c.nodes
+    if kind == "debug" and tasks * nodes > 1:  # one process in the caller: no DDP
+        logger.warning("%s: the debug executor runs 1 task; tasks_per_node %d and nodes %d "
+                       "of profile %s have no effect", sp.name, tasks, nodes, c.name)
+        tasks = nodes = 1
+    if kind == "local" and nodes > 1:
+        raise SubmissionError(f"cluster profile {c.name}: nodes {nodes}; the local executor "
+                              "runs on this machine only (expected nodes: 1)")
     params: dict[str, Any] = {"name": f"{plan.run}.{sp.name}", "timeout_min": c.time_min,
                               "cpus_per_task": c.cpus_per_task, "mem_gb": c.mem_gb,
-                              "tasks_per_node": 1, "nodes": 1}
+                              "tasks_per_node": tasks, "nodes": nodes}
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node
     if kind == "slurm":
@@ -52,8 +61,9 @@ def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorKind,
         for key in ("partition", "account", "qos", "constraint", "gres"):
             if getattr(c, key):
                 params[f"slurm_{key}"] = getattr(c, key)
-        params.update(slurm_setup=list(c.setup), slurm_signal_delay_s=c.signal_grace_s,
-                      slurm_additional_parameters=extra)
+        # the profile's lines, then into the run's code snapshot (launch/snapshot.py)
+        params.update(slurm_setup=[*c.setup, *setup_lines(code_dir(plan))],
+                      slurm_signal_delay_s=c.signal_grace_s, slurm_additional_parameters=extra)
     return params
 
 
@@ -88,8 +98,9 @@ def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn
                               for k, v in run_state.read_state(run_dir)["stages"].items()}
     done: list[Submitted] = []
     if not dry_run:
+        code = snapshot_code(plan) if kind == "slurm" else {}  # jobs import from it
         run_state.update_run(run_dir, executor=kind, plan=str(plan_path),
-                             submitted=run_state.now_iso())
+                             submitted=run_state.now_iso(), **code)
         for sp in stages:
             run_state.update_stage(run_dir, sp.name, state=run_state.PENDING, job_id=None,
                                    slurm_job_id=None, error=None, executor=kind)
@@ -129,7 +140,7 @@ def _wait(job: submitit.Job, sp: StagePlan, plan: Plan, rest: list[StagePlan],
                 poll()
             time.sleep(1.0)
     try:
-        job.result()
+        job.results()  # one per task (several under DDP)
     except Exception as err:
         for other in rest:
             run_state.update_stage(plan.run_dir, other.name, state=run_state.CANCELLED,
@@ -146,11 +157,13 @@ def cancel_run(plan: Plan) -> list[str]:
     """Cancel every SLURM job of the run that is not finished; returns their ids."""
     from orchestrator.launch.sacct import scancel
 
-    stages = run_state.read_state(plan.run_dir)["stages"]
-    ids = [v["slurm_job_id"] for v in stages.values()
+    dirs = [plan.run_dir, *run_state.fold_run_dirs(plan.run_dir)]  # and a CV run's folds
+    states = {d: run_state.read_state(d)["stages"] for d in dirs}
+    ids = [v["slurm_job_id"] for stages in states.values() for v in stages.values()
            if v.get("slurm_job_id") and v.get("state") not in (run_state.COMPLETED,)]
     scancel(ids)
-    for name, v in stages.items():
-        if v.get("state") not in (run_state.COMPLETED, run_state.FAILED):
-            run_state.update_stage(plan.run_dir, name, state=run_state.CANCELLED)
+    for d, stages in states.items():
+        for name, v in stages.items():
+            if v.get("state") not in (run_state.COMPLETED, run_state.FAILED):
+                run_state.update_stage(d, name, state=run_state.CANCELLED)
     return ids

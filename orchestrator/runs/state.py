@@ -17,6 +17,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.runs.atomic import atomic_write_text
 
 STATE_FILE = "state.json"
+FOLDS_DIR = "folds"  # runs/<run>/folds/fold<i>/: the sub-runs of a cross-validation
 
 # Stage states as the orchestrator records them (SLURM's own states are shown beside).
 PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
@@ -26,6 +27,15 @@ INTERRUPTED = "INTERRUPTED"  # stopped by a signal with last.pt written; a reque
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def fold_run_dirs(run_dir: Path) -> list[Path]:
+    """The fold sub-runs of a cross-validation run, in fold order ([] for a plain run)."""
+    folds = Path(run_dir) / FOLDS_DIR
+    if not folds.is_dir():
+        return []
+    found = [p.parent for p in folds.glob("fold*/plan.yaml") if p.parent.name[4:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[4:]))
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:

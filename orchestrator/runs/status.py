@@ -51,6 +51,7 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
         st = run_state.FAILED  # the job ended but left no final weights
     return {"name": name, "job_id": entry.get("job_id"), "state": st, "slurm_state": slurm_state,
             "attempts": entry.get("attempts", 0), "requeues": entry.get("requeues", 0),
+            "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
             "error": entry.get("error"), "log": entry.get("stderr"),
@@ -88,13 +89,26 @@ def collect_status(runs_dir: Path, run: str | None = None,
             from orchestrator.errors import ConfigError
             raise ConfigError(f"{rd}: no such run (no plan.yaml); runs: "
                               f"{[p.name for p in list_runs(runs_dir)]}")
-        loaded.append((rd, _plan_stages(rd), run_state.read_state(rd)))
-    ids = [str(e["slurm_job_id"]) for _, _, st in loaded for e in st["stages"].values()
-           if e.get("slurm_job_id")]
+        # a cross-validation run: its folds train the same stages, each in its own sub-run
+        parts = [(None, rd)] + [(int(fd.name[4:]), fd) for fd in run_state.fold_run_dirs(rd)]
+        loaded.append((rd, _plan_stages(rd), [(f, d, run_state.read_state(d)) for f, d in parts]))
+    ids = [str(e["slurm_job_id"]) for _, _, parts in loaded for _, _, st in parts
+           for e in st["stages"].values() if e.get("slurm_job_id")]
     slurm = slurm_query(ids) if (slurm_query and ids) else ({} if not ids else None)
     runs = []
-    for rd, stages, st in loaded:
-        rows = [_stage_row(rd, ps, st["stages"].get(ps["name"], {}), slurm) for ps in stages]
-        runs.append({"run": rd.name, "state": _run_state(rows), "executor": st.get("executor"),
-                     "stages": rows})
+    for rd, stages, parts in loaded:
+        rows = []
+        for fold, d, st in parts:
+            part = [_stage_row(d, ps, st["stages"].get(ps["name"], {}), slurm) for ps in stages]
+            if fold is not None:
+                part = [{**r, "name": f"fold{fold}/{r['name']}", "fold": fold} for r in part]
+            elif len(parts) > 1:  # the run's own stages were not submitted: only its folds
+                part = [r for r in part if r["state"] != "NOT_SUBMITTED"]
+            rows += part
+        main = parts[0][2]
+        doc = {"run": rd.name, "state": _run_state(rows), "executor": main.get("executor"),
+               "stages": rows}
+        if len(parts) > 1:
+            doc["folds"] = len(parts) - 1
+        runs.append(doc)
     return {"runs": runs, "slurm": "unavailable: showing the on-disk state" if slurm is None else "ok"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -18,14 +19,40 @@ logger = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: `run-stage` stopped early; run it again to resume
 
 
-class StopFlag:
-    """Callable flag (`flag()` is True once a watched signal arrived)."""
+EPOCH_SAFETY = 1.2  # the next epoch is assumed to take this much longer than the last one
 
-    def __init__(self) -> None:
+
+class StopFlag:
+    """Callable flag: True once a watched signal arrived, or once the time limit is near.
+
+    Args:
+        end_time: returns the job's end (epoch seconds) or None when unknown; asked at
+            every epoch boundary (the time limit of a job can change while it runs).
+        margin_s: stop this long before `end_time` (the grace time SLURM's signal leaves).
+    """
+
+    def __init__(self, end_time: Callable[[], float | None] | None = None,
+                 margin_s: float = 0.0) -> None:
         self.signum: int | None = None
+        self.time_up = False
+        self.end_time = end_time
+        self.margin_s = margin_s
 
     def __call__(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.time_up
+
+    def epoch_ended(self, epoch_s: float) -> None:
+        """At an epoch boundary: stop now, if an epoch as long as the last one would not end
+        `margin_s` before the job does (better than being stopped in the middle of it)."""
+        end = self.end_time() if self.end_time else None
+        if end is None:
+            return
+        left_s = end - self.margin_s - time.time()
+        if EPOCH_SAFETY * epoch_s > left_s:
+            logger.warning("time limit: %.0f s left before the job's end (minus %.0f s grace), an "
+                           "epoch takes %.0f s: stopping at the epoch boundary", left_s,
+                           self.margin_s, epoch_s)
+            self.time_up = True
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         logger.warning("caught %s: stopping at the next step boundary", signal.Signals(signum).name)

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ class StageRunner:
     def __init__(self, plan: Plan, stage: str) -> None:
         import models
         from orchestrator.data.atlas import discover_subjects
-        from orchestrator.data.dataset import split_subjects
+        from orchestrator.data.folds import split_records
 
         self.plan, self.sp = plan, plan.stage(stage)
         self.dir = stage_dir(plan, stage)
@@ -111,7 +111,8 @@ class StageRunner:
         if plan.data_dir is None:
             raise CheckpointError(f"plan {plan.run}: no data directory (plan with --data DIR)")
         records = discover_subjects(Path(plan.data_dir))
-        self.train_recs, self.val_recs = split_subjects(records, spec.val_fraction, spec.seed)
+        self.train_recs, self.val_recs = split_records(records, plan.val_subjects,  # a CV fold's
+                                                       spec.val_fraction, spec.seed)
         self.dataset = _training_dataset(self.sp, self.train_recs)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
@@ -122,6 +123,15 @@ class StageRunner:
                                         self.device, self.amp_dtype)
         self.progress = Progress()
         self.log = MetricsLog(self.dir)
+        # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
+        # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
+        from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
+
+        limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
+            "context_gb", 0.0), self.device)
+        if limit:
+            logger.info("%s: %s", stage, limit)
+        self.oom = OomFallback(self)
 
     # ------------------------------------------------------------------ start / save
     def start(self) -> str:
@@ -182,6 +192,22 @@ class StageRunner:
     def save_last(self) -> None:
         ck.save_checkpoint(self.ckpt_dir / "last.pt", self.payload(full=True))
 
+    def save_final(self, path: Path) -> None:
+        ck.save_checkpoint(path, self.payload(full=False))
+
+    def record(self, counter: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into the stage's state.json entry (incrementing `counter`, if given).
+
+        The writes of a stage go through these methods: a DDP rank other than 0 skips them.
+        """
+        if counter:
+            return run_state.bump_stage(self.plan.run_dir, self.sp.name, counter, **fields)
+        return run_state.update_stage(self.plan.run_dir, self.sp.name, **fields)
+
+    def sample_indices(self, start: int) -> Iterable[int]:
+        """This epoch's sample indices from position `start` (a DDP rank takes its share)."""
+        return range(start, len(self.dataset))
+
     # ------------------------------------------------------------------ loop
     def train_steps(self, max_steps: int | None = None,
                     stop: Callable[[], bool] | None = None) -> bool:
@@ -191,13 +217,13 @@ class StageRunner:
         self.dataset.set_epoch(pr.epoch)
         start = pr.step_in_epoch * self.sp.batch_size
         loader = DataLoader(self.dataset, batch_size=self.sp.batch_size, drop_last=True,
-                            sampler=range(start, len(self.dataset)),
+                            sampler=self.sample_indices(start),
                             num_workers=_num_workers(self.sp), persistent_workers=False)
         self.model.train()
         for batch in loader:
             if (max_steps is not None and pr.global_step >= max_steps) or (stop and stop()):
                 return False
-            self._one_step(batch)
+            self.oom.step(self._one_step, batch)  # = self._one_step(batch) on the CPU
             pr.step_in_epoch += 1
             pr.global_step += 1
             if pr.step_in_epoch % spec.checkpoint_every_steps == 0:
@@ -280,22 +306,22 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
         logger.info("%s: already complete (%s)", stage, final)
         return {"stage": stage, "best_dice": done.get("best_dice", -1.0), "epochs": None,
                 "final": str(final), "start": "already complete", "interrupted": False}
-    runner = StageRunner(plan, stage)
-    run_dir = plan.run_dir
+    from orchestrator.training.distributed import stage_runner  # DDP when WORLD_SIZE > 1
+
+    runner = stage_runner(plan, stage)
     how = runner.start()
     logger.info("%s: %s", stage, how)
-    entry = run_state.bump_stage(run_dir, stage, "attempts", state=run_state.RUNNING,
-                                 started=run_state.now_iso(), start=how, pid=os.getpid(),
-                                 max_epochs=runner.sp.spec.max_epochs, error=None)
+    entry = runner.record("attempts", state=run_state.RUNNING,
+                          started=run_state.now_iso(), start=how, pid=os.getpid(),
+                          max_epochs=runner.sp.spec.max_epochs, error=None)
     if entry.get("slurm_job_id") is None and os.environ.get("SLURM_JOB_ID"):
-        run_state.update_stage(run_dir, stage, slurm_job_id=os.environ["SLURM_JOB_ID"])
+        runner.record(slurm_job_id=os.environ["SLURM_JOB_ID"])
     spec, pr = runner.sp.spec, runner.progress
     while pr.epoch < spec.max_epochs:
         t0 = time.perf_counter()
         if not runner.train_steps(max_steps, stop):
             runner.save_last()
-            run_state.update_stage(run_dir, stage, state=run_state.INTERRUPTED,
-                                   epoch=pr.epoch, best_dice=pr.best_dice)
+            runner.record(state=run_state.INTERRUPTED, epoch=pr.epoch, best_dice=pr.best_dice)
             logger.info("%s: stopped at epoch %d step %d; last.pt written", stage, pr.epoch,
                         pr.step_in_epoch)
             return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch,
@@ -303,15 +329,17 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
         row = runner.end_epoch(time.perf_counter() - t0)
         logger.info("%s epoch %d/%d loss %.4f val_dice %s", stage, pr.epoch, spec.max_epochs,
                     row["train_loss"], row.get("val_dice"))
-        run_state.update_stage(run_dir, stage, epoch=pr.epoch, best_dice=pr.best_dice,
-                               peak_mem_gb=row.get("peak_mem_gb"))
+        runner.record(epoch=pr.epoch, best_dice=pr.best_dice, peak_mem_gb=row.get("peak_mem_gb"))
+        epoch_ended = getattr(stop, "epoch_ended", None)  # StopFlag: is the time limit near?
+        if epoch_ended is not None and pr.epoch < spec.max_epochs:
+            epoch_ended(row["seconds"])  # if so, the next train_steps stops before its first step
         if _early_stop(spec.early_stop_patience_epochs, runner.log.val_dices()):
             logger.info("%s: early stop (no val Dice gain in %d epochs)", stage,
                         spec.early_stop_patience_epochs)
             break
-    ck.save_checkpoint(final, runner.payload(full=False))
-    run_state.update_stage(run_dir, stage, state=run_state.COMPLETED, ended=run_state.now_iso(),
-                           final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
+    runner.save_final(final)
+    runner.record(state=run_state.COMPLETED, ended=run_state.now_iso(),
+                  final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
     return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
             "start": how, "interrupted": False}
 

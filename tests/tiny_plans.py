@@ -1,0 +1,36 @@
+"""A plan of the tiny curriculum at the stages' own numbers, without running the planner.
+
+For tests of launching and training, where what the planner would choose is not under
+test: `make_tiny_plan` (conftest.py) measures every stage first, about 10 s on 2 cores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import TINY_CURRICULUM
+
+from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
+from orchestrator.runs.atomic import atomic_write_text
+
+
+def quick_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", cluster: str = "local",
+                    stage_updates: dict[str, Any] | None = None,
+                    **cluster_updates: Any) -> tuple[Plan, Path]:
+    """Write runs_dir/run/plan.yaml; `stage_updates` change every stage's spec (e.g. max_epochs)."""
+    _, stages = load_curriculum(TINY_CURRICULUM)
+    planned = []
+    for spec, init in stages:
+        spec = spec.model_copy(update=stage_updates or {})
+        planned.append(StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=init,
+                                 input_size_vox=spec.input_size_vox, base_filters=spec.base_filters,
+                                 batch_size=spec.batch_size, checkpointing=False, amp=spec.amp,
+                                 params=0, predicted_gb=0.0,
+                                 reasons=["test plan: the stage's own numbers, not planned"]))
+    profile = resolve_cluster(cluster)[0].model_copy(update=cluster_updates)
+    plan = Plan(run=run, created="2026-11-22T00:00:00+0000", device="cpu", budget_gb=2.0,
+                data_dir=str(Path(data).resolve()), runs_dir=str(Path(runs_dir).resolve()),
+                curriculum=str(TINY_CURRICULUM), cluster=profile, probe={}, stages=planned)
+    path = plan.run_dir / "plan.yaml"
+    atomic_write_text(path, plan_to_yaml(plan))
+    return plan, path
