@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -73,6 +75,12 @@ class LCNN(nn.Module):
         self.global_path = GlobalPath(in_slices, num_classes, checkpointing=checkpointing)
         multiple = max(self.local_path.required_multiple, GlobalPath.required_multiple)
         self.required_multiple: int = multiple
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The encoders of both paths (SEAN's alignment net and encoder, the global
+        ResNeXt trunk): what fine-tuning with a frozen encoder keeps fixed."""
+        for part in (self.local_path.align, self.local_path.encoder, self.global_path.trunk):
+            yield from part.parameters()
 
     @property
     def checkpointing(self) -> bool:

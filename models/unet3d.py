@@ -10,7 +10,7 @@ keeps Net2Net widening a per-level affair.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -125,6 +125,13 @@ class ResUNet3D(nn.Module):
     def required_multiple(self) -> int:
         """Every spatial side of the input must be a multiple of this."""
         return 2**self.levels
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The encoder's parameters (stem, encoder levels, bottleneck transformer): what
+        fine-tuning with a frozen encoder keeps fixed."""
+        parts = [self.stem, self.encoder] + ([self.transformer] if self.transformer else [])
+        for part in parts:
+            yield from part.parameters()
 
     def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():

@@ -307,6 +307,19 @@ def bench_data(json_out: Json = False) -> None:
     render.figures(out, doc)
 
 
+@bench_app.command("step")
+def bench_step(json_out: Json = False) -> None:
+    """Seconds per training step: the trainer against a bare PyTorch loop (same model, batch)."""
+    from orchestrator.bench_step import bench_step as _bench
+
+    with err.status("benchmarking the training step (about a minute)..."):
+        doc = _bench()
+    if json_out:
+        _emit_json(doc)
+        return
+    render.figures(out, doc)
+
+
 @bench_app.command("plan")
 def bench_plan(json_out: Json = False) -> None:
     """Seconds to plan 4 stages + LCNN: CPU and GPU at 20 GB, CPU at 4 GB (cold estimates)."""

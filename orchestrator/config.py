@@ -58,6 +58,22 @@ class StageSpec(_Strict):
     checkpoint_every_steps: int = Field(50, gt=0, description="Write last.pt this often.")
     early_stop_patience_epochs: int | None = Field(None, gt=0)
     seed: int = 0
+    boundary_weight_start: float = Field(0.01, ge=0, le=1, description=(
+        "3D: weight a of the boundary loss at epoch 0; the loss is (1 - a) x (GDL + Focal) "
+        "+ a x Boundary."))
+    boundary_weight_end: float = Field(0.3, ge=0, le=1, description=(
+        "3D: a after boundary_ramp_epochs (0 and start 0: no boundary term)."))
+    boundary_ramp_epochs: int = Field(50, ge=0, description="3D: epochs of a's linear ramp.")
+    grad_accum_steps: int = Field(1, gt=0, description=(
+        "Backward passes per optimizer step, each of batch_size samples (the planner fits "
+        "batch_size; the effective batch is batch_size x grad_accum_steps)."))
+    init_checkpoint: str | None = Field(None, description=(
+        "Start from this checkpoint (any stage's final.pt or best.pt, through the hand-off) "
+        "when the stage has no init_from: fine-tuning on another dataset. A relative path "
+        "is taken from where `plan` runs."))
+    freeze: Literal["encoder"] | None = Field(None, description=(
+        "Fine-tuning: 'encoder' keeps the encoder's weights fixed (the model's "
+        "`encoder_parameters()`); None trains everything."))
     alignment_weight: float = Field(0.1, ge=0, description="LCNN: weight of the alignment loss.")
     alignment_warmup_epochs: int = Field(3, ge=0, description="LCNN: epochs to reach that weight.")
     planner: PlannerLimits = PlannerLimits()
@@ -288,6 +304,13 @@ def load_curriculum(path: Path) -> tuple[Curriculum, list[tuple[StageSpec, str |
             elif init not in seen:
                 raise ConfigError(
                     f"{path}: {group}.{i}.init_from: {init!r} is not an earlier stage ({seen})")
+            if spec.init_checkpoint and init:
+                raise ConfigError(
+                    f"{path}: {group}.{i}: stage {spec.name!r} has init_checkpoint and starts from "
+                    f"stage {init!r}; expected one of them (set init_from: null)")
+            if spec.init_checkpoint:
+                spec = spec.model_copy(
+                    update={"init_checkpoint": str(Path(spec.init_checkpoint).resolve())})
             out.append((spec, init))
             seen.append(spec.name)
     return cur, out

@@ -100,14 +100,16 @@ class _Prepared:
     image: np.ndarray
     label: np.ndarray
     lesion_flat: np.ndarray  # flat indices of lesion voxels in the padded grid
+    sdm: np.ndarray | None = None  # the label's signed distance map, when asked for
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.image.shape
 
-    def crop(self, start: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def crop(self, start: np.ndarray, size: tuple[int, ...],
+             names: tuple[str, ...] = ("image", "label")) -> tuple[np.ndarray, ...]:
         box = tuple(slice(s, s + p) for s, p in zip(start, size))
-        return self.image[box], self.label[box]
+        return tuple(getattr(self, name)[box] for name in names)
 
 
 class SubjectSampledDataset(Dataset):
@@ -203,7 +205,10 @@ class PatchDataset(SubjectSampledDataset):
     Note: the epoch lives in the instance. Call `set_epoch` before iterating; DataLoader
     workers see it only if they are started after the call (persistent_workers=False).
 
-    Items: {"image": float32 tensor (1, X, Y, Z), "label": int64 tensor (X, Y, Z)}.
+    Items: {"image": float32 tensor (1, X, Y, Z), "label": int64 tensor (X, Y, Z)}, and
+    with `with_sdm` "sdm": float32 (1, X, Y, Z), the signed distance map of the whole
+    volume's label cropped like it (the boundary loss's input; the cache stores it, for
+    NIfTI records it is computed once per subject when loaded; padding is 0).
     """
 
     def __init__(
@@ -215,24 +220,30 @@ class PatchDataset(SubjectSampledDataset):
         seed: int = 0,
         augment: bool = False,
         max_cached_volumes: int | None = None,
+        with_sdm: bool = False,
     ) -> None:
         if len(patch_size_vox) != 3 or min(patch_size_vox) < 1:
             raise ConfigError(f"patch_size_vox {patch_size_vox}; expected 3 positive sizes")
         super().__init__(records, samples_per_epoch, lesion_fraction, seed, augment,
                          max_cached_volumes)
         self.patch_size_vox = tuple(int(p) for p in patch_size_vox)
+        self.with_sdm = with_sdm
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = self._rng(i)
         vol = self._volume(self.subject_index(i))
         start, _ = self._patch_start(rng, vol)
-        image, label = vol.crop(start, self.patch_size_vox)
+        names = ("image", "label", "sdm") if self.with_sdm else ("image", "label")
+        image, label, *sdm = vol.crop(start, self.patch_size_vox, names=names)
         if self.augment:
-            image, label = _augment(rng, image, label)
-        return {
+            image, label, *sdm = _augment(rng, image, label, *sdm)
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
         }
+        if sdm:
+            item["sdm"] = torch.from_numpy(np.ascontiguousarray(sdm[0], dtype=np.float32)[None])
+        return item
 
     def patch_draw(self, i: int) -> PatchDraw:
         """Where sample i of the current epoch comes from (the draws `__getitem__` makes)."""
@@ -256,29 +267,35 @@ class PatchDataset(SubjectSampledDataset):
             from orchestrator.data.cachefile import CachedVolume  # h5py only for cached data
 
             return CachedVolume(rec.cached, self.patch_size_vox)
-        return _prepare(load_subject(rec), self.patch_size_vox)
+        return _prepare(load_subject(rec), self.patch_size_vox, self.with_sdm)
 
 
-def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int]) -> _Prepared:
-    """Pad to at least the patch size (centred) and index the lesion voxels."""
+def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int], with_sdm: bool = False) -> _Prepared:
+    """Pad to at least the patch size (centred), index the lesion voxels and, if asked,
+    compute the label's signed distance map (on the unpadded volume, padded with 0)."""
+    from orchestrator.data.cache import signed_distance
+
     assert vol.label is not None
     pad = [max(0, p - s) for p, s in zip(patch_size_vox, vol.image.shape)]
     image, label = vol.image, vol.label
+    sdm = signed_distance(label) if with_sdm else None
     if any(pad):
         widths = [(p // 2, p - p // 2) for p in pad]
         image = np.pad(image, widths, constant_values=vol.background)
         label = np.pad(label, widths, constant_values=0)
-    return _Prepared(image, label, np.flatnonzero(label))
+        sdm = None if sdm is None else np.pad(sdm, widths, constant_values=0)
+    return _Prepared(image, label, np.flatnonzero(label), sdm)
 
 
-def _augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray):
-    """Random flips per axis and an intensity scale/shift, all drawn from `rng`."""
+def _augment(rng: np.random.Generator, image: np.ndarray, *maps: np.ndarray):
+    """Random flips per axis (of the image and every map: label, distance map) and an
+    intensity scale/shift of the image, all drawn from `rng`."""
     flips = rng.random(3) < 0.5
     scale = rng.uniform(*INTENSITY_SCALE_RANGE)
     shift = rng.uniform(*INTENSITY_SHIFT_RANGE)
     axes = tuple(int(a) for a in np.flatnonzero(flips))
     if axes:
         image = np.flip(image, axis=axes)
-        label = np.flip(label, axis=axes)
+        maps = tuple(np.flip(m, axis=axes) for m in maps)
     image = image * np.float32(scale) + np.float32(shift)
-    return image, label
+    return (image, *maps)

@@ -166,8 +166,12 @@ class RegionBoundaryLoss(nn.Module):
             return self.end
         return self.start + (self.end - self.start) * min(1.0, max(0.0, epoch) / self.ramp_epochs)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, sdm: torch.Tensor,
-                epoch: float | None = None) -> torch.Tensor:
-        """logits (B, C, *spatial); target (B, 1, *spatial) labels; sdm as `BoundaryLoss`."""
+    def forward(self, logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                sdm: torch.Tensor, epoch: float | None = None) -> torch.Tensor:
+        """logits (B, C, *spatial), or a deep-supervision list whose first element is the
+        full-resolution output (the regional loss then being e.g. MONAI's
+        `DeepSupervisionLoss`; the boundary term takes the first); target (B, 1, *spatial)
+        labels; sdm as `BoundaryLoss`."""
         a = self.alpha(epoch)
-        return (1.0 - a) * self.regional(logits, target) + a * self.boundary(logits, sdm)
+        main = logits[0] if isinstance(logits, (list, tuple)) else logits
+        return (1.0 - a) * self.regional(logits, target) + a * self.boundary(main, sdm)

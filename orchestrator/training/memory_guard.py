@@ -48,14 +48,19 @@ class AccumulatingObjective:
         return getattr(self.inner, name)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
+                 *args: Any, sdm: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         xs, ys = x.chunk(self.micro), y.chunk(self.micro)
+        sdms = sdm.chunk(self.micro) if sdm is not None else (None,) * len(xs)
         done = torch.zeros((), device=x.device)
-        for xi, yi in zip(xs[:-1], ys[:-1]):
-            part = self.inner(model, xi, yi, *args, **kwargs) * (len(xi) / len(x))
+        parts = list(zip(xs, ys, sdms))
+        for i, (xi, yi, si) in enumerate(parts):
+            extra = {"sdm": si} if si is not None else {}  # chunks of the distance maps too
+            part = self.inner(model, xi, yi, *args, **extra, **kwargs) * (len(xi) / len(x))
+            if i == len(parts) - 1:
+                return part + done
             self.scaler.scale(part).backward()
             done = done + part.detach()
-        return self.inner(model, xs[-1], ys[-1], *args, **kwargs) * (len(xs[-1]) / len(x)) + done
+        raise AssertionError("unreachable: chunk() gives at least one part")
 
 
 class OomFallback:
@@ -64,7 +69,7 @@ class OomFallback:
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.steps_left = FIRST_STEPS if runner.device.type == "cuda" else 0
-        self.micro = 1
+        self.micro = runner.sp.spec.grad_accum_steps  # the stage's own accumulation
         self.history: list[str] = []
         self._objective: Any = None  # the runner's own objective, before any accumulation
 
@@ -85,17 +90,19 @@ class OomFallback:
                 self.runner.record(memory_fallback=list(self.history))
 
     def _fall_back(self, err: BaseException) -> str:
-        model, sp = self.runner.model, self.runner.sp
+        model = self.runner.model
         first = str(err).splitlines()[0][:160]
         if not getattr(model, "checkpointing", True):
             model.checkpointing = True
             return f"out of memory in the first steps ({first}): gradient checkpointing on"
-        if self.micro * 2 <= sp.batch_size:
+        step_batch = self.runner.step_batch
+        if self.micro * 2 <= step_batch:
             self.micro *= 2
-            if self._objective is None:
-                self._objective = self.runner.objective
+            if self._objective is None:  # the objective without any accumulation
+                inner = self.runner.objective
+                self._objective = inner.inner if isinstance(inner, AccumulatingObjective) else inner
             self.runner.objective = AccumulatingObjective(self._objective, self.micro,
                                                           self.runner.scaler)
-            return (f"out of memory in the first steps ({first}): batch {sp.batch_size} as "
-                    f"{self.micro} backward passes of {sp.batch_size // self.micro} (accumulated)")
+            return (f"out of memory in the first steps ({first}): batch {step_batch} as "
+                    f"{self.micro} backward passes of {step_batch // self.micro} (accumulated)")
         raise err

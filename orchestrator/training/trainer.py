@@ -2,7 +2,8 @@
 
 `run_stage(plan_path, stage)` is the one entry point `launch/` calls; it runs the same
 in-process, on the local executor and under SLURM. Start: this stage's `last.pt` (a
-requeue), else the `init_from` stage's `final.pt` through the hand-off, else fresh.
+requeue), else the `init_from` stage's `final.pt` through the hand-off, else the stage's
+`init_checkpoint` (fine-tuning) through the same hand-off, else fresh.
 """
 from __future__ import annotations
 
@@ -78,10 +79,11 @@ def _lr_lambda(sp: StagePlan):  # noqa: ANN202
     return f
 
 
-def _training_dataset(sp: StagePlan, records: list) -> torch.utils.data.Dataset:
-    """3D patches for the 3D family, 2T+1 slice stacks for LCNN; both pure in (seed, epoch, i)."""
+def _training_dataset(sp: StagePlan, records: list, with_sdm: bool) -> torch.utils.data.Dataset:
+    """3D patches for the 3D family (with their signed distance maps for the boundary loss),
+    2T+1 slice stacks for LCNN; both pure in (seed, epoch, i)."""
     spec = sp.spec
-    common = {"samples_per_epoch": spec.iterations_per_epoch * sp.batch_size,
+    common = {"samples_per_epoch": spec.iterations_per_epoch * sp.batch_size * spec.grad_accum_steps,
               "lesion_fraction": spec.lesion_fraction, "seed": spec.seed, "augment": spec.augment}
     if sp.kind == "lcnn":
         from orchestrator.data.slices import SliceStackDataset
@@ -90,7 +92,7 @@ def _training_dataset(sp: StagePlan, records: list) -> torch.utils.data.Dataset:
                                  tuple(sp.input_size_vox), **common)
     from orchestrator.data.dataset import PatchDataset
 
-    return PatchDataset(records, tuple(sp.input_size_vox), **common)
+    return PatchDataset(records, tuple(sp.input_size_vox), with_sdm=with_sdm, **common)
 
 
 class StageRunner:
@@ -113,19 +115,32 @@ class StageRunner:
         records = discover_subjects(Path(plan.data_dir))
         self.train_recs, self.val_recs = split_records(records, plan.val_subjects,  # a CV fold's
                                                        spec.val_fraction, spec.seed)
-        self.dataset = _training_dataset(self.sp, self.train_recs)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        self.objective: Any = Objective(spec)
+        self.dataset = _training_dataset(self.sp, self.train_recs, self.objective.needs_sdm)
+        # a step: grad_accum_steps backward passes of batch_size samples each
+        self.step_batch = self.sp.batch_size * spec.grad_accum_steps
+        if spec.freeze == "encoder":
+            for p in self.model.encoder_parameters():
+                p.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
         self.amp_dtype = amp_dtype_for(self.device.type, self.sp.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.objective = Objective(spec)
         self.predict = volume_predictor(spec.kind, self.sp.model_kwargs(), self.sp.input_size_vox,
                                         self.device, self.amp_dtype)
         self.progress = Progress()
         self.log = MetricsLog(self.dir)
         # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
         # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
-        from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
+        from orchestrator.training.memory_guard import (
+            AccumulatingObjective,
+            OomFallback,
+            limit_gpu_memory,
+        )
+
+        if spec.grad_accum_steps > 1:
+            self.objective = AccumulatingObjective(self.objective, spec.grad_accum_steps, self.scaler)
 
         limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
             "context_gb", 0.0), self.device)
@@ -135,7 +150,8 @@ class StageRunner:
 
     # ------------------------------------------------------------------ start / save
     def start(self) -> str:
-        """Load last.pt, or hand off from init_from's final.pt, or start fresh; say which."""
+        """Load last.pt, or hand off from init_from's final.pt (or init_checkpoint), or start
+        fresh; say which."""
         last = self.ckpt_dir / "last.pt"
         if last.exists():
             ckpt = ck.load_checkpoint(last)
@@ -148,14 +164,17 @@ class StageRunner:
             self.log.truncate_after(self.progress.epoch)
             return f"resumed from {last} (epoch {self.progress.epoch}, step {self.progress.step_in_epoch})"
         self._write_split()
-        if self.sp.init_from:
+        if self.sp.init_from or self.sp.spec.init_checkpoint:
             return self._handoff()
         return "fresh start (no last.pt, no init_from)"
 
     def _handoff(self) -> str:
         from orchestrator.training.handoff import transfer_weights
 
-        src = stage_dir(self.plan, self.sp.init_from) / "checkpoints" / "final.pt"
+        if self.sp.init_from:
+            src = stage_dir(self.plan, self.sp.init_from) / "checkpoints" / "final.pt"
+        else:
+            src = Path(str(self.sp.spec.init_checkpoint))
         ckpt = ck.load_checkpoint(src)
         old = ck.model_from_checkpoint(ckpt, src)
         in_ch = self.model_input_channels()
@@ -164,9 +183,9 @@ class StageRunner:
         report = transfer_weights(old, self.model, probe_shape=probe,
                                   noise_std=self.plan.handoff_noise_std, seed=self.sp.spec.seed)
         self.model.to(self.device)
-        report = {"from": self.sp.init_from, "checkpoint": str(src), **report}
+        report = {"from": self.sp.init_from or ckpt.get("stage"), "checkpoint": str(src), **report}
         atomic_write_text(self.dir / "handoff.json", json.dumps(report, indent=2))
-        return (f"hand-off from {self.sp.init_from} ({src}), max output diff "
+        return (f"hand-off from {report['from']} ({src}), max output diff "
                 f"{report['max_output_diff']:.2e}")
 
     def model_input_channels(self) -> int:
@@ -215,8 +234,8 @@ class StageRunner:
         (`max_steps` reached, or `stop()` became true: checked between steps)."""
         spec, pr = self.sp.spec, self.progress
         self.dataset.set_epoch(pr.epoch)
-        start = pr.step_in_epoch * self.sp.batch_size
-        loader = DataLoader(self.dataset, batch_size=self.sp.batch_size, drop_last=True,
+        start = pr.step_in_epoch * self.step_batch
+        loader = DataLoader(self.dataset, batch_size=self.step_batch, drop_last=True,
                             sampler=self.sample_indices(start),
                             num_workers=_num_workers(self.sp), persistent_workers=False)
         self.model.train()
@@ -233,7 +252,9 @@ class StageRunner:
     def _one_step(self, batch: dict[str, torch.Tensor]) -> None:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
-        loss = self.objective(self.model, x, y, self.amp_dtype, self.device.type, self.progress.epoch)
+        sdm = batch["sdm"].to(self.device, non_blocking=True) if "sdm" in batch else None
+        loss = self.objective(self.model, x, y, self.amp_dtype, self.device.type,
+                              self.progress.epoch, sdm=sdm)
         if not torch.isfinite(loss):
             self._skip_step("loss")
             return

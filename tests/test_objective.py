@@ -1,0 +1,150 @@
+"""What the trainer optimises: the boundary term with its distance maps, gradient
+accumulation, and fine-tuning from a checkpoint with the encoder frozen (issue 5)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CURRICULUM
+from tiny_plans import quick_tiny_plan
+
+from orchestrator.config import load_curriculum
+from orchestrator.data.atlas import discover_subjects
+from orchestrator.data.cache import build_cache
+from orchestrator.data.dataset import PatchDataset
+from orchestrator.data.volume import load_subject
+from orchestrator.errors import ConfigError
+from orchestrator.training.checkpoints import load_checkpoint
+from orchestrator.training.losses import BoundaryLoss, signed_distance_map
+from orchestrator.training.step import Objective
+from orchestrator.training.trainer import StageRunner, run_stage
+
+S1 = "stage1_basic_cnn"
+PATCH = (16, 16, 16)
+
+
+def test_patches_carry_the_whole_volume_distance_map(tiny_data: Path) -> None:
+    recs = discover_subjects(tiny_data)
+    ds = PatchDataset(recs, PATCH, samples_per_epoch=8, lesion_fraction=0.5, seed=3, with_sdm=True)
+    full = {i: signed_distance_map(load_subject(r).label) for i, r in enumerate(recs)}
+    for i in range(len(ds)):
+        item, draw = ds[i], ds.patch_draw(i)
+        box = tuple(slice(s, s + p) for s, p in zip(draw.start_vox, PATCH))
+        assert item["sdm"].shape == (1, *PATCH) and item["sdm"].dtype == torch.float32
+        np.testing.assert_array_equal(item["sdm"][0].numpy(), full[draw.subject_index][box])
+    assert "sdm" not in PatchDataset(recs, PATCH, samples_per_epoch=1)[0]
+
+
+@pytest.mark.parametrize("source", ["nifti", "cache"])
+def test_augmented_maps_stay_aligned_with_labels(tiny_data: Path, tmp_path: Path, source: str) -> None:
+    """Flips move image, label and distance map together: negative exactly on the lesion."""
+    recs = discover_subjects(tiny_data if source == "nifti" else build_cache(tiny_data, tmp_path).out)
+    ds = PatchDataset(recs, PATCH, samples_per_epoch=12, lesion_fraction=1.0, seed=1,
+                      augment=True, with_sdm=True)
+    lesion_patches = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        lesion = item["label"].numpy() == 1
+        lesion_patches += bool(lesion.any())
+        sdm = item["sdm"][0].numpy()
+        assert (sdm[lesion] < 0).all() and (sdm[~lesion] >= 0).all()
+    assert lesion_patches == len(ds)  # lesion_fraction 1: every patch holds lesion voxels
+
+
+def _tiny_model_out() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    main = torch.randn(2, 2, 8, 8, 8, generator=g)
+    aux = torch.randn(2, 2, 4, 4, 4, generator=g)
+    y = (torch.rand(2, 8, 8, 8, generator=g) > 0.7).long()
+    sdm = torch.from_numpy(np.stack([signed_distance_map(m) for m in y.numpy()]))[:, None]
+    return [main, aux], y, sdm
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' returning given deep-supervision outputs."""
+
+    def __init__(self, outs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outs = outs
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.outs
+
+
+def test_objective_moves_weight_from_regional_to_boundary() -> None:
+    _, stages = load_curriculum(TINY_CURRICULUM)
+    spec = stages[0][0].model_copy(update={"boundary_weight_start": 0.1, "boundary_weight_end": 0.5,
+                                           "boundary_ramp_epochs": 4})
+    outs, y, sdm = _tiny_model_out()
+    obj = Objective(spec)
+    assert obj.needs_sdm
+    x = torch.zeros(2, 1, 8, 8, 8)
+    regional = obj.seg_loss(outs, y.unsqueeze(1).float()).item()
+    boundary = BoundaryLoss()(outs[0], sdm).item()  # on the full-resolution output only
+    for epoch, a in ((0, 0.1), (2, 0.3), (4, 0.5), (9, 0.5)):
+        got = obj(_Fixed(outs), x, y, None, "cpu", epoch, sdm=sdm).item()
+        assert got == pytest.approx((1 - a) * regional + a * boundary, rel=1e-6)
+    with pytest.raises(ValueError, match="signed distance maps"):
+        obj(_Fixed(outs), x, y, None, "cpu", 0)
+    off = Objective(spec.model_copy(update={"boundary_weight_start": 0.0, "boundary_weight_end": 0.0}))
+    assert not off.needs_sdm
+    assert off(_Fixed(outs), x, y, None, "cpu", 0).item() == pytest.approx(regional, rel=1e-6)
+
+
+def _first_step_gradients(tmp_path: Path, data: Path, name: str, **stage: object) -> dict:
+    """The gradients the optimizer's first step receives (after clipping)."""
+    plan, _ = quick_tiny_plan(tmp_path / name, data, stage_updates=stage)
+    runner = StageRunner(plan, S1)
+    runner.start()
+    grads: dict[str, torch.Tensor] = {}
+    runner.opt.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in runner.model.named_parameters() if p.grad is not None}))
+    runner.train_steps(max_steps=1)
+    assert runner.progress.global_step == 1 and grads
+    return grads
+
+
+def test_accumulated_step_equals_the_whole_batch(tmp_path: Path, tiny_data: Path) -> None:
+    """batch 1 x 2 accumulated backward passes == batch 2 in one: same samples, same gradient."""
+    whole = _first_step_gradients(tmp_path, tiny_data, "whole", batch_size=2)
+    accum = _first_step_gradients(tmp_path, tiny_data, "accum", batch_size=1, grad_accum_steps=2)
+    single = _first_step_gradients(tmp_path, tiny_data, "single", batch_size=1)
+    scale = max(float(g.abs().max()) for g in whole.values())
+    assert whole.keys() == accum.keys()
+    for k in whole:
+        torch.testing.assert_close(accum[k], whole[k], rtol=1e-4, atol=1e-5 * scale)
+    assert any(not torch.allclose(single[k], whole[k], atol=1e-3 * scale) for k in whole)
+
+
+def test_finetune_from_a_checkpoint_with_the_encoder_frozen(tmp_path: Path, tiny_data: Path) -> None:
+    src_plan, src_path = quick_tiny_plan(tmp_path / "src", tiny_data)
+    run_stage(src_path, S1)
+    source = src_plan.run_dir / S1 / "checkpoints" / "final.pt"
+    plan, path = quick_tiny_plan(tmp_path / "ft", tiny_data, run="ft",
+                                 stage_updates={"init_checkpoint": str(source), "freeze": "encoder",
+                                                "max_epochs": 2})
+    res = run_stage(path, S1)
+    assert res["start"].startswith(f"hand-off from {S1} ({source})"), res["start"]
+    report = json.loads((plan.run_dir / S1 / "handoff.json").read_text())
+    assert report["from"] == S1 and report["max_output_diff"] <= 1e-4
+    before = load_checkpoint(source)["model"]
+    after = load_checkpoint(plan.run_dir / S1 / "checkpoints" / "final.pt")["model"]
+    enc = [k for k in after if k.startswith(("stem.", "encoder.")) and after[k].is_floating_point()]
+    dec = [k for k in after if k.startswith(("decoder.", "head.")) and after[k].is_floating_point()]
+    assert enc and dec
+    for k in enc:
+        assert torch.equal(after[k], before[k]), f"frozen encoder tensor {k} changed"
+    assert any(not torch.equal(after[k], before[k]) for k in dec), "the decoder did not train"
+
+
+def test_init_checkpoint_beside_init_from_is_a_config_error(tmp_path: Path) -> None:
+    text = TINY_CURRICULUM.read_text().replace("overrides:\n", "overrides:\n  init_checkpoint: x.pt\n", 1)
+    text = text.replace("../../stages/", str(TINY_CURRICULUM.parents[2] / "stages") + "/")
+    bad = tmp_path / "cur.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=r"stages\.1: stage 'stage2_cnn_attention' has "
+                                          r"init_checkpoint and starts from stage 'stage1_basic_cnn'"):
+        load_curriculum(bad)
