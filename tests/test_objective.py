@@ -12,6 +12,7 @@ from conftest import TINY_CURRICULUM
 from tiny_plans import quick_tiny_plan
 
 from orchestrator.config import load_curriculum
+from orchestrator.data import augment
 from orchestrator.data.atlas import discover_subjects
 from orchestrator.data.cache import build_cache
 from orchestrator.data.dataset import PatchDataset
@@ -39,8 +40,11 @@ def test_patches_carry_the_whole_volume_distance_map(tiny_data: Path) -> None:
 
 
 @pytest.mark.parametrize("source", ["nifti", "cache"])
-def test_augmented_maps_stay_aligned_with_labels(tiny_data: Path, tmp_path: Path, source: str) -> None:
-    """Flips move image, label and distance map together: negative exactly on the lesion."""
+def test_augmented_maps_stay_aligned_with_labels(tiny_data: Path, tmp_path: Path, source: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flips move image, label and distance map together: negative exactly on the lesion
+    (the affine's two interpolations differ at the rim: tests/test_augment.py)."""
+    monkeypatch.setattr(augment, "AFFINE_PROB", 0.0)
     recs = discover_subjects(tiny_data if source == "nifti" else build_cache(tiny_data, tmp_path).out)
     ds = PatchDataset(recs, PATCH, samples_per_epoch=12, lesion_fraction=1.0, seed=1,
                       augment=True, with_sdm=True)
@@ -148,3 +152,27 @@ def test_init_checkpoint_beside_init_from_is_a_config_error(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"stages\.1: stage 'stage2_cnn_attention' has "
                                           r"init_checkpoint and starts from stage 'stage1_basic_cnn'"):
         load_curriculum(bad)
+
+
+class _DiesInWorker(torch.utils.data.Dataset):
+    """Its second item kills the worker process that reads it (as the OOM killer would)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1)
+
+
+def test_dead_loader_worker_is_a_clear_stage_error() -> None:
+    from orchestrator.training.trainer import StageFailed, _batches
+
+    loader = torch.utils.data.DataLoader(_DiesInWorker(), batch_size=1, num_workers=1, timeout=60)
+    with pytest.raises(StageFailed, match=r"stage s1: DataLoader worker \(pid.*\d+\) "
+                                          r"(is killed by signal|exited unexpectedly).*set num_workers: 0"):
+        list(_batches(loader, "s1"))

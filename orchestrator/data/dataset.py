@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from orchestrator.data import augment
 from orchestrator.data.atlas import SubjectRecord
 from orchestrator.data.volume import Volume, load_subject
 from orchestrator.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-INTENSITY_SCALE_RANGE = (0.9, 1.1)
-INTENSITY_SHIFT_RANGE = (-0.1, 0.1)
 
 
 def split_subjects(
@@ -201,6 +199,8 @@ class PatchDataset(SubjectSampledDataset):
     bounds that memory (about 43 MB per ATLAS subject) at the cost of re-reading.
     Records from a cache folder (`rec.cached` set) are not loaded: only their lesion
     voxel list is kept, and each patch is read from the HDF5 file (a few ms).
+    With `augment`, `augment.spatial` (flips, sometimes a small rotation/scaling) and
+    `augment.intensity` (scale/shift, sometimes gamma and noise) change each patch.
 
     Note: the epoch lives in the instance. Call `set_epoch` before iterating; DataLoader
     workers see it only if they are started after the call (persistent_workers=False).
@@ -236,7 +236,8 @@ class PatchDataset(SubjectSampledDataset):
         names = ("image", "label", "sdm") if self.with_sdm else ("image", "label")
         image, label, *sdm = vol.crop(start, self.patch_size_vox, names=names)
         if self.augment:
-            image, label, *sdm = _augment(rng, image, label, *sdm)
+            image, label, *sdm = augment.spatial(rng, image, label, *sdm)
+            image = augment.intensity(rng, image)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
@@ -285,17 +286,3 @@ def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int], with_sdm: bool =
         label = np.pad(label, widths, constant_values=0)
         sdm = None if sdm is None else np.pad(sdm, widths, constant_values=0)
     return _Prepared(image, label, np.flatnonzero(label), sdm)
-
-
-def _augment(rng: np.random.Generator, image: np.ndarray, *maps: np.ndarray):
-    """Random flips per axis (of the image and every map: label, distance map) and an
-    intensity scale/shift of the image, all drawn from `rng`."""
-    flips = rng.random(3) < 0.5
-    scale = rng.uniform(*INTENSITY_SCALE_RANGE)
-    shift = rng.uniform(*INTENSITY_SHIFT_RANGE)
-    axes = tuple(int(a) for a in np.flatnonzero(flips))
-    if axes:
-        image = np.flip(image, axis=axes)
-        maps = tuple(np.flip(m, axis=axes) for m in maps)
-    image = image * np.float32(scale) + np.float32(shift)
-    return (image, *maps)

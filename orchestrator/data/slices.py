@@ -21,12 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.data import augment
 from orchestrator.data.atlas import SubjectRecord
-from orchestrator.data.dataset import (
-    INTENSITY_SCALE_RANGE,
-    INTENSITY_SHIFT_RANGE,
-    SubjectSampledDataset,
-)
+from orchestrator.data.dataset import SubjectSampledDataset
 from orchestrator.data.volume import load_subject
 from orchestrator.errors import ConfigError
 
@@ -87,7 +84,8 @@ class SliceStackDataset(SubjectSampledDataset):
     plane), if there are any; otherwise uniform among the slices holding brain, else
     among all slices. Every random choice comes from `np.random.default_rng([seed,
     epoch, i])`. With `augment`, a left-right flip (along W: the midline stays put) and
-    an intensity scale/shift are drawn from the same generator.
+    the intensity changes of `augment.intensity` (scale/shift, gamma, noise) are drawn
+    from the same generator.
 
     Volumes are loaded on first use and kept per process (pickling drops the cache;
     `max_cached_volumes` bounds it). Call `set_epoch` before iterating.
@@ -244,11 +242,8 @@ def _window(n: int, size: int) -> tuple[slice, slice]:
 
 
 def _augment_stack(rng: np.random.Generator, image: np.ndarray, label: np.ndarray):
-    """A left-right flip (W, symmetric about the midline) and an intensity scale/shift."""
-    flip = rng.random() < 0.5
-    scale = rng.uniform(*INTENSITY_SCALE_RANGE)
-    shift = rng.uniform(*INTENSITY_SHIFT_RANGE)
-    if flip:
+    """A left-right flip (W, symmetric about the midline), then `augment.intensity`."""
+    if rng.random() < 0.5:
         image = image[..., ::-1]
         label = label[..., ::-1]
-    return image * np.float32(scale) + np.float32(shift), label
+    return augment.intensity(rng, image), label

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,30 @@ def _num_workers(sp: StagePlan) -> int:
         return sp.spec.num_workers
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
     return max(0, min(4, cpus - 1))
+
+
+WORKER_TIMEOUT_S = 300  # a batch that takes longer means a worker hung
+
+
+def _batches(loader: DataLoader, stage: str) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches; a DataLoader worker that died (the kernel's OOM killer, a
+    segfault) or hung is a StageFailed saying what to change, not a hang or a bare
+    RuntimeError. An exception raised in the dataset keeps its own type (e.g. DataError)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "DataLoader worker" in first or "DataLoader timed out" in first:
+                raise StageFailed(
+                    f"stage {stage}: {first}. A data loader worker died or hung (often out of host "
+                    "memory): set num_workers: 0 (or fewer) in the stage YAML, or give the job more "
+                    "memory (mem_gb in the cluster profile)") from err
+            raise
+        yield batch
 
 
 def _lr_lambda(sp: StagePlan):  # noqa: ANN202
@@ -235,11 +259,12 @@ class StageRunner:
         spec, pr = self.sp.spec, self.progress
         self.dataset.set_epoch(pr.epoch)
         start = pr.step_in_epoch * self.step_batch
+        workers = _num_workers(self.sp)
         loader = DataLoader(self.dataset, batch_size=self.step_batch, drop_last=True,
-                            sampler=self.sample_indices(start),
-                            num_workers=_num_workers(self.sp), persistent_workers=False)
+                            sampler=self.sample_indices(start), num_workers=workers,
+                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0)
         self.model.train()
-        for batch in loader:
+        for batch in _batches(loader, self.sp.name):
             if (max_steps is not None and pr.global_step >= max_steps) or (stop and stop()):
                 return False
             self.oom.step(self._one_step, batch)  # = self._one_step(batch) on the CPU

@@ -1,0 +1,76 @@
+"""Training-time augmentation of patches and slice stacks.
+
+Every random choice comes from the sample's own generator (`rng`, seeded by (seed,
+epoch, i)), so an augmented sample is as reproducible as an unaugmented one: a resumed
+run, another worker count or another sample order see the same data.
+
+- spatial (3D patches): a flip per axis, and with probability `AFFINE_PROB` a small
+  rotation (up to `ROTATE_MAX_DEG` about each axis) and scaling about the patch centre
+  (MONAI's `Affine`; image and distance maps bilinear with border padding, the label
+  nearest-neighbour with zeros);
+- intensity (image only): scale and shift, with probability `GAMMA_PROB` a gamma
+  (nnU-Net's: on the intensities mapped to [0, 1] and back), with probability
+  `NOISE_PROB` Gaussian noise.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+INTENSITY_SCALE_RANGE = (0.9, 1.1)
+INTENSITY_SHIFT_RANGE = (-0.1, 0.1)
+AFFINE_PROB = 0.2
+ROTATE_MAX_DEG = 10.0
+SCALE_RANGE = (0.9, 1.1)
+GAMMA_PROB = 0.3
+GAMMA_RANGE = (0.7, 1.5)
+NOISE_PROB = 0.15
+NOISE_STD_MAX = 0.1  # the image is normalised to unit variance over the brain
+
+
+def spatial(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+            *maps: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Flip and (sometimes) rotate/scale a 3D patch: (image, label, *maps) alike."""
+    flips = rng.random(image.ndim) < 0.5
+    axes = tuple(int(a) for a in np.flatnonzero(flips))
+    if axes:
+        image, label = np.flip(image, axis=axes), np.flip(label, axis=axes)
+        maps = tuple(np.flip(m, axis=axes) for m in maps)
+    if rng.random() < AFFINE_PROB:
+        angles = rng.uniform(-1.0, 1.0, image.ndim) * math.radians(ROTATE_MAX_DEG)
+        scales = rng.uniform(*SCALE_RANGE, image.ndim)
+        image, label, *rest = _affine(angles, scales, image, label, maps)
+        maps = tuple(rest)
+    return (image, label, *maps)
+
+
+def _affine(angles: np.ndarray, scales: np.ndarray, image: np.ndarray, label: np.ndarray,
+            maps: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    import torch
+    from monai.transforms import Affine
+
+    common = {"rotate_params": angles.tolist(), "scale_params": scales.tolist(), "image_only": True}
+    smooth = np.stack([np.asarray(image, np.float32), *[np.asarray(m, np.float32) for m in maps]])
+    warped = Affine(mode="bilinear", padding_mode="border", **common)(torch.from_numpy(smooth))
+    lab = Affine(mode="nearest", padding_mode="zeros", **common)(
+        torch.from_numpy(np.asarray(label, np.float32)[None]))
+    out = np.asarray(warped.numpy())
+    return [out[0], np.asarray(lab.numpy()[0]).round().astype(label.dtype), *out[1:]]
+
+
+def intensity(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Scale/shift, and sometimes gamma and noise, of an image (float32)."""
+    scale = rng.uniform(*INTENSITY_SCALE_RANGE)
+    shift = rng.uniform(*INTENSITY_SHIFT_RANGE)
+    image = np.asarray(image, np.float32) * np.float32(scale) + np.float32(shift)
+    if rng.random() < GAMMA_PROB:
+        gamma = rng.uniform(*GAMMA_RANGE)
+        lo, hi = float(image.min()), float(image.max())
+        if hi > lo:
+            unit = (image - lo) / (hi - lo)
+            image = (np.power(unit, gamma) * (hi - lo) + lo).astype(np.float32)
+    if rng.random() < NOISE_PROB:
+        std = rng.uniform(0.0, NOISE_STD_MAX)
+        image = image + rng.normal(0.0, std, image.shape).astype(np.float32)
+    return image
