@@ -104,6 +104,23 @@ class Curriculum(_Strict):
     handoff_noise_std: float = Field(1e-3, ge=0)
 
 
+class StageResources(_Strict):
+    """One stage's own job resources in a cluster profile (`stages: {NAME: {...}}`); what it
+    leaves out comes from the profile's top level."""
+
+    partition: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gres: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, gt=0)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int | None = Field(None, gt=0)
+
+
+DEFAULT_TIME_MIN = 60  # a stage's time limit when neither the profile nor the plan gives one
+
+
 class ClusterProfile(_Strict):
     """Where and how jobs run (envs/clusters/*.yaml)."""
 
@@ -121,11 +138,27 @@ class ClusterProfile(_Strict):
                                 "(one task per GPU; gloo on CPU). The plan's batch is per task.")
     nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes).")
     mem_gb: float = Field(8, gt=0)
-    time_min: int = Field(60, gt=0, description="Time limit of each stage's job.")
+    time_min: int | None = Field(None, gt=0, description=(
+        "Time limit of each stage's job; unset: the plan's estimate from `plan --verify` "
+        f"(steps x measured step time, with margin), else {DEFAULT_TIME_MIN} min."))
+    stages: dict[str, StageResources] = Field(default_factory=dict, description=(
+        "Per-stage resources by stage name, over the values above (e.g. a longer time or a "
+        "bigger GPU for stage 4)."))
     setup: list[str] = Field(default_factory=list, description="Shell lines run before a job.")
     preempt_signal: str = "USR2"
     signal_grace_s: int = Field(120, ge=0)
     max_requeues: int = Field(3, ge=0)
+
+    def check_stage_names(self, where: str, stage_names: list[str]) -> None:
+        """Every `stages:` entry must name a stage of the curriculum.
+
+        Raises:
+            ConfigError: one names no stage (the message lists the stages there are).
+        """
+        for name in self.stages:
+            if name not in stage_names:
+                raise ConfigError(f"{where}: stages.{name}: no stage {name!r} in the curriculum; "
+                                  f"expected one of {', '.join(stage_names)}")
 
 
 class StagePlan(_Strict):
@@ -147,6 +180,8 @@ class StagePlan(_Strict):
         None, description="measured/predicted of an earlier `plan --verify`, applied to predicted_gb.")
     measurement: dict[str, Any] | None = Field(
         None, description="`plan --verify`: what was measured, how, and the ratio.")
+    time_estimate_min: int | None = Field(
+        None, description="`plan --verify`: the stage's job time from its measured step time.")
     reasons: list[str] = Field(default_factory=list)
 
     def model_kwargs(self) -> dict[str, Any]:

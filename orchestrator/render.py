@@ -27,6 +27,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
                         "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,
                         "measured_gb": s.measured_gb, "init_from": s.init_from,
                         "calibration_ratio": s.calibration_ratio, "measurement": s.measurement,
+                        "time_estimate_min": s.time_estimate_min,
                         "max_epochs": s.spec.max_epochs,
                         "iterations_per_epoch": s.spec.iterations_per_epoch,
                         "reasons": s.reasons} for s in plan.stages]}
@@ -42,6 +43,9 @@ def plan_table(console: Console, plan: Plan) -> None:
                   f"overheads {plan.assumptions['overheads']}")
     if "gpu" in plan.assumptions:
         console.print(f"assumed: {plan.assumptions['gpu']}")
+    prof = plan.assumptions.get("cluster") or {}
+    console.print(f"cluster: profile {plan.cluster.name} ({prof.get('file', '?')}); "
+                  f"job time {_time_source(plan)}", highlight=False)
     cal = plan.assumptions.get("calibration") or {}
     if cal.get("applied"):
         console.print(f"calibrated: predictions x measured/predicted from {cal['file']} "
@@ -80,6 +84,14 @@ def plan_table(console: Console, plan: Plan) -> None:
                           f"this hardware apply measured/predicted", highlight=False)
 
 
+def _time_source(plan: Plan) -> str:
+    if plan.cluster.time_min is not None:
+        return f"{plan.cluster.time_min} min from the profile's time_min"
+    if any(s.time_estimate_min for s in plan.stages):
+        return "per stage from the --verify step times (the profile sets no time_min)"
+    return "60 min by default (no time_min in the profile; `plan --verify` estimates it)"
+
+
 def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_run: bool) -> None:
     t = Table(title=f"{'dry run: ' if dry_run else ''}{plan.run} on {executor}")
     for col in ("stage", "job", "after", "time", "cpus", "mem GB", "gpus"):
@@ -89,6 +101,12 @@ def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_
         t.add_row(j.stage, j.job_id, j.depends_on or "-", f"{p['timeout_min']} min",
                   str(p["cpus_per_task"]), f"{p['mem_gb']:g}", str(p.get("gpus_per_node", 0)))
     console.print(t)
+    if dry_run:  # where every resource of every job came from
+        from orchestrator.launch.resources import describe, stage_resources
+
+        for j in jobs:
+            console.print(f"  {j.stage}: {describe(stage_resources(plan, plan.stage(j.stage)))}",
+                          highlight=False)
     if not dry_run:
         console.print(f"watch it: orchestrator status {plan.run} --runs-dir {plan.runs_dir}")
 

@@ -14,7 +14,7 @@ from orchestrator.config import load_plan
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.plan_file import PlanRequest, make_plan, verify_and_calibrate, write_plan
-from orchestrator.planning.schedule import batch_cap, derive_schedule, measure_dataset
+from orchestrator.planning.schedule import batch_cap, derive_schedule, job_time_min, measure_dataset
 from orchestrator.planning.verify import verify_stage
 from orchestrator.training.step import estimation_step
 
@@ -62,6 +62,10 @@ def test_verify_measures_a_real_step_records_and_calibrates_the_next_plan(tmp_pa
     assert sp.measured_gb == pytest.approx(m["peak_gb"], abs=1e-4)
     assert m["ratio"] == pytest.approx(m["peak_gb"] / sp.predicted_gb, rel=1e-3)
     assert "VmHWM" in m["method"] and m["steps"] == 1
+    # the measured step time sets the stage's job time (used where the profile has none)
+    assert m["step_s"] > 0
+    assert sp.time_estimate_min == job_time_min(sp.spec, m["step_s"])[0]
+    assert any(r.startswith(f"job time {sp.time_estimate_min} min: ") for r in sp.reasons)
     again = load_plan(path)  # written back
     assert again.stages[0].measured_gb == sp.measured_gb
     assert again.assumptions["calibration"]["recorded"]["stages"] == [sp.name]

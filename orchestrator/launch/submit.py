@@ -18,6 +18,7 @@ import submitit
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import SubmissionError
 from orchestrator.launch.job import StageJob
+from orchestrator.launch.resources import stage_resources
 from orchestrator.launch.snapshot import code_dir, setup_lines, snapshot_code
 from orchestrator.runs import state as run_state
 
@@ -49,18 +50,21 @@ def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorKind,
     if kind == "local" and nodes > 1:
         raise SubmissionError(f"cluster profile {c.name}: nodes {nodes}; the local executor "
                               "runs on this machine only (expected nodes: 1)")
-    params: dict[str, Any] = {"name": f"{plan.run}.{sp.name}", "timeout_min": c.time_min,
-                              "cpus_per_task": c.cpus_per_task, "mem_gb": c.mem_gb,
+    res = {k: r.value for k, r in stage_resources(plan, sp).items()}
+    params: dict[str, Any] = {"name": f"{plan.run}.{sp.name}", "timeout_min": res["time_min"],
+                              "cpus_per_task": res["cpus_per_task"], "mem_gb": res["mem_gb"],
                               "tasks_per_node": tasks, "nodes": nodes}
-    if c.gpus_per_node:
-        params["gpus_per_node"] = c.gpus_per_node
+    if res["gpus_per_node"]:
+        params["gpus_per_node"] = res["gpus_per_node"]
     if kind == "slurm":
         extra: dict[str, Any] = {}
         if depends_on:
             extra["dependency"] = f"afterok:{depends_on}"
-        for key in ("partition", "account", "qos", "constraint", "gres"):
-            if getattr(c, key):
-                params[f"slurm_{key}"] = getattr(c, key)
+        for key in ("partition", "qos", "constraint", "gres"):
+            if res[key]:
+                params[f"slurm_{key}"] = res[key]
+        if c.account:
+            params["slurm_account"] = c.account
         # the profile's lines, then into the run's code snapshot (launch/snapshot.py)
         params.update(slurm_setup=[*c.setup, *setup_lines(code_dir(plan))],
                       slurm_signal_delay_s=c.signal_grace_s, slurm_additional_parameters=extra)

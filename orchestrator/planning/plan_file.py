@@ -21,7 +21,13 @@ from orchestrator.planning import calibration as cal
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, StepFactory, plan_curriculum
 from orchestrator.planning.probe import Probe, host_budget_gb, probe
-from orchestrator.planning.schedule import DatasetSize, batch_cap, derive_schedule, measure_dataset
+from orchestrator.planning.schedule import (
+    DatasetSize,
+    batch_cap,
+    derive_schedule,
+    job_time_min,
+    measure_dataset,
+)
 from orchestrator.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -89,7 +95,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         PlanError: a stage cannot fit the budget.
     """
     cur, stages = load_curriculum(req.curriculum)
-    cluster, _cluster_path = resolve_cluster(req.cluster)
+    cluster, cluster_path = resolve_cluster(req.cluster)
+    cluster.check_stage_names(str(cluster_path), [s.name for s, _ in stages])
     if req.data_dir is not None and not Path(req.data_dir).is_dir():
         raise ConfigError(f"--data: {req.data_dir} is not a directory")
     ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else None
@@ -105,6 +112,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
     assumptions = {"budget_source": source, "overheads": overheads.as_dict(),
+                   "cluster": {"file": _shown_path(cluster_path),
+                               "set": sorted(cluster.model_fields_set)},
                    "estimate": "peak live tensors of a real training step (optimizer state "
                                "present) on fake tensors"
                                + (", CUDA autocast dtypes emulated" if device == "cuda" else ""),
@@ -124,6 +133,16 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
                 runs_dir=str(Path(req.runs_dir).resolve()), curriculum=str(Path(req.curriculum).resolve()),
                 cluster=cluster, probe=p.as_dict(), assumptions=assumptions,
                 handoff_noise_std=cur.handoff_noise_std, stages=planned)
+
+
+def _shown_path(path: Path) -> str:
+    """The profile's path as a user would type it: relative to the checkout if inside it."""
+    from orchestrator.config import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _with_schedule(sp: StagePlan, ds: DatasetSize) -> StagePlan:
@@ -147,6 +166,7 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
     from orchestrator.planning.verify import VERIFY_STEPS, verify_plan
 
     plan = verify_plan(plan, plan_path, worker, steps or VERIFY_STEPS, progress=progress)
+    plan = plan.model_copy(update={"stages": [_with_time(s) for s in plan.stages]})
     info = dict(plan.assumptions.get("calibration") or {})
     path, hardware = cal.calibration_path(), info.get("hardware")
     ok = {s.name: {"ratio": s.measurement["uncalibrated_ratio"], "measured_gb": s.measured_gb,
@@ -164,6 +184,16 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
     plan = plan.model_copy(update={"assumptions": {**plan.assumptions, "calibration": info}})
     atomic_write_text(plan_path, plan_to_yaml(plan))
     return plan
+
+
+def _with_time(sp: StagePlan) -> StagePlan:
+    """The stage's job time from its measured step (used where the profile sets none)."""
+    step_s = (sp.measurement or {}).get("step_s")
+    if not step_s:
+        return sp
+    minutes, how = job_time_min(sp.spec, float(step_s))
+    return sp.model_copy(update={"time_estimate_min": minutes,
+                                 "reasons": [*sp.reasons, f"job time {minutes} min: {how}"]})
 
 
 def write_plan(plan: Plan) -> Path:

@@ -115,3 +115,20 @@ def derive_schedule(spec: StageSpec, input_size_vox: tuple[int, ...], batch_size
 
 def _clamp(value: int, bounds: tuple[int, int]) -> int:
     return max(bounds[0], min(bounds[1], value))
+
+
+# A stage's job time from a measured step: the training steps, validation (sliding window
+# over the validation subjects every val_every_epochs: counted as VALIDATION_SHARE more),
+# and a safety margin for a slower node, data loading and the hand-off; whole 5 minutes.
+VALIDATION_SHARE = 0.15
+TIME_MARGIN = 1.3
+MIN_JOB_MIN = 10
+
+
+def job_time_min(spec: StageSpec, step_s: float) -> tuple[int, str]:
+    """(minutes for the stage's job, how they were reckoned) from a measured step time."""
+    steps = spec.max_epochs * spec.iterations_per_epoch * spec.grad_accum_steps
+    minutes = steps * step_s * (1 + VALIDATION_SHARE) * TIME_MARGIN / 60
+    rounded = max(MIN_JOB_MIN, 5 * math.ceil(minutes / 5))
+    return rounded, (f"{steps} steps x {step_s:.3g} s measured x {1 + VALIDATION_SHARE:g} "
+                     f"(validation) x {TIME_MARGIN:g} (margin) = {minutes:.0f} min")

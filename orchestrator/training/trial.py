@@ -3,7 +3,8 @@ memory measured (what `plan --verify` runs for each stage).
 
     python -m orchestrator.training.trial --plan runs/R/plan.yaml --stage S [--steps 2]
 
-prints one JSON line (`orchestrator.planning.verify.measure`). The step is the one the
+prints one JSON line (`orchestrator.planning.verify.measure`, plus `step_s`: the fastest
+step after the first, which `plan` turns into the stage's job time). The step is the one the
 planner estimated (forward, loss, backward, clip, AdamW step), on random data of the
 planned shape, with the optimizer the trainer builds, its state allocated before the
 first step (as the estimate has it: the peak of every step from the second on); on the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ def trial(plan_path: Path, stage: str, steps: int = 2) -> dict[str, Any]:
     model_opts = sp.spec.model  # input channels as the planner's estimate counts them
     in_ch = int(model_opts.get("in_channels", model_opts.get("in_slices", 1)))
 
+    step_times: list[float] = []
+
     def run() -> None:
         torch.manual_seed(sp.spec.seed)
         model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(device).train()
@@ -59,9 +63,16 @@ def trial(plan_path: Path, stage: str, steps: int = 2) -> dict[str, Any]:
         x = torch.randn(sp.batch_size, in_ch, *sp.input_size_vox, device=device)
         y = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=device)
         for _ in range(steps):
+            t0 = time.perf_counter()
             step(model, opt, x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
 
-    return measure(run, device.type)
+    result = measure(run, device.type)
+    # the steady step (the first one pays for kernel selection and lazy allocations)
+    result["step_s"] = round(min(step_times[1:] or step_times), 4)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
