@@ -174,7 +174,9 @@ class StagePlan(_Strict):
     checkpointing: bool
     amp: bool
     params: int
-    predicted_gb: float
+    predicted_gb: float = Field(description="The stage's peak: max(training step, validation).")
+    train_gb: float | None = Field(None, description="Predicted peak of a training step.")
+    val_gb: float | None = Field(None, description="Predicted peak of validating a whole volume.")
     measured_gb: float | None = None
     calibration_ratio: float | None = Field(
         None, description="measured/predicted of an earlier `plan --verify`, applied to predicted_gb.")

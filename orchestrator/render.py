@@ -25,6 +25,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
                         "input_size": list(s.input_size_vox), "base_filters": s.base_filters,
                         "batch_size": s.batch_size, "checkpointing": s.checkpointing,
                         "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,
+                        "train_gb": s.train_gb, "val_gb": s.val_gb,
                         "measured_gb": s.measured_gb, "init_from": s.init_from,
                         "calibration_ratio": s.calibration_ratio, "measurement": s.measurement,
                         "time_estimate_min": s.time_estimate_min,
@@ -52,14 +53,15 @@ def plan_table(console: Console, plan: Plan) -> None:
                       f"({cal['hardware']}): {cal['applied']}", highlight=False)
     measured = any(s.measurement for s in plan.stages)
     t = Table(title=f"plan {plan.run}")
-    cols = ["stage", "input", "filters", "batch", "ckpt", "AMP", "params", "pred GB", "% budget"]
+    cols = ["stage", "input", "filters", "batch", "ckpt", "AMP", "params", "train GB", "val GB",
+            "pred GB", "% budget"]
     cols += ["meas GB", "meas/pred", "tensors m/p"] if measured else []
     for col in [*cols, "from"]:
         t.add_column(col, justify="right" if col not in ("stage", "from") else "left")
     for s in plan.stages:
         row = [s.name, _size(s.input_size_vox), str(s.base_filters), str(s.batch_size),
                "yes" if s.checkpointing else "no", "bf16" if s.amp else "no",
-               f"{s.params / 1e6:.2f}M", f"{s.predicted_gb:.2f}",
+               f"{s.params / 1e6:.2f}M", _gb(s.train_gb), _gb(s.val_gb), f"{s.predicted_gb:.2f}",
                f"{100 * s.predicted_gb / plan.budget_gb:.0f}%"]
         if measured:
             m = s.measurement or {}
@@ -82,6 +84,10 @@ def plan_table(console: Console, plan: Plan) -> None:
         if cal.get("recorded"):
             console.print(f"calibration recorded in {cal['recorded']['file']}: later plans on "
                           f"this hardware apply measured/predicted", highlight=False)
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _time_source(plan: Plan) -> str:

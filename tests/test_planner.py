@@ -21,6 +21,13 @@ from orchestrator.planning.planner import (
 from orchestrator.training.step import estimation_step
 
 REPO = Path(__file__).resolve().parent.parent
+# what validation slides over in these tests: a small volume, so that the searches below
+# are about the training step (test_validation_* cover the volume's part)
+VOL = (64, 64, 64)
+
+
+def _budget(gb: float) -> Budget:
+    return Budget(gb, DEFAULT_OVERHEADS["cpu"], cuda_target=False, val_volume_vox=VOL)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def stage1_64(stage1):
 def test_chosen_configuration_fits_and_the_next_larger_does_not(stage1_64, budget_gb) -> None:
     """The property of the search: the chosen rung at the chosen batch fits; one more
     sample does not (unless at max_batch_size); the rung before it does not at min batch."""
-    budget = Budget(budget_gb, DEFAULT_OVERHEADS["cpu"], cuda_target=False)
+    budget = _budget(budget_gb)
     sp = plan_stage(stage1_64, None, budget, estimation_step)
     assert sp.predicted_gb <= budget_gb
     est = StageEstimator(stage1_64, budget, estimation_step, 16)
@@ -107,11 +114,11 @@ def test_first_fit_bisects_and_never_skips_the_boundary() -> None:
 
 def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:
     spec = stage1.model_copy(update={"input_size_vox": (96, 96, 96), "base_filters": 8})
-    roomy = plan_stage(spec, None, Budget(50.0, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    roomy = plan_stage(spec, None, _budget(50.0), estimation_step)
     assert not roomy.checkpointing and roomy.input_size_vox == (96, 96, 96)
     no_ckpt_gb = roomy.predicted_gb if roomy.batch_size == 2 else None
     tight_gb = 0.6 + 0.5 * ((no_ckpt_gb or 1.0) - 0.6)
-    tight = plan_stage(spec, None, Budget(tight_gb, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    tight = plan_stage(spec, None, _budget(tight_gb), estimation_step)
     assert tight.checkpointing or tuple(tight.input_size_vox) != (96, 96, 96)
     assert tight.predicted_gb <= tight_gb
     assert any("checkpointing" in r for r in tight.reasons)
@@ -122,11 +129,11 @@ def test_nothing_fits_names_smallest_budget(stage1) -> None:
             r"stage1_basic_cnn \(32x32x32, base filters 4, checkpointing, batch 2\) needs "
             r"([0-9.]+) GB: use --target-mem ([0-9.]+) or more")
     with pytest.raises(PlanError, match=want) as info:
-        plan_stage(stage1, None, Budget(0.05, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+        plan_stage(stage1, None, _budget(0.05), estimation_step)
     import re
 
     suggested = float(re.search(want, str(info.value)).group(2))
-    sp = plan_stage(stage1, None, Budget(suggested, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    sp = plan_stage(stage1, None, _budget(suggested), estimation_step)
     assert sp.predicted_gb <= suggested  # the budget named is enough
 
 
@@ -135,14 +142,13 @@ def test_tighter_budget_changes_stage4_and_says_why() -> None:
     at a roomy budget; checkpointing, with the need that forced it, at a tight one."""
     _cur, stages = load_curriculum(REPO / "tests" / "data" / "tiny.yaml")
     stage4 = stages[3][0]
-    overheads = DEFAULT_OVERHEADS["cpu"]
-    roomy = plan_stage(stage4, None, Budget(20.0, overheads, False), estimation_step)
+    roomy = plan_stage(stage4, None, _budget(20.0), estimation_step)
     assert not roomy.checkpointing and roomy.reasons[0].startswith("curriculum values")
     need = roomy.predicted_gb  # batch 2 = the stage's min and max
-    est = StageEstimator(stage4, Budget(need, overheads, False), estimation_step, 16)
+    est = StageEstimator(stage4, _budget(need), estimation_step, 16)
     with_ckpt = est.gb(Candidate((32, 32, 32), 4, True), 2)
     tight_gb = round((need + with_ckpt) / 2, 4)
-    tight = plan_stage(stage4, None, Budget(tight_gb, overheads, False), estimation_step)
+    tight = plan_stage(stage4, None, _budget(tight_gb), estimation_step)
     assert tight.checkpointing and tight.predicted_gb <= tight_gb
     assert tight.reasons[0] == (f"gradient checkpointing on: {with_ckpt:.2f} GB at batch 2; "
                                 f"32x32x32, base filters 4, no checkpointing needs {need:.2f} GB "
@@ -167,3 +173,45 @@ def test_cli_nothing_fits_exits_2_naming_the_smallest_budget(tmp_path) -> None:
                         r"lcnn \(64x64, base filters 8, checkpointing, batch 2\) needs [0-9.]+ GB: "
                         r"use --target-mem [0-9.]+ or more", line), line
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_validation_estimate_equals_live_bytes_of_a_real_sliding_window(stage1) -> None:
+    """The fake two-window run plus the volume-sized buffers = the live bytes of validating
+    a real volume (parameters and optimizer state held, as between epochs)."""
+    from monai.inferers import sliding_window_inference
+
+    from orchestrator.planning.memory import (
+        SLIDING_WINDOW,
+        estimate_eval_peak,
+        make_optimizer,
+        prime_adamw,
+    )
+    from orchestrator.planning.planner import build_stage_model
+
+    roi, vol = (32, 32, 32), (64, 72, 56)
+
+    def build() -> torch.nn.Module:
+        return build_stage_model(stage1, 4, False, roi)
+    est = estimate_eval_peak(build, roi, vol, 1, None, cuda_target=False)
+    with LivePeak() as tracker, torch.no_grad():
+        model = build().eval()
+        prime_adamw(make_optimizer(model.parameters(), False))
+        x = torch.randn(1, 1, *vol)
+        out = sliding_window_inference(x, roi, predictor=model, **SLIDING_WINDOW)
+        out.argmax(1)
+    assert est.tensor_bytes == pytest.approx(tracker.peak, rel=0.01)  # equal here
+
+
+def test_validation_of_a_large_volume_can_be_the_stage_peak(stage1) -> None:
+    """A small window over ATLAS's volume: the volume-sized buffers outweigh the step."""
+    spec = stage1.model_copy(update={"input_size_vox": (32, 32, 32), "base_filters": 4})
+    small = plan_stage(spec, None, _budget(20.0), estimation_step)
+    atlas = plan_stage(spec, None, Budget(20.0, DEFAULT_OVERHEADS["cpu"], False), estimation_step)
+    assert small.val_gb < small.train_gb == small.predicted_gb
+    assert atlas.train_gb == pytest.approx(small.train_gb)
+    assert atlas.val_gb > atlas.train_gb and atlas.predicted_gb == atlas.val_gb
+    assert any("over a 197x233x189 volume" in r and "the stage's peak" in r for r in atlas.reasons)
+    # a budget below what validating that volume needs fits nothing, and says what does
+    with pytest.raises(PlanError, match=r"needs ([0-9.]+) GB: use --target-mem"):
+        plan_stage(spec, None, Budget(atlas.val_gb * 0.9, DEFAULT_OVERHEADS["cpu"], False),
+                   estimation_step)

@@ -60,7 +60,10 @@ def test_verify_measures_a_real_step_records_and_calibrates_the_next_plan(tmp_pa
     # the process peak holds the baseline and the live tensors, and is what measured_gb says
     assert m["peak_gb"] >= m["baseline_gb"] + 0.9 * m["tensor_peak_gb"]
     assert sp.measured_gb == pytest.approx(m["peak_gb"], abs=1e-4)
-    assert m["ratio"] == pytest.approx(m["peak_gb"] / sp.predicted_gb, rel=1e-3)
+    # the trial runs training steps: compared with the training step's prediction (the
+    # stage's peak may be validation's)
+    assert sp.train_gb is not None and sp.predicted_gb == max(sp.train_gb, sp.val_gb)
+    assert m["ratio"] == pytest.approx(m["peak_gb"] / sp.train_gb, rel=1e-3)
     assert "VmHWM" in m["method"] and m["steps"] == 1
     # the measured step time sets the stage's job time (used where the profile has none)
     assert m["step_s"] > 0
@@ -153,3 +156,22 @@ def test_schedule_follows_the_dataset_size(tmp_path, tiny_data) -> None:
     assert batch_cap(spec, ds)[0] == 2 and batch_cap(spec, big)[0] == int(0.05 * 3 * 200**3 / 32**3)
     update, _ = derive_schedule(spec, (32, 32, 32), 4, big)
     assert update == {"iterations_per_epoch": 184, "max_epochs": 136}  # 3*200^3/(32^3*4); 25000/184
+
+
+def test_calibration_applies_only_to_the_measured_checkpointing_mode(tmp_path, cal_file) -> None:
+    cur = _curriculum(tmp_path)
+    plan = _plan(tmp_path, cur, "a")
+    sp = plan.stages[0]
+    assert not sp.checkpointing and sp.calibration_ratio is None
+    info = plan.assumptions["calibration"]
+    specs, fps = {sp.name: sp.spec}, info["fingerprints"]
+    cal.record_ratios(cal_file, info["hardware"],
+                      {cal.entry_name(sp.name, True): {"stage": sp.name, "ratio": 2.0}}, specs, fps)
+    same = _plan(tmp_path, cur, "b").stages[0]  # a checkpointed measurement does not apply
+    assert same.calibration_ratio is None and same.predicted_gb == sp.predicted_gb
+    cal.record_ratios(cal_file, info["hardware"],
+                      {cal.entry_name(sp.name, False): {"stage": sp.name, "ratio": 1.25}}, specs, fps)
+    later = _plan(tmp_path, cur, "c").stages[0]
+    assert later.calibration_ratio == 1.25
+    assert later.predicted_gb == pytest.approx(sp.predicted_gb * 1.25, rel=1e-3)
+    assert any("measured/predicted without checkpointing" in r for r in later.reasons)

@@ -57,6 +57,11 @@ class Overheads:
 # peak by 10-27 % at 96^3-144^3 (docs/benchmarks.md, "Planner: predicted vs measured").
 # `plan --verify` measures each stage and stores measured/predicted, which later plans on
 # the same hardware apply (planning/calibration.py).
+# Validation: sliding-window inference over whole volumes (training/validation.py uses
+# these); ATLAS R2.0's volume when the plan has no dataset to measure.
+SLIDING_WINDOW = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+ATLAS_SHAPE_VOX = (197, 233, 189)
+
 DEFAULT_OVERHEADS = {
     "cuda": Overheads(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
     "cpu": Overheads(alloc_fraction=0.22, workspace_gb=0.0, context_gb=0.45),
@@ -208,5 +213,61 @@ def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int,
                     step_fn(model, opt, x, y)
     except Exception as err:  # the fake mode's own errors name the op that failed
         raise PlanError(f"memory estimate failed for input {tuple(x_shape)}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+    return StepEstimate(tracker.peak, time.perf_counter() - t0)
+
+
+class _FirstBatches(nn.Module):
+    """Runs the model on the first `n` window batches, then returns uninitialised outputs
+    of the same shape: every batch's forward needs the same memory, and by the second the
+    volume-sized buffers exist, so the peak is seen without running every window."""
+
+    def __init__(self, model: nn.Module, n: int = 2) -> None:
+        super().__init__()
+        self.model, self.left, self.out_shape = model, n, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.left > 0 or self.out_shape is None:
+            self.left -= 1
+            out = self.model(x)
+            self.out_shape = (tuple(out.shape[1:]), out.dtype)
+            return out
+        shape, dtype = self.out_shape
+        return torch.empty((x.shape[0], *shape), dtype=dtype)
+
+
+def estimate_eval_peak(build_model: Callable[[], nn.Module], roi_vox: tuple[int, ...],
+                       volume_vox: tuple[int, ...], in_channels: int,
+                       amp_dtype: torch.dtype | None, *, cuda_target: bool) -> StepEstimate:
+    """Peak live-tensor bytes of validating one whole volume as `training/validation.py`
+    does (MONAI's sliding window, then the argmax), with the model's parameters and AdamW
+    state held (as between training epochs; gradients are freed), on fake tensors.
+
+    Raises:
+        PlanError: an op of the model cannot run on fake tensors (named).
+    """
+    from monai.inferers import sliding_window_inference
+
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = build_model()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            tracker = LivePeak()
+            policy = CudaAutocastDtypes() if cuda_target else contextlib.nullcontext()
+            with tracker, policy, ConstantArange():
+                model = _fakeify(model).eval()
+                prime_adamw(make_optimizer(model.parameters(), cuda_target))
+                x = torch.empty(1, in_channels, *volume_vox)
+                with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None,
+                                                     cache_enabled=False):
+                    # the Gaussian weights' values do not matter here, their size does
+                    out = sliding_window_inference(x, tuple(roi_vox), predictor=_FirstBatches(model),
+                                                   roi_weight_map=torch.empty(roi_vox),
+                                                   **SLIDING_WINDOW)
+                out.argmax(1)
+    except Exception as err:
+        raise PlanError(f"validation memory estimate failed for window {tuple(roi_vox)}: "
                         f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
     return StepEstimate(tracker.peak, time.perf_counter() - t0)

@@ -107,6 +107,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     hardware = cal.hardware_key(device, p.as_dict())
     ratios = cal.load_ratios(cal_path, hardware, [s for s, _ in stages])
     budget = Budget(budget_gb, overheads, cuda_target=device == "cuda", calibration=ratios)
+    if ds is not None and ds.largest_shape_vox:  # validation slides over the largest volume
+        budget.val_volume_vox = tuple(ds.largest_shape_vox)
     caps = {s.name: batch_cap(s, ds) for s, _ in stages} if ds else None
     planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
     if ds is not None:
@@ -169,7 +171,9 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
     plan = plan.model_copy(update={"stages": [_with_time(s) for s in plan.stages]})
     info = dict(plan.assumptions.get("calibration") or {})
     path, hardware = cal.calibration_path(), info.get("hardware")
-    ok = {s.name: {"ratio": s.measurement["uncalibrated_ratio"], "measured_gb": s.measured_gb,
+    ok = {cal.entry_name(s.name, s.checkpointing): {
+              "stage": s.name, "ratio": s.measurement["uncalibrated_ratio"],
+              "measured_gb": s.measured_gb,
                    "predicted_gb": s.measurement["uncalibrated_predicted_gb"],
                    "method": s.measurement["method"],
                    "config": {"input_size_vox": list(s.input_size_vox), "batch_size": s.batch_size,

@@ -9,6 +9,11 @@ is found by galloping then bisection (few estimates even on a long ladder); the 
 then goes to batch size, up to the stage's maximum and the dataset's cap. Every decision
 is recorded with its reason and the numbers behind it. The planner is a pure function of
 (specs, budget, step factory, dataset size).
+
+A 3D stage's peak is its training step's or its validation's, whichever is higher:
+validation slides the stage's window over the largest volume of the dataset (ATLAS's
+197x233x189 without one), holding the volume's input, logits and count map on the
+device beside the parameters and the optimizer state.
 """
 from __future__ import annotations
 
@@ -18,12 +23,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 import models
 from orchestrator.config import StagePlan, StageSpec
 from orchestrator.errors import PlanError
-from orchestrator.planning.memory import Overheads, StepFn, estimate_step_peak
+from orchestrator.planning.calibration import entry_name
+from orchestrator.planning.memory import (
+    ATLAS_SHAPE_VOX,
+    SLIDING_WINDOW,
+    Overheads,
+    StepFn,
+    estimate_eval_peak,
+    estimate_step_peak,
+)
 
 logger = logging.getLogger(__name__)
 FILTER_STEP = 4  # base filters are tried in multiples of this (and the stage's minimum)
@@ -51,8 +65,10 @@ class Budget:
     target_gb: float
     overheads: Overheads
     cuda_target: bool
-    # stage name -> (measured/predicted ratio from an earlier `plan --verify`, where from)
+    # calibration entry (stage, with or without checkpointing: `calibration.entry_name`)
+    # -> (measured/predicted ratio from an earlier `plan --verify`, where from)
     calibration: dict[str, tuple[float, str]] = field(default_factory=dict)
+    val_volume_vox: tuple[int, ...] = ATLAS_SHAPE_VOX  # what validation slides its window over
 
 
 def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
@@ -128,9 +144,9 @@ class StageEstimator:
                  multiple: int) -> None:
         self.spec, self.budget, self.multiple = spec, budget, multiple
         self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
-        self.ratio = budget.calibration.get(spec.name, (1.0, ""))[0]
         self._key = (step_factory, spec.model_dump_json())
         self._memo: dict[tuple, float] = {}
+        self._val_memo: dict[tuple, float] = {}
 
     def emulate_cuda(self, cand: Candidate) -> bool:
         """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
@@ -159,8 +175,41 @@ class StageEstimator:
             self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
         return self._memo[key]
 
-    def gb(self, cand: Candidate, batch: int) -> float:
-        return self.raw_gb(cand, batch) * self.ratio
+    def train_gb(self, cand: Candidate, batch: int) -> float:
+        """Predicted GB of a training step, calibrated if measured."""
+        return self.raw_gb(cand, batch) * self.ratio(cand)
+
+    def gb(self, cand: Candidate, batch: int, exact: bool = False) -> float:
+        """The stage's predicted peak: the training step's or validation's, the higher.
+
+        Validation is estimated only where the training step fits (or with `exact`): a
+        training step over the budget already rejects the configuration, and its GB is
+        then a lower bound of the peak."""
+        train = self.train_gb(cand, batch)
+        if self.spec.kind != "seg3d" or (train > self.budget.target_gb and not exact):
+            return train
+        return max(train, self.val_gb(cand))
+
+    def calibration(self, cand: Candidate) -> tuple[float, str] | None:
+        """(measured/predicted, where from) of this kind of configuration, if measured."""
+        return self.budget.calibration.get(entry_name(self.spec.name, cand.checkpointing))
+
+    def ratio(self, cand: Candidate) -> float:
+        known = self.calibration(cand)
+        return known[0] if known else 1.0
+
+    def val_gb(self, cand: Candidate) -> float:
+        """Predicted GB of validating the largest volume with this candidate's window
+        (sliding window, no gradients; parameters and optimizer state held)."""
+        key = (cand.input_size_vox, cand.base_filters)
+        if key not in self._val_memo:
+            amp_dtype = torch.bfloat16 if self.amp(cand) else None
+            est = estimate_eval_peak(
+                lambda: build_stage_model(self.spec, cand.base_filters, False, cand.input_size_vox),
+                cand.input_size_vox, self.budget.val_volume_vox, _shapes(self.spec, (), 1)[0][1],
+                amp_dtype, cuda_target=self.budget.cuda_target)
+            self._val_memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
+        return self._val_memo[key] * self.ratio(cand)
 
     def fits(self, cand: Candidate, batch: int) -> bool:
         return self.gb(cand, batch) <= self.budget.target_gb
@@ -239,7 +288,7 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     ladder = candidate_ladder(spec, multiple)
     i = first_fit(len(ladder), lambda k: est.fits(ladder[k], min_bs))
     if i is None:
-        raise _NoFit(Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs)))
+        raise _NoFit(Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs, exact=True)))
     chosen = ladder[i]
     reasons = _search_reasons(spec, ladder, i, est, min_bs, target)
     batch, why = _grow_batch(est, chosen, min_bs, max_bs, target)
@@ -253,17 +302,38 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     if spec.amp and not amp:
         reasons.append("AMP off: bf16 conv3d gradients are wrong on the CPU at a 2-voxel "
                        "bottleneck (docs/known-issues.md)")
-    ratio = budget.calibration.get(spec.name)
+    ratio = est.calibration(chosen)
     if ratio:
-        reasons.append(f"predictions x {ratio[0]:.3f}: measured/predicted of {ratio[1]}")
+        kind = "with" if chosen.checkpointing else "without"
+        reasons.append(f"predictions x {ratio[0]:.3f}: measured/predicted {kind} checkpointing "
+                       f"of {ratio[1]}")
+    train_gb = predicted = est.train_gb(chosen, batch)
+    val_gb = None
+    if spec.kind == "seg3d":  # LCNN validates slice stacks: far below its training step
+        val_gb = est.val_gb(chosen)
+        predicted = _with_validation(est, chosen, train_gb, val_gb, reasons)
     params = sum(p.numel() for p in build_stage_model_meta(
         spec, chosen.base_filters, chosen.input_size_vox).parameters())
     logger.debug("%s: %d estimates", spec.name, est.estimates)
     return StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=init_from,
                      input_size_vox=chosen.input_size_vox, base_filters=chosen.base_filters,
                      batch_size=batch, checkpointing=chosen.checkpointing, amp=amp,
-                     params=params, predicted_gb=round(est.gb(chosen, batch), 4),
+                     params=params, predicted_gb=round(predicted, 4),
+                     train_gb=round(train_gb, 4), val_gb=None if val_gb is None else round(val_gb, 4),
                      calibration_ratio=round(ratio[0], 4) if ratio else None, reasons=reasons)
+
+
+def _with_validation(est: StageEstimator, cand: Candidate, train_gb: float, val: float,
+                     reasons: list[str]) -> float:
+    """The stage's peak: its training step's, or validation's if that is higher (said so)."""
+    how = (f"validation (sliding window, {SLIDING_WINDOW['sw_batch_size']} windows of "
+           f"{_fmt(cand.input_size_vox)} over a {_fmt(est.budget.val_volume_vox)} volume) needs "
+           f"{val:.2f} GB")
+    if val <= train_gb:
+        reasons.append(f"{how}, less than the training step")
+        return train_gb
+    reasons.append(f"{how}, more than the training step ({train_gb:.2f} GB): the stage's peak")
+    return val
 
 
 def _search_reasons(spec: StageSpec, ladder: list[Candidate], i: int, est: StageEstimator,
@@ -293,11 +363,13 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
     batch fits and that one more sample would not (stepping if the line was off)."""
     if max_bs <= min_bs:
         return min_bs, f"the stage's batch range is {min_bs}..{max_bs}"
-    g1, g2 = est.gb(cand, min_bs), est.gb(cand, min_bs + 1)
+    g2 = est.gb(cand, min_bs + 1)
     if g2 > target:
         return min_bs, f"batch {min_bs + 1} needs {g2:.2f} GB"
-    per_sample = max(g2 - g1, 1e-9)
-    batch = max(min_bs + 1, min(max_bs, min_bs + 1 + int((target - g2) / per_sample)))
+    # the training step grows with the batch (validation does not): extrapolate it
+    t1, t2 = est.train_gb(cand, min_bs), est.train_gb(cand, min_bs + 1)
+    per_sample = max(t2 - t1, 1e-9)
+    batch = max(min_bs + 1, min(max_bs, min_bs + 1 + int((target - t2) / per_sample)))
     while batch > min_bs + 1 and not est.fits(cand, batch):
         batch -= 1
     while batch < max_bs and est.fits(cand, batch + 1):

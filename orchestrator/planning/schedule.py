@@ -34,6 +34,7 @@ class DatasetSize:
     root: str
     records: list[Any]  # SubjectRecord
     voxels: dict[str, int]  # subject/session -> voxels
+    largest_shape_vox: tuple[int, ...] | None = None  # the biggest image (validation memory)
 
     def train_voxels(self, spec: StageSpec) -> tuple[int, int]:
         """(training subjects, their voxels) under the stage's validation split."""
@@ -56,25 +57,27 @@ def measure_dataset(root: Path) -> DatasetSize:
     from orchestrator.data.atlas import discover_subjects
 
     records = discover_subjects(Path(root))
-    return DatasetSize(str(root), records, {_key(r): _voxels(r) for r in records})
+    shapes = {_key(r): _shape(r) for r in records}
+    largest = max(shapes.values(), key=math.prod) if shapes else None
+    return DatasetSize(str(root), records, {k: math.prod(v) for k, v in shapes.items()}, largest)
 
 
-def _voxels(rec: Any) -> int:
+def _shape(rec: Any) -> tuple[int, ...]:
     try:
         if rec.cached is not None:
             import h5py
 
             with h5py.File(rec.cached, "r") as f:
-                return math.prod(f["image"].shape)
+                return tuple(int(n) for n in f["image"].shape)
         if Path(rec.image).is_dir():  # a PNG-slice patient folder
             from PIL import Image
 
             slices = sorted(Path(rec.image).glob("*.png"))
-            with Image.open(slices[0]) as im:
-                return len(slices) * im.size[0] * im.size[1]
+            with Image.open(slices[0]) as im:  # as the loader stacks them: (W, H, slices)
+                return (int(im.size[0]), int(im.size[1]), len(slices))
         import nibabel as nib
 
-        return math.prod(nib.load(str(rec.image)).shape[:3])
+        return tuple(int(n) for n in nib.load(str(rec.image)).shape[:3])
     except (OSError, KeyError, IndexError, ValueError) as err:
         where = rec.cached or rec.image
         raise DataError(f"{where}: cannot read the image's shape ({type(err).__name__}: {err}); "

@@ -105,8 +105,14 @@ def measure(run: Callable[[], None], device_type: str) -> dict[str, Any]:
 def predicted_tensor_gb(plan: Plan, sp: StagePlan) -> float:
     """The live-tensor part of a stage's (uncalibrated) prediction."""
     o = plan.assumptions["overheads"]
-    raw = sp.predicted_gb / (sp.calibration_ratio or 1.0)
+    raw = _train_gb(sp) / (sp.calibration_ratio or 1.0)
     return (raw - o["workspace_gb"] - o["context_gb"]) / (1 + o["alloc_fraction"])
+
+
+def _train_gb(sp: StagePlan) -> float:
+    """What the trial measures: the training step (plans before validation was counted
+    have predicted_gb only)."""
+    return sp.train_gb if sp.train_gb is not None else sp.predicted_gb
 
 
 def verify_stage(plan: Plan, plan_path: Path, sp: StagePlan, worker: str, steps: int,
@@ -127,9 +133,10 @@ def verify_stage(plan: Plan, plan_path: Path, sp: StagePlan, worker: str, steps:
         m = json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"error": f"no JSON result from {worker}: {res.stdout[-300:]!r}"}
-    raw = sp.predicted_gb / (sp.calibration_ratio or 1.0)
+    predicted = _train_gb(sp)
+    raw = predicted / (sp.calibration_ratio or 1.0)
     tensor = predicted_tensor_gb(plan, sp)
-    m.update(steps=steps, predicted_gb=sp.predicted_gb, ratio=m["peak_gb"] / sp.predicted_gb,
+    m.update(steps=steps, predicted_gb=predicted, ratio=m["peak_gb"] / predicted,
              uncalibrated_predicted_gb=raw, uncalibrated_ratio=m["peak_gb"] / raw,
              predicted_tensor_gb=tensor, tensor_ratio=m["tensor_peak_gb"] / tensor,
              budget_use=m["peak_gb"] / plan.budget_gb)

@@ -9,6 +9,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from orchestrator.planning.memory import SLIDING_WINDOW
+
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     """Foreground Dice; 1.0 when both are empty (nothing to find, nothing found)."""
@@ -19,16 +21,15 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
 
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: np.ndarray, roi_size: Sequence[int],
-                   device: torch.device, amp_dtype: torch.dtype | None,
-                   sw_batch_size: int = 2) -> np.ndarray:
+                   device: torch.device, amp_dtype: torch.dtype | None) -> np.ndarray:
     """Label map of a whole (X, Y, Z) volume with the stage's patch as the window."""
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
     # cache_enabled=False: casts cached under no_grad leaked into the next training step
     # (seen here: an infinite gradient norm on the step after validation, torch 2.13 CPU)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=False):
-        logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, model, overlap=0.25,
-                                          mode="gaussian")
+        # the planner counts this call's memory with the same settings
+        logits = sliding_window_inference(x, tuple(roi_size), predictor=model, **SLIDING_WINDOW)
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
