@@ -3,8 +3,9 @@
 Each case plans stages/progressive.yaml from a cold estimate cache, without calibration,
 writing nothing: the budget of the headline command (`plan --target-mem 20`) for the CPU
 and for a GPU planned from a machine without one (CUDA autocast emulated), and the tight
-CPU budget that `plan --verify` checks (4 GB). Figures: seconds per case, per stage of
-the first case, and the number of step estimates each case ran.
+CPU budget that `plan --verify` checks (4 GB). The stages are planned in parallel
+processes as `plan` does (planning/pool.py). Figures: seconds per case, the estimates
+(training step and validation) each case ran, and the worker processes.
 """
 from __future__ import annotations
 
@@ -22,30 +23,27 @@ def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
 
     Returns:
         {"bench": "plan", "machine": {...}, "figures": {name: number}}: `plan_<device>_<gb>gb_s`
-        and `..._estimates` per case, `<stage>_s` for the first case.
+        and `..._estimates` per case, and `workers`.
     """
     import torch
 
     from orchestrator.bench_data import machine_info
     from orchestrator.planning import planner
     from orchestrator.planning.plan_file import PlanRequest, make_plan
+    from orchestrator.planning.pool import default_workers
     from orchestrator.training.step import estimation_step
 
     figures: dict[str, float] = {}
-    for i, (device, gb) in enumerate(cases):
+    for device, gb in cases:
         planner.clear_estimate_cache()
-        marks: list[tuple[str, float]] = []
         req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=device,  # type: ignore[arg-type]
                           run="bench", calibrate=False)
         t0 = time.perf_counter()
-        make_plan(req, estimation_step, progress=lambda name: marks.append((name, time.perf_counter())))
-        end = time.perf_counter()
+        plan = make_plan(req, estimation_step)
         name = f"plan_{device}_{gb:g}gb"
-        figures[f"{name}_s"] = end - t0
+        figures[f"{name}_s"] = time.perf_counter() - t0
         figures[f"{name}_estimates"] = planner.estimates_run()
-        if i == 0:
-            for (stage, start), (_n, stop) in zip(marks, [*marks[1:], ("", end)]):
-                figures[f"{stage}_s"] = stop - start
+        figures["workers"] = default_workers(len(plan.stages))
     return {"bench": "plan", "machine": {**machine_info(torch.__version__),
                                          "curriculum": str(curriculum)},
             "figures": {k: round(float(v), 3) for k, v in figures.items()}}

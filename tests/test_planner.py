@@ -188,17 +188,19 @@ def test_validation_estimate_equals_live_bytes_of_a_real_sliding_window(stage1) 
     )
     from orchestrator.planning.planner import build_stage_model
 
-    roi, vol = (32, 32, 32), (64, 72, 56)
+    roi, vol = (32, 32, 32), (100, 90, 88)  # 4 x 4 x 4 windows: the estimate cuts to 3 per axis
 
     def build() -> torch.nn.Module:
         return build_stage_model(stage1, 4, False, roi)
     est = estimate_eval_peak(build, roi, vol, 1, None, cuda_target=False)
     with LivePeak() as tracker, torch.no_grad():
         model = build().eval()
-        prime_adamw(make_optimizer(model.parameters(), False))
+        opt = make_optimizer(model.parameters(), False)
+        prime_adamw(opt)  # held through validation, as the trainer's
         x = torch.randn(1, 1, *vol)
         out = sliding_window_inference(x, roi, predictor=model, **SLIDING_WINDOW)
         out.argmax(1)
+        del opt
     assert est.tensor_bytes == pytest.approx(tracker.peak, rel=0.01)  # equal here
 
 

@@ -19,7 +19,8 @@ from orchestrator.config import (
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
-from orchestrator.planning.planner import Budget, StepFactory, plan_curriculum
+from orchestrator.planning.planner import Budget, StepFactory
+from orchestrator.planning.pool import plan_curriculum
 from orchestrator.planning.probe import Probe, host_budget_gb, probe
 from orchestrator.planning.schedule import (
     DatasetSize,

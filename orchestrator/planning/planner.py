@@ -126,15 +126,22 @@ def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_targ
 # Live-tensor bytes by (step factory, stage spec, candidate, batch, CUDA emulation): an
 # estimate is a pure function of these, so plans made in one process share them.
 _TENSOR_BYTES: dict[tuple, int] = {}
+_RUN = [0]  # estimates run since the cache was cleared, here and in worker processes
 
 
 def clear_estimate_cache() -> None:
     _TENSOR_BYTES.clear()
+    _RUN[0] = 0
 
 
 def estimates_run() -> int:
-    """Step estimates held in the cache (run since it was last cleared)."""
-    return len(_TENSOR_BYTES)
+    """Step and validation estimates run since the cache was last cleared."""
+    return _RUN[0]
+
+
+def count_estimates(n: int) -> None:
+    """Add estimates a worker process ran (planning/pool.py)."""
+    _RUN[0] += n
 
 
 class StageEstimator:
@@ -170,6 +177,7 @@ class StageEstimator:
                     x_shape, y_shape, self.steps[self.amp(cand)],
                     cuda_target=self.emulate_cuda(cand))
                 _TENSOR_BYTES[shared] = est.tensor_bytes
+                _RUN[0] += 1
                 logger.debug("%s %s bs=%d: %.3f GB tensors (%.1fs)", self.spec.name,
                              cand.describe(), batch, est.tensor_bytes / 1024**3, est.seconds)
             self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
@@ -209,6 +217,7 @@ class StageEstimator:
                 cand.input_size_vox, self.budget.val_volume_vox, _shapes(self.spec, (), 1)[0][1],
                 amp_dtype, cuda_target=self.budget.cuda_target)
             self._val_memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
+            _RUN[0] += 1
         return self._val_memo[key] * self.ratio(cand)
 
     def fits(self, cand: Candidate, batch: int) -> bool:
@@ -273,7 +282,21 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     try:
         return _plan_stage(spec, init_from, budget, step_factory, batch_cap)
     except _NoFit as nofit:
-        raise PlanError(_shortfall_message(budget, [nofit.shortfall])) from None
+        raise PlanError(shortfall_message(budget, [nofit.shortfall])) from None
+
+
+def plan_or_shortfall(spec: StageSpec, init_from: str | None, budget: Budget,
+                      step_factory: StepFactory, batch_cap: tuple[int, str] | None = None
+                      ) -> tuple[StagePlan | Shortfall, int]:
+    """`plan_stage`, with a stage nothing fits returned as its Shortfall (so that every
+    stage is planned before the error names them all), and the estimates it ran."""
+    before = estimates_run()
+    try:
+        result: StagePlan | Shortfall = _plan_stage(spec, init_from, budget, step_factory,
+                                                    batch_cap)
+    except _NoFit as nofit:
+        result = nofit.shortfall
+    return result, estimates_run() - before
 
 
 def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
@@ -379,34 +402,10 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
     return batch, f"the largest that fits; batch {batch + 1} needs {est.gb(cand, batch + 1):.2f} GB"
 
 
-def _shortfall_message(budget: Budget, shortfalls: list[Shortfall]) -> str:
+def shortfall_message(budget: Budget, shortfalls: list[Shortfall]) -> str:
     worst = max(shortfalls, key=lambda s: s.need_gb)
     names = ", ".join(s.stage for s in shortfalls)
     need = math.ceil(worst.need_gb * 100) / 100
     return (f"nothing fits in {budget.target_gb:g} GB for {names}; the smallest configuration "
             f"of {worst.stage} ({worst.smallest.describe()}, batch {worst.batch}) needs "
             f"{worst.need_gb:.2f} GB: use --target-mem {need:g} or more")
-
-
-def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
-                    step_factory: StepFactory,
-                    batch_caps: dict[str, tuple[int, str]] | None = None,
-                    progress: Callable[[str], None] | None = None) -> list[StagePlan]:
-    """Plan every stage in order (see `plan_stage`).
-
-    Raises:
-        PlanError: some stages fit nothing; one message names them and the smallest budget
-            that fits every stage.
-    """
-    out, short = [], []
-    for spec, init_from in stages:
-        if progress:
-            progress(spec.name)
-        try:
-            out.append(_plan_stage(spec, init_from, budget, step_factory,
-                                   (batch_caps or {}).get(spec.name)))
-        except _NoFit as nofit:
-            short.append(nofit.shortfall)
-    if short:
-        raise PlanError(_shortfall_message(budget, short))
-    return out

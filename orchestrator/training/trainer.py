@@ -7,6 +7,7 @@ requeue), else the `init_from` stage's `final.pt` through the hand-off, else the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from orchestrator.errors import CheckpointError, OrchestratorError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
+from orchestrator.training.display import StepDisplay
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
 from orchestrator.training.step import Objective, amp_dtype_for
 from orchestrator.training.validation import validate, volume_predictor
@@ -121,6 +123,9 @@ def _training_dataset(sp: StagePlan, records: list, with_sdm: bool) -> torch.uti
 
 class StageRunner:
     """Holds the objects of one stage's training; `run()` trains it to the end."""
+
+    is_writer = True  # writes files and displays progress (a DDP rank other than 0 does not)
+    display: StepDisplay | None = None
 
     def __init__(self, plan: Plan, stage: str) -> None:
         import models
@@ -264,12 +269,17 @@ class StageRunner:
                             sampler=self.sample_indices(start), num_workers=workers,
                             persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0)
         self.model.train()
+        if self.display:
+            self.display.epoch(pr.epoch, pr.step_in_epoch)
         for batch in _batches(loader, self.sp.name):
             if (max_steps is not None and pr.global_step >= max_steps) or (stop and stop()):
                 return False
             self.oom.step(self._one_step, batch)  # = self._one_step(batch) on the CPU
             pr.step_in_epoch += 1
             pr.global_step += 1
+            if self.display:
+                mean = pr.epoch_loss_sum / pr.epoch_loss_steps if pr.epoch_loss_steps else None
+                self.display.step(pr.epoch, pr.step_in_epoch, mean)
             if pr.step_in_epoch % spec.checkpoint_every_steps == 0:
                 self.save_last()
         return True
@@ -362,7 +372,16 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
                           max_epochs=runner.sp.spec.max_epochs, error=None)
     if entry.get("slurm_job_id") is None and os.environ.get("SLURM_JOB_ID"):
         runner.record(slurm_job_id=os.environ["SLURM_JOB_ID"])
-    spec, pr = runner.sp.spec, runner.progress
+    spec = runner.sp.spec
+    display = StepDisplay(stage, spec.iterations_per_epoch, spec.max_epochs)
+    with display if runner.is_writer else contextlib.nullcontext():
+        runner.display = display if runner.is_writer else None
+        return _train_to_end(runner, final, max_steps, stop, how)
+
+
+def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
+                  stop: Callable[[], bool] | None, how: str) -> dict[str, Any]:
+    stage, spec, pr = runner.sp.name, runner.sp.spec, runner.progress
     while pr.epoch < spec.max_epochs:
         t0 = time.perf_counter()
         if not runner.train_steps(max_steps, stop):
