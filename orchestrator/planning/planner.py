@@ -123,8 +123,10 @@ def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_targ
     return cuda_target or spec.kind != "seg3d" or all(s // multiple != 2 for s in size)
 
 
-# Live-tensor bytes by (step factory, stage spec, candidate, batch, CUDA emulation): an
-# estimate is a pure function of these, so plans made in one process share them.
+# Live-tensor bytes by (step factory, stage spec, candidate, batch, CUDA emulation) and,
+# for validation, by ("val", stage spec, window, filters, volume, AMP, CUDA): an estimate
+# is a pure function of these, so plans made in one process (and its forked workers,
+# which send theirs back: planning/pool.py) share them.
 _TENSOR_BYTES: dict[tuple, int] = {}
 _RUN = [0]  # estimates run since the cache was cleared, here and in worker processes
 
@@ -139,9 +141,10 @@ def estimates_run() -> int:
     return _RUN[0]
 
 
-def count_estimates(n: int) -> None:
-    """Add estimates a worker process ran (planning/pool.py)."""
-    _RUN[0] += n
+def add_estimates(entries: dict[tuple, int]) -> None:
+    """Take in the estimates a worker process ran (planning/pool.py)."""
+    _TENSOR_BYTES.update(entries)
+    _RUN[0] += len(entries)
 
 
 class StageEstimator:
@@ -153,7 +156,6 @@ class StageEstimator:
         self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
         self._key = (step_factory, spec.model_dump_json())
         self._memo: dict[tuple, float] = {}
-        self._val_memo: dict[tuple, float] = {}
 
     def emulate_cuda(self, cand: Candidate) -> bool:
         """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
@@ -209,16 +211,17 @@ class StageEstimator:
     def val_gb(self, cand: Candidate) -> float:
         """Predicted GB of validating the largest volume with this candidate's window
         (sliding window, no gradients; parameters and optimizer state held)."""
-        key = (cand.input_size_vox, cand.base_filters)
-        if key not in self._val_memo:
-            amp_dtype = torch.bfloat16 if self.amp(cand) else None
+        amp = self.amp(cand)
+        key = ("val", self._key[1], cand.input_size_vox, cand.base_filters,
+               tuple(self.budget.val_volume_vox), amp, self.budget.cuda_target)
+        if key not in _TENSOR_BYTES:
             est = estimate_eval_peak(
                 lambda: build_stage_model(self.spec, cand.base_filters, False, cand.input_size_vox),
                 cand.input_size_vox, self.budget.val_volume_vox, _shapes(self.spec, (), 1)[0][1],
-                amp_dtype, cuda_target=self.budget.cuda_target)
-            self._val_memo[key] = self.budget.overheads.total_gb(est.tensor_bytes)
+                torch.bfloat16 if amp else None, cuda_target=self.budget.cuda_target)
+            _TENSOR_BYTES[key] = est.tensor_bytes
             _RUN[0] += 1
-        return self._val_memo[key] * self.ratio(cand)
+        return self.budget.overheads.total_gb(_TENSOR_BYTES[key]) * self.ratio(cand)
 
     def fits(self, cand: Candidate, batch: int) -> bool:
         return self.gb(cand, batch) <= self.budget.target_gb
@@ -287,16 +290,17 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
 
 def plan_or_shortfall(spec: StageSpec, init_from: str | None, budget: Budget,
                       step_factory: StepFactory, batch_cap: tuple[int, str] | None = None
-                      ) -> tuple[StagePlan | Shortfall, int]:
+                      ) -> tuple[StagePlan | Shortfall, dict[tuple, int]]:
     """`plan_stage`, with a stage nothing fits returned as its Shortfall (so that every
-    stage is planned before the error names them all), and the estimates it ran."""
-    before = estimates_run()
+    stage is planned before the error names them all), and the estimates it ran (their
+    cache entries, which a worker process sends back to the parent's cache)."""
+    known = set(_TENSOR_BYTES)
     try:
         result: StagePlan | Shortfall = _plan_stage(spec, init_from, budget, step_factory,
                                                     batch_cap)
     except _NoFit as nofit:
         result = nofit.shortfall
-    return result, estimates_run() - before
+    return result, {k: v for k, v in _TENSOR_BYTES.items() if k not in known}
 
 
 def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,

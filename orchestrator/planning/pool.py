@@ -4,8 +4,10 @@ A stage's plan depends on nothing but its own spec, the budget and the step fact
 its estimates are single-threaded Python (fake tensors dispatch op by op), so on a
 machine with several cores the stages are planned in worker processes, one stage each:
 about half the wall time on 2 cores for the 4 stages + LCNN (docs/benchmarks.md). The
-workers are forked where the platform can (nothing to import again) and never where
-CUDA is initialised in this process (a forked CUDA context is unusable).
+workers are forked where the platform can (nothing to import again, and the parent's
+estimate cache comes with them) and never where CUDA is initialised in this process (a
+forked CUDA context is unusable); each sends the estimates it ran back to the parent's
+cache, so a second plan in one process (tests, `plan` then `submit`) reuses them.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from orchestrator.planning.planner import (
     Budget,
     Shortfall,
     StepFactory,
-    count_estimates,
+    add_estimates,
     plan_or_shortfall,
     shortfall_message,
 )
@@ -95,7 +97,7 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
             futures = [pool.submit(plan_or_shortfall, *job) for job in jobs]
             for job, future in zip(jobs, futures):
                 result, ran = future.result()
-                count_estimates(ran)
+                add_estimates(ran)  # a later plan in this process reuses them
                 if progress:
                     progress(job[0].name)
                 results.append(result)
