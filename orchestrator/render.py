@@ -130,14 +130,28 @@ def status_table(doc: dict[str, Any], run: str | None) -> Table:
         return t
     r = doc["runs"][0]
     t = Table(title=f"{r['run']}: {r['state']}")
-    for col in ("stage", "job", "state", "SLURM", "attempts", "epoch", "best Dice", "peak GB"):
+    for col in ("stage", "job", "state", "SLURM", "attempts", "epoch", "best Dice", "peak GB",
+                "elapsed", "ETA"):
         t.add_column(col)
     for s in r["stages"]:
         t.add_row(s["name"], str(s["job_id"] or "-"), s["state"], s["slurm_state"] or "-",
                   f"{s['attempts']} ({s['requeues']} requeued)", f"{s['epoch']}/{s['max_epochs']}",
                   f"{s['best_dice']:.3f}" if isinstance(s["best_dice"], (int, float)) else "-",
-                  f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-")
+                  f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",
+                  _duration(s.get("elapsed_s")), _duration(s.get("eta_s")))
     return t
+
+
+def _duration(seconds: float | None) -> str:
+    """12s, 4m05s, 3h07m."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def status(console: Console, doc: dict[str, Any], run: str | None) -> None:

@@ -5,7 +5,9 @@ COMPLETED in SLURM without them is shown FAILED, with its log.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +51,39 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
         st = slurm_state if slurm_state.startswith("CANCEL") else run_state.FAILED
     elif slurm_state == "COMPLETED" or recorded == run_state.COMPLETED:
         st = run_state.FAILED  # the job ended but left no final weights
+    elapsed_s, eta_s = _timing(entry, st, plan_stage["max_epochs"])
     return {"name": name, "job_id": entry.get("job_id"), "state": st, "slurm_state": slurm_state,
+            "elapsed_s": elapsed_s, "eta_s": eta_s,
             "attempts": entry.get("attempts", 0), "requeues": entry.get("requeues", 0),
             "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
             "error": entry.get("error"), "log": entry.get("stderr"),
             "final": str(final) if complete else None}
+
+
+def _timing(entry: dict[str, Any], state: str, max_epochs: int) -> tuple[float | None, float | None]:
+    """(seconds since the current attempt started, or that it ran; seconds to the stage's
+    end at the last epoch's pace, while it runs)."""
+    started = _when(entry.get("started"))
+    if started is None:
+        return None, None
+    ended = _when(entry.get("ended")) if state != "RUNNING" else None
+    elapsed = max(0.0, (ended or time.time()) - started)
+    epoch_s = entry.get("epoch_s")
+    eta = None
+    if state == "RUNNING" and isinstance(epoch_s, (int, float)):
+        eta = max(0, max_epochs - int(entry.get("epoch", 0))) * float(epoch_s)
+    return round(elapsed, 1), None if eta is None else round(eta, 1)
+
+
+def _when(stamp: Any) -> float | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
 
 
 def _run_state(stages: list[dict[str, Any]]) -> str:

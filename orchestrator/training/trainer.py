@@ -394,7 +394,8 @@ def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
         row = runner.end_epoch(time.perf_counter() - t0)
         logger.info("%s epoch %d/%d loss %.4f val_dice %s", stage, pr.epoch, spec.max_epochs,
                     row["train_loss"], row.get("val_dice"))
-        runner.record(epoch=pr.epoch, best_dice=pr.best_dice, peak_mem_gb=row.get("peak_mem_gb"))
+        runner.record(epoch=pr.epoch, best_dice=pr.best_dice, peak_mem_gb=row.get("peak_mem_gb"),
+                      epoch_s=row["seconds"])  # status's ETA
         epoch_ended = getattr(stop, "epoch_ended", None)  # StopFlag: is the time limit near?
         if epoch_ended is not None and pr.epoch < spec.max_epochs:
             epoch_ended(row["seconds"])  # if so, the next train_steps stops before its first step
