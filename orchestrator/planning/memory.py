@@ -52,17 +52,18 @@ class Overheads:
         return asdict(self)
 
 
-# CPU: a fresh training process holds 0.35 GB before its first tensor (torch, MONAI and
-# the models imported) and ~0.1 GB more once a step has run (threads, oneDNN), and glibc
-# keeps freed heap blocks mapped: the process's peak RSS exceeded baseline + live-tensor
-# peak by 10-27 % at 96^3-144^3 (docs/benchmarks.md, "Planner: predicted vs measured").
-# `plan --verify` measures each stage and stores measured/predicted, which later plans on
-# the same hardware apply (planning/calibration.py).
 # Validation: sliding-window inference over whole volumes (training/validation.py uses
 # these); ATLAS R2.0's volume when the plan has no dataset to measure.
 SLIDING_WINDOW = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
 ATLAS_SHAPE_VOX = (197, 233, 189)
 
+# CPU: a fresh training process holds 0.35 GB before its first tensor (torch, MONAI and
+# the models imported) and ~0.1 GB more once a step has run (threads, oneDNN), and glibc
+# keeps freed heap blocks mapped: the process's peak RSS exceeded baseline + live-tensor
+# peak by 27-49 % of that peak at 96^3-144^3, 4 GB plans (docs/benchmarks.md, "Planner:
+# predicted vs measured"); these terms are the mean, uncalibrated plans 2-14 % low.
+# `plan --verify` measures each stage and stores measured/predicted, which later plans on
+# the same hardware apply (planning/calibration.py).
 DEFAULT_OVERHEADS = {
     "cuda": Overheads(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
     "cpu": Overheads(alloc_fraction=0.22, workspace_gb=0.0, context_gb=0.45),
