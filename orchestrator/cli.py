@@ -9,8 +9,9 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -294,57 +295,47 @@ bench_app = typer.Typer(help="Measure speed: print figures (record them in docs/
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("data")
-def bench_data(json_out: Json = False) -> None:
-    """Random crops from .nii.gz vs the HDF5 cache (96^3, 144^3), and loader samples/s."""
-    from orchestrator.bench_data import bench_data as _bench
-
-    with err.status("benchmarking data loading (about 20 s)..."):
-        doc = _bench()
+def _bench(run: Callable[[], dict[str, Any]], what: str, json_out: bool) -> None:
+    """Run a benchmark under a spinner; print its JSON document or its figures."""
+    with err.status(f"benchmarking {what}..."):
+        doc = run()
     if json_out:
         _emit_json(doc)
         return
     render.figures(out, doc)
+
+
+@bench_app.command("data")
+def bench_data(json_out: Json = False) -> None:
+    """Random crops from .nii.gz vs the HDF5 cache (96^3, 144^3), and loader samples/s."""
+    from orchestrator.bench_data import bench_data as run
+
+    _bench(run, "data loading (about 20 s)", json_out)
 
 
 @bench_app.command("step")
 def bench_step(json_out: Json = False) -> None:
     """Seconds per training step: the trainer against a bare PyTorch loop (same model, batch)."""
-    from orchestrator.bench_step import bench_step as _bench
+    from orchestrator.bench_step import bench_step as run
 
-    with err.status("benchmarking the training step (about a minute)..."):
-        doc = _bench()
-    if json_out:
-        _emit_json(doc)
-        return
-    render.figures(out, doc)
+    _bench(run, "the training step (about a minute)", json_out)
 
 
 @bench_app.command("plan")
 def bench_plan(json_out: Json = False) -> None:
     """Seconds to plan 4 stages + LCNN: CPU and GPU at 20 GB, CPU at 4 GB (cold estimates)."""
-    from orchestrator.bench_plan import bench_plan as _bench
+    from orchestrator.bench_plan import bench_plan as run
 
-    with err.status("benchmarking the planner (about a minute)..."):
-        doc = _bench()
-    if json_out:
-        _emit_json(doc)
-        return
-    render.figures(out, doc)
+    _bench(run, "the planner (about 3 minutes)", json_out)
 
 
 @bench_app.command("status")
 def bench_status(runs: Annotated[int, typer.Option("--runs", min=1, help="Runs to create.")] = 50,
                  json_out: Json = False) -> None:
     """`status` over many realistic runs on disk: collect_status and the CLI, per sacct case."""
-    from orchestrator.bench_status import bench_status as _bench
+    from orchestrator.bench_status import bench_status as run
 
-    with err.status(f"benchmarking status over {runs} runs (about 20 s)..."):
-        doc = _bench(n_runs=runs)
-    if json_out:
-        _emit_json(doc)
-        return
-    render.figures(out, doc)
+    _bench(lambda: run(n_runs=runs), f"status over {runs} runs (about 20 s)", json_out)
 
 
 @app.command()
