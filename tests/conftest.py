@@ -107,3 +107,18 @@ def make_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", curriculum: Pa
                       data_dir=data, run=run, runs_dir=runs_dir)
     plan = make_plan(req, estimation_step)
     return plan, write_plan(plan)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_calibration_file(tmp_path_factory: pytest.TempPathFactory):
+    """No test reads or writes the user's calibration file (~/.cache/orchestrator): ratios
+    recorded by a real `plan --verify` would change the plans the tests check. Subprocesses
+    inherit it; a test that wants its own file sets ORCHESTRATOR_CALIBRATION itself."""
+    key = "ORCHESTRATOR_CALIBRATION"
+    old = os.environ.get(key)
+    os.environ[key] = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    yield
+    if old is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = old
