@@ -100,6 +100,8 @@ def bench_step(input_vox: int = 64, batch_size: int = 2, steps: int = 6, blocks:
 
 def _unplanned_plan(root: Path, input_vox: int, batch_size: int):  # noqa: ANN202
     """A one-stage plan of stage 1 at the given size (the planner is not what is timed)."""
+    import torch
+
     import models
     from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
     from orchestrator.runs.atomic import atomic_write_text
@@ -112,7 +114,7 @@ def _unplanned_plan(root: Path, input_vox: int, batch_size: int):  # noqa: ANN20
                    input_size_vox=spec.input_size_vox, base_filters=spec.base_filters,
                    batch_size=batch_size, checkpointing=False, amp=spec.amp, params=0,
                    predicted_gb=0.0, reasons=["bench step: the stage's own numbers"])
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):
         params = sum(p.numel() for p in models.build_model(spec.model["arch"],
                                                            **sp.model_kwargs()).parameters())
     sp = sp.model_copy(update={"params": params})

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.config import Plan
+from orchestrator.config import DEFAULT_TIME_MIN, Plan
 
 
 def _size(s: Any) -> str:
@@ -95,7 +95,8 @@ def _time_source(plan: Plan) -> str:
         return f"{plan.cluster.time_min} min from the profile's time_min"
     if any(s.time_estimate_min for s in plan.stages):
         return "per stage from the --verify step times (the profile sets no time_min)"
-    return "60 min by default (no time_min in the profile; `plan --verify` estimates it)"
+    return (f"{DEFAULT_TIME_MIN} min by default (no time_min in the profile; `plan --verify` "
+            "estimates it)")
 
 
 def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_run: bool) -> None:

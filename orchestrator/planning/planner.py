@@ -88,9 +88,12 @@ def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None,
         return build_stage_model(spec, base_filters or spec.base_filters, False, input_size_vox)
 
 
+def _in_channels(spec: StageSpec) -> int:
+    return int(spec.model.get("in_channels", spec.model.get("in_slices", 1)))
+
+
 def _shapes(spec: StageSpec, size: tuple[int, ...], batch: int) -> tuple[tuple, tuple]:
-    in_ch = int(spec.model.get("in_channels", spec.model.get("in_slices", 1)))
-    return (batch, in_ch, *size), (batch, *size)
+    return (batch, _in_channels(spec), *size), (batch, *size)
 
 
 def _fmt(size: Any) -> str:
@@ -217,7 +220,7 @@ class StageEstimator:
         if key not in _TENSOR_BYTES:
             est = estimate_eval_peak(
                 lambda: build_stage_model(self.spec, cand.base_filters, False, cand.input_size_vox),
-                cand.input_size_vox, self.budget.val_volume_vox, _shapes(self.spec, (), 1)[0][1],
+                cand.input_size_vox, self.budget.val_volume_vox, _in_channels(self.spec),
                 torch.bfloat16 if amp else None, cuda_target=self.budget.cuda_target)
             _TENSOR_BYTES[key] = est.tensor_bytes
             _RUN[0] += 1
@@ -282,10 +285,10 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
         PlanError: nothing the stage's YAML allows fits; the message names the smallest
             budget that would.
     """
-    try:
-        return _plan_stage(spec, init_from, budget, step_factory, batch_cap)
-    except _NoFit as nofit:
-        raise PlanError(shortfall_message(budget, [nofit.shortfall])) from None
+    result, _ = plan_or_shortfall(spec, init_from, budget, step_factory, batch_cap)
+    if isinstance(result, Shortfall):
+        raise PlanError(shortfall_message(budget, [result]))
+    return result
 
 
 def plan_or_shortfall(spec: StageSpec, init_from: str | None, budget: Budget,

@@ -49,18 +49,19 @@ class AccumulatingObjective:
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                  *args: Any, sdm: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        xs, ys = x.chunk(self.micro), y.chunk(self.micro)
-        sdms = sdm.chunk(self.micro) if sdm is not None else (None,) * len(xs)
+        sdms = sdm.chunk(self.micro) if sdm is not None else (None,) * self.micro
+        parts = list(zip(x.chunk(self.micro), y.chunk(self.micro), sdms))
+
+        def loss(xi: torch.Tensor, yi: torch.Tensor, si: torch.Tensor | None) -> torch.Tensor:
+            extra = {"sdm": si} if si is not None else {}  # the distance maps' chunk too
+            return self.inner(model, xi, yi, *args, **extra, **kwargs) * (len(xi) / len(x))
+
         done = torch.zeros((), device=x.device)
-        parts = list(zip(xs, ys, sdms))
-        for i, (xi, yi, si) in enumerate(parts):
-            extra = {"sdm": si} if si is not None else {}  # chunks of the distance maps too
-            part = self.inner(model, xi, yi, *args, **extra, **kwargs) * (len(xi) / len(x))
-            if i == len(parts) - 1:
-                return part + done
-            self.scaler.scale(part).backward()
-            done = done + part.detach()
-        raise AssertionError("unreachable: chunk() gives at least one part")
+        for part in parts[:-1]:
+            value = loss(*part)
+            self.scaler.scale(value).backward()
+            done = done + value.detach()
+        return loss(*parts[-1]) + done
 
 
 class OomFallback:

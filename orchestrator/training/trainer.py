@@ -105,11 +105,12 @@ def _lr_lambda(sp: StagePlan):  # noqa: ANN202
     return f
 
 
-def _training_dataset(sp: StagePlan, records: list, with_sdm: bool) -> torch.utils.data.Dataset:
+def _training_dataset(sp: StagePlan, records: list, step_batch: int,
+                      with_sdm: bool) -> torch.utils.data.Dataset:
     """3D patches for the 3D family (with their signed distance maps for the boundary loss),
     2T+1 slice stacks for LCNN; both pure in (seed, epoch, i)."""
     spec = sp.spec
-    common = {"samples_per_epoch": spec.iterations_per_epoch * sp.batch_size * spec.grad_accum_steps,
+    common = {"samples_per_epoch": spec.iterations_per_epoch * step_batch,
               "lesion_fraction": spec.lesion_fraction, "seed": spec.seed, "augment": spec.augment}
     if sp.kind == "lcnn":
         from orchestrator.data.slices import SliceStackDataset
@@ -145,9 +146,10 @@ class StageRunner:
         self.train_recs, self.val_recs = split_records(records, plan.val_subjects,  # a CV fold's
                                                        spec.val_fraction, spec.seed)
         self.objective: Any = Objective(spec)
-        self.dataset = _training_dataset(self.sp, self.train_recs, self.objective.needs_sdm)
         # a step: grad_accum_steps backward passes of batch_size samples each
         self.step_batch = self.sp.batch_size * spec.grad_accum_steps
+        self.dataset = _training_dataset(self.sp, self.train_recs, self.step_batch,
+                                         self.objective.needs_sdm)
         if spec.freeze == "encoder":
             for p in self.model.encoder_parameters():
                 p.requires_grad_(False)
