@@ -7,6 +7,7 @@ Without it they are skipped, unless REQUIRE_SLURM=1 (CI), where they fail instea
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -122,3 +123,16 @@ def _own_calibration_file(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop(key, None)
     else:
         os.environ[key] = old
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers():
+    """The CLI's `logging.basicConfig` run under CliRunner leaves a root handler on the
+    runner's stream, closed once the test ends; later tests would log into it ("I/O
+    operation on closed file"). Each test ends with the root handlers it started with."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)

@@ -368,7 +368,7 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
 
     runner = stage_runner(plan, stage)
     how = runner.start()
-    logger.info("%s: %s", stage, how)
+    logger.info("%s: %s (%s, %d torch threads)", stage, how, runner.device, torch.get_num_threads())
     entry = runner.record("attempts", state=run_state.RUNNING,
                           started=run_state.now_iso(), start=how, pid=os.getpid(),
                           max_epochs=runner.sp.spec.max_epochs, error=None)
