@@ -63,3 +63,17 @@ class StopFlag:
         previous = signal.getsignal(signum)
         signal.signal(signum, self._handle)
         return previous
+
+
+def leave_signals_to_the_trainer(_worker_id: int) -> None:
+    """A DataLoader worker's init: ignore the stop signals.
+
+    SLURM signals every process of a job step (scancel, `scontrol requeue`, preemption,
+    `--signal`), DataLoader workers included. PyTorch's own SIGTERM handler in a worker
+    dies on a signal not sent by its parent, and the main process then raises "DataLoader
+    worker exited unexpectedly" wherever it is, instead of stopping at the next step
+    boundary with last.pt written. Ignored here, the workers are shut down by the main
+    process as usual, or end on their own once it has exited (PyTorch's watchdog).
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)

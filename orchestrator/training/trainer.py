@@ -28,6 +28,7 @@ from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
 from orchestrator.training.display import StepDisplay
+from orchestrator.training.interrupt import leave_signals_to_the_trainer
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
 from orchestrator.training.step import Objective, amp_dtype_for
 from orchestrator.training.validation import validate, volume_predictor
@@ -269,7 +270,8 @@ class StageRunner:
         workers = _num_workers(self.sp)
         loader = DataLoader(self.dataset, batch_size=self.step_batch, drop_last=True,
                             sampler=self.sample_indices(start), num_workers=workers,
-                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0)
+                            persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0,
+                            worker_init_fn=leave_signals_to_the_trainer if workers else None)
         self.model.train()
         if self.display:
             self.display.epoch(pr.epoch, pr.step_in_epoch)
