@@ -51,6 +51,28 @@ def test_fake_estimate_equals_live_bytes_of_a_real_step(stage1) -> None:
     assert fake == pytest.approx(tracker.peak, rel=0.01)
 
 
+def test_frozen_encoder_is_estimated_as_the_trainer_fine_tunes(stage1) -> None:
+    """`freeze: encoder`: no weight gradients, no AdamW state, no saved encoder activations;
+    the estimate still equals the live bytes of a real fine-tuning step, and is lower."""
+    frozen = stage1.model_copy(update={"freeze": "encoder"})
+    step = estimation_step(frozen, amp=False)
+    shapes = (2, 1, 32, 32, 32), (2, 32, 32, 32)
+    est = {spec.freeze: estimate_step_peak(lambda s=spec: build_stage_model(s, 4, False), *shapes,
+                                           step, cuda_target=False).tensor_bytes
+           for spec in (stage1, frozen)}
+    torch.manual_seed(0)
+    with LivePeak() as tracker:
+        model = build_stage_model(frozen, 4, False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert 0 < len(trainable) < len(list(model.parameters()))
+        opt = torch.optim.AdamW(trainable, lr=1e-3)
+        x, y = torch.randn(*shapes[0]), torch.randint(0, 2, shapes[1])
+        for _ in range(2):
+            step(model, opt, x, y)
+    assert est["encoder"] == pytest.approx(tracker.peak, rel=0.01)
+    assert est["encoder"] < 0.9 * est[None]
+
+
 def test_estimate_grows_with_batch_and_shrinks_with_checkpointing(stage1) -> None:
     step = estimation_step(stage1, amp=True)
     est = lambda bs, ck: estimate_step_peak(  # noqa: E731

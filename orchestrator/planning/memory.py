@@ -193,7 +193,7 @@ def _fake_session(build_model: Callable[[], nn.Module], cuda_target: bool
         policy = CudaAutocastDtypes() if cuda_target else contextlib.nullcontext()
         with tracker, policy, ConstantArange():
             model = _fakeify(model)
-            opt = make_optimizer(model.parameters(), cuda_target)
+            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cuda_target)
             prime_adamw(opt)
             yield tracker, model, opt
 

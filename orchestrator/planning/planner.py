@@ -77,7 +77,11 @@ def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
     kwargs.update(base_filters=base_filters, checkpointing=checkpointing)
     if input_size_vox is not None and spec.kind == "seg3d":  # the transformer's token grid
         kwargs["input_size_vox"] = list(input_size_vox)
-    return models.build_model(spec.model["arch"], **kwargs)
+    model = models.build_model(spec.model["arch"], **kwargs)
+    if spec.freeze == "encoder":  # as the trainer fine-tunes: no gradients, no AdamW state
+        for p in model.encoder_parameters():
+            p.requires_grad_(False)
+    return model
 
 
 def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None,
