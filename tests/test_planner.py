@@ -183,15 +183,20 @@ def test_cli_nothing_fits_exits_2_naming_the_smallest_budget(tmp_path) -> None:
     import subprocess
     import sys
 
+    # the tiny curriculum without stages 2-4 (planning them to their smallest takes 25 s)
+    tiny = (REPO / "tests" / "data" / "tiny.yaml").read_text().replace("../../", f"{REPO}/")
+    curriculum = tmp_path / "stage1_and_lcnn.yaml"
+    curriculum.write_text("\n".join(line for line in tiny.splitlines()  # their files, overrides
+                                    if not re.search(r"stage[234]_|cardinality", line)))
     res = subprocess.run([sys.executable, "-m", "orchestrator", "plan", "--device", "cpu",
-                          "--target-mem", "0.05", "--curriculum", str(REPO / "tests" / "data" / "tiny.yaml"),
+                          "--target-mem", "0.05", "--curriculum", str(curriculum),
                           "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "ORCHESTRATOR_CALIBRATION": "off"})
     assert res.returncode == 2, res.stderr
     assert res.stdout == ""
     (line,) = res.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: nothing fits in 0\.05 GB for stage1_basic_cnn, stage2_cnn_attention, "
-                        r"stage3_hybrid_small, stage4_hybrid_full, lcnn; the smallest configuration of "
+    assert re.fullmatch(r"error: nothing fits in 0\.05 GB for stage1_basic_cnn, lcnn; the "
+                        r"smallest configuration of "
                         r"lcnn \(64x64, base filters 8, checkpointing, batch 2\) needs [0-9.]+ GB: "
                         r"use --target-mem [0-9.]+ or more", line), line
     assert not (tmp_path / "runs").exists()  # nothing written
