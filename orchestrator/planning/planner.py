@@ -135,23 +135,22 @@ def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_targ
 # is a pure function of these, so plans made in one process (and its forked workers,
 # which send theirs back: planning/pool.py) share them.
 _TENSOR_BYTES: dict[tuple, int] = {}
-_RUN = [0]  # estimates run since the cache was cleared, here and in worker processes
 
 
 def clear_estimate_cache() -> None:
     _TENSOR_BYTES.clear()
-    _RUN[0] = 0
 
 
 def estimates_run() -> int:
-    """Step and validation estimates run since the cache was last cleared."""
-    return _RUN[0]
+    """Step and validation estimates run since the cache was last cleared (here and in
+    worker processes, which send theirs back; keys differ between stages, so none is
+    counted twice)."""
+    return len(_TENSOR_BYTES)
 
 
 def add_estimates(entries: dict[tuple, int]) -> None:
     """Take in the estimates a worker process ran (planning/pool.py)."""
     _TENSOR_BYTES.update(entries)
-    _RUN[0] += len(entries)
 
 
 class StageEstimator:
@@ -186,7 +185,6 @@ class StageEstimator:
                     x_shape, y_shape, self.steps[self.amp(cand)],
                     cuda_target=self.emulate_cuda(cand))
                 _TENSOR_BYTES[shared] = est.tensor_bytes
-                _RUN[0] += 1
                 logger.debug("%s %s bs=%d: %.3f GB tensors (%.1fs)", self.spec.name,
                              cand.describe(), batch, est.tensor_bytes / 1024**3, est.seconds)
             self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
@@ -227,7 +225,6 @@ class StageEstimator:
                 cand.input_size_vox, self.budget.val_volume_vox, _in_channels(self.spec),
                 torch.bfloat16 if amp else None, cuda_target=self.budget.cuda_target)
             _TENSOR_BYTES[key] = est.tensor_bytes
-            _RUN[0] += 1
         return self.budget.overheads.total_gb(_TENSOR_BYTES[key]) * self.ratio(cand)
 
     def fits(self, cand: Candidate, batch: int) -> bool:
@@ -272,12 +269,6 @@ class Shortfall:
     need_gb: float
 
 
-class _NoFit(Exception):
-    def __init__(self, shortfall: Shortfall) -> None:
-        super().__init__(shortfall.stage)
-        self.shortfall = shortfall
-
-
 def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
                step_factory: StepFactory, batch_cap: tuple[int, str] | None = None) -> StagePlan:
     """Choose input size, base filters, checkpointing and batch size for one stage.
@@ -302,16 +293,14 @@ def plan_or_shortfall(spec: StageSpec, init_from: str | None, budget: Budget,
     stage is planned before the error names them all), and the estimates it ran (their
     cache entries, which a worker process sends back to the parent's cache)."""
     known = set(_TENSOR_BYTES)
-    try:
-        result: StagePlan | Shortfall = _plan_stage(spec, init_from, budget, step_factory,
-                                                    batch_cap)
-    except _NoFit as nofit:
-        result = nofit.shortfall
+    result = _plan_stage(spec, init_from, budget, step_factory, batch_cap)
     return result, {k: v for k, v in _TENSOR_BYTES.items() if k not in known}
 
 
 def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
-                step_factory: StepFactory, batch_cap: tuple[int, str] | None) -> StagePlan:
+                step_factory: StepFactory, batch_cap: tuple[int, str] | None
+                ) -> StagePlan | Shortfall:
+    """The stage's plan, or its Shortfall when nothing its YAML allows fits."""
     probe_model = build_stage_model_meta(spec)
     multiple = int(getattr(probe_model, "required_multiple", 1))
     est = StageEstimator(spec, budget, step_factory, multiple)
@@ -322,7 +311,7 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     ladder = candidate_ladder(spec, multiple)
     i = first_fit(len(ladder), lambda k: est.fits(ladder[k], min_bs))
     if i is None:
-        raise _NoFit(Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs, exact=True)))
+        return Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs, exact=True))
     chosen = ladder[i]
     reasons = _search_reasons(spec, ladder, i, est, min_bs, target)
     batch, why = _grow_batch(est, chosen, min_bs, max_bs, target)
