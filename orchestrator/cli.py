@@ -63,7 +63,9 @@ def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | 
                       device=device, cluster=cluster, data_dir=data, run=run, runs_dir=runs_dir)
     with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
         plan = make_plan(req, estimation_step,
-                         progress=(lambda name: status.update(f"planning {name}...")) if status else None)
+                         progress=(lambda name: status.update(f"planning {name}...")) if status else None,
+                         notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
+                                                       soft_wrap=True))
     return plan, write_plan(plan)
 
 
@@ -129,7 +131,10 @@ def submit(plan_path: PlanPath = None,
 
 @app.command("run-stage")
 def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
-              stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")]) -> None:
+              stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")],
+              device: Annotated[str, typer.Option(
+                  "--device", help="auto | cuda | cpu. auto: the GPU where there is one.")] = "auto"
+              ) -> None:
     """Run one stage in this process (what a job executes; also for debugging).
 
     On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits
@@ -145,7 +150,7 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     stop = stop_flag(str(plan_path))  # under SLURM: also at an epoch boundary near the time limit
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         stop.install(signum)
-    result = _run(plan_path, stage, stop=stop)
+    result = _run(plan_path, stage, stop=stop, device=device)
     if result["interrupted"]:
         err.print(f"{stage}: interrupted at epoch {result['epochs']}; last.pt written, "
                   f"run again to resume")
@@ -209,7 +214,8 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
 
 
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
-OnDevice = Annotated[str, typer.Option("--device", help="cpu | cuda")]
+OnDevice = Annotated[str, typer.Option(
+    "--device", help="auto | cuda | cpu. auto: the GPU where there is one, else the CPU.")]
 
 
 @app.command()
@@ -217,7 +223,7 @@ def evaluate(checkpoint: Checkpoint,
              data: Annotated[Path, typer.Option("--data", help="Labelled data tree (or cache).")],
              out_dir: Annotated[Optional[Path], typer.Option(
                  "--out", help="Default: the stage folder's eval/.")] = None,
-             device: OnDevice = "cpu", json_out: Json = False) -> None:
+             device: OnDevice = "auto", json_out: Json = False) -> None:
     """Whole-volume inference over a labelled dataset: report.json, subjects.csv, overlays."""
     from orchestrator.training.evaluate import evaluate_checkpoint
 
@@ -235,7 +241,7 @@ def predict(checkpoint: Checkpoint,
             input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
             out_path: Annotated[Optional[Path], typer.Option(
                 "--out", help="File (one input) or folder; default: beside the input.")] = None,
-            device: OnDevice = "cpu") -> None:
+            device: OnDevice = "auto") -> None:
     """Write lesion masks (NIfTI, the input's affine and header) for new images."""
     from orchestrator.training.predict import predict_paths
 
@@ -314,11 +320,11 @@ def bench_data(json_out: Json = False) -> None:
 
 
 @bench_app.command("step")
-def bench_step(json_out: Json = False) -> None:
-    """Seconds per training step: the trainer against a bare PyTorch loop (same model, batch)."""
+def bench_step(json_out: Json = False, device: OnDevice = "auto") -> None:
+    """Seconds per training step: the trainer and TrainStep against a bare PyTorch loop."""
     from orchestrator.bench_step import bench_step as run
 
-    _bench(run, "the training step (about a minute)", json_out)
+    _bench(lambda: run(device=device), "the training step (about a minute)", json_out)
 
 
 @bench_app.command("plan")

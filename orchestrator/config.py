@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -353,10 +354,46 @@ def load_curriculum(path: Path) -> tuple[Curriculum, list[tuple[StageSpec, str |
     return cur, out
 
 
+ENV_CLUSTER = "ORCHESTRATOR_CLUSTER"  # the user's default cluster profile (name or file)
+ENV_USER_CONFIG = "ORCHESTRATOR_CONFIG"  # the user config file (default below)
+
+
+class UserConfig(_Strict):
+    """~/.config/orchestrator/config.yaml: the user's defaults."""
+
+    cluster: str | None = Field(None, description=(
+        "Cluster profile used when --cluster is not given (a name under envs/clusters/ or a "
+        "YAML file); ORCHESTRATOR_CLUSTER overrides it."))
+
+
+def user_config_path() -> Path:
+    env = os.environ.get(ENV_USER_CONFIG, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".config" / "orchestrator" / "config.yaml"
+
+
+def default_cluster() -> tuple[str, str]:
+    """The cluster profile used without --cluster, and where that choice came from:
+    ORCHESTRATOR_CLUSTER, else `cluster:` in the user config file, else 'local'.
+
+    Raises:
+        ConfigError: the user config file exists but is not valid.
+    """
+    env = os.environ.get(ENV_CLUSTER, "").strip()
+    if env:
+        return env, f"${ENV_CLUSTER}"
+    path = user_config_path()
+    if path.is_file():
+        cfg = parse_model(UserConfig, read_yaml(path) or {}, path)
+        if cfg.cluster:
+            return cfg.cluster, str(path)
+    return "local", "the default"
+
+
 def resolve_cluster(name_or_file: str | None) -> tuple[ClusterProfile, Path]:
-    """A cluster profile by name (envs/clusters/NAME.yaml) or by path; default 'local'."""
-    ref = name_or_file or "local"
-    path = Path(ref)
+    """A cluster profile by name (envs/clusters/NAME.yaml) or by path; without one, the
+    user's default (`default_cluster`)."""
+    ref = name_or_file or default_cluster()[0]
+    path = Path(ref).expanduser()
     if not path.suffix:
         path = CLUSTERS_DIR / f"{ref}.yaml"
         if not path.exists():

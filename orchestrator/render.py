@@ -40,12 +40,15 @@ def plan_table(console: Console, plan: Plan) -> None:
     console.print(f"probed: GPUs {gpus}; host {p['host_total_gb']:.1f} GB RAM "
                   f"({p['host_available_gb']:.1f} available), {p['cpus']} CPUs"
                   + (f"; SLURM {p['slurm']}" if p["slurm"] else ""))
-    console.print(f"budget: {plan.budget_gb:g} GB on {plan.device} ({plan.assumptions['budget_source']}); "
-                  f"overheads {plan.assumptions['overheads']}")
+    why = plan.assumptions.get("device_source")
+    console.print(f"budget: {plan.budget_gb:g} GB on {plan.device}" + (f" ({why})" if why else "")
+                  + f", from {plan.assumptions['budget_source']}; "
+                  f"overheads {plan.assumptions['overheads']}", highlight=False)
     if "gpu" in plan.assumptions:
         console.print(f"assumed: {plan.assumptions['gpu']}")
     prof = plan.assumptions.get("cluster") or {}
-    console.print(f"cluster: profile {plan.cluster.name} ({prof.get('file', '?')}); "
+    chosen = f", {prof['chosen_by']}" if prof.get("chosen_by") else ""
+    console.print(f"cluster: profile {plan.cluster.name} ({prof.get('file', '?')}{chosen}); "
                   f"job time {_time_source(plan)}", highlight=False)
     cal = plan.assumptions.get("calibration") or {}
     if cal.get("applied"):

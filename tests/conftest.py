@@ -125,6 +125,19 @@ def _own_calibration_file(tmp_path_factory: pytest.TempPathFactory):
         os.environ[key] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_defaults(tmp_path_factory: pytest.TempPathFactory):
+    """No test takes the user's default cluster profile (ORCHESTRATOR_CLUSTER or the user
+    config file): plans would be for another device. Subprocesses inherit this."""
+    saved = {k: os.environ.pop(k, None) for k in ("ORCHESTRATOR_CLUSTER", "ORCHESTRATOR_CONFIG")}
+    os.environ["ORCHESTRATOR_CONFIG"] = str(tmp_path_factory.mktemp("user") / "config.yaml")
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_log_handlers():
     """The CLI's `logging.basicConfig` run under CliRunner leaves a root handler on the

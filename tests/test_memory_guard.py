@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.training.memory_guard import AccumulatingObjective, limit_gpu_memory
+from orchestrator.training.memory_guard import limit_gpu_memory
+from orchestrator.training.step import AccumulatingObjective
 
 
 def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

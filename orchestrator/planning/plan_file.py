@@ -9,19 +9,22 @@ from pathlib import Path
 from typing import Literal
 
 from orchestrator.config import (
+    ENV_CLUSTER,
     ClusterProfile,
     Plan,
     StagePlan,
+    default_cluster,
     load_curriculum,
     plan_to_yaml,
     resolve_cluster,
+    user_config_path,
 )
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, StepFactory
 from orchestrator.planning.pool import plan_curriculum
-from orchestrator.planning.probe import Probe, host_budget_gb, probe
+from orchestrator.planning.probe import Probe, host_budget_gb, probe, slurm_answers
 from orchestrator.planning.schedule import (
     DatasetSize,
     batch_cap,
@@ -61,29 +64,62 @@ def parse_target_mem(text: str | None) -> float | None:
     return value
 
 
-def choose_budget(req: PlanRequest, p: Probe, cluster: ClusterProfile) -> tuple[str, float, str]:
-    """(device, budget GB, where the budget came from)."""
-    device = req.device
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: Literal["cuda", "cpu"]
+    budget_gb: float
+    budget_source: str  # where the budget came from
+    device_source: str  # why this device
+
+
+def choose_budget(req: PlanRequest, p: Probe, cluster: ClusterProfile) -> DeviceChoice:
+    """The device planned for and its budget, each with where it came from.
+
+    `--device auto`: a GPU here; else the cluster profile's GPU when it has one (planning
+    on a login node for the nodes the jobs will run on); else this machine's CPU.
+    """
+    device, why = req.device, f"--device {req.device}"
     if device == "auto":
-        device = "cuda" if p.gpus or cluster.gpus_per_node else "cpu"
+        if p.gpus:
+            device, why = "cuda", f"{p.gpus[0].name} here"
+        elif cluster.gpus_per_node:
+            device, why = "cuda", (f"no GPU here; cluster profile {cluster.name} has "
+                                   f"{cluster.gpus_per_node} per node")
+        else:
+            device, why = "cpu", f"no GPU here, and cluster profile {cluster.name} has none"
     if req.target_mem_gb is not None:
         if device == "cuda" and p.gpus and req.target_mem_gb > min(g.total_gb for g in p.gpus):
             raise ConfigError(f"--target-mem: {req.target_mem_gb:g} GB is more than the GPU's "
                               f"{min(g.total_gb for g in p.gpus):.1f} GB")
-        return device, req.target_mem_gb, "--target-mem"
+        return DeviceChoice(device, req.target_mem_gb, "--target-mem", why)  # type: ignore[arg-type]
     if device == "cuda":
         if p.gpus:
-            return device, round(min(g.free_gb for g in p.gpus) * GPU_SHARE, 2), \
-                f"{GPU_SHARE:.0%} of the free memory of {p.gpus[0].name}"
+            return DeviceChoice("cuda", round(min(g.free_gb for g in p.gpus) * GPU_SHARE, 2),
+                                f"{GPU_SHARE:.0%} of the free memory of {p.gpus[0].name}", why)
         if cluster.gpu_mem_gb:
-            return device, cluster.gpu_mem_gb, f"cluster profile {cluster.name}: gpu_mem_gb"
+            return DeviceChoice("cuda", cluster.gpu_mem_gb,
+                                f"cluster profile {cluster.name}: gpu_mem_gb", why)
         raise ConfigError("--device cuda: no GPU here; give --target-mem GB or a cluster profile "
                           "with gpu_mem_gb")
-    return device, round(host_budget_gb(p) * HOST_SHARE, 2), f"{HOST_SHARE:.0%} of available RAM"
+    return DeviceChoice("cpu", round(host_budget_gb(p) * HOST_SHARE, 2),
+                        f"{HOST_SHARE:.0%} of available RAM", why)
+
+
+def cpu_plan_notice(req: PlanRequest, choice: DeviceChoice, cluster_source: str,
+                    slurm_answers: Callable[[], bool]) -> str | None:
+    """What `plan` says first when it plans for this machine's CPU on a machine where SLURM
+    answers (a login node, where a GPU plan was most likely meant); None otherwise."""
+    if req.device != "auto" or choice.device != "cpu" or not slurm_answers():
+        return None
+    return (f"planning for this machine's CPU ({choice.device_source}; profile from "
+            f"{cluster_source}), though SLURM answers here: to plan for the cluster's GPUs use "
+            f"--cluster NAME (a profile with gpus_per_node; set it once with {ENV_CLUSTER} or "
+            f"`cluster:` in {user_config_path()}) or --device cuda --target-mem GB")
 
 
 def make_plan(req: PlanRequest, step_factory: StepFactory,
-              progress: Callable[[str], None] | None = None) -> Plan:
+              progress: Callable[[str], None] | None = None,
+              notice: Callable[[str], None] | None = None) -> Plan:
     """Probe, choose the budget and plan every stage (nothing is written).
 
     With `req.data_dir`, the dataset caps each stage's batch and sets the epochs and
@@ -96,13 +132,18 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         PlanError: a stage cannot fit the budget.
     """
     cur, stages = load_curriculum(req.curriculum)
+    cluster_source = "--cluster" if req.cluster else default_cluster()[1]
     cluster, cluster_path = resolve_cluster(req.cluster)
     cluster.check_stage_names(str(cluster_path), [s.name for s, _ in stages])
     if req.data_dir is not None and not Path(req.data_dir).is_dir():
         raise ConfigError(f"--data: {req.data_dir} is not a directory")
     ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else None
     p = probe()
-    device, budget_gb, source = choose_budget(req, p, cluster)
+    choice = choose_budget(req, p, cluster)
+    device, budget_gb, source = choice.device, choice.budget_gb, choice.budget_source
+    said = cpu_plan_notice(req, choice, cluster_source, slurm_answers)
+    if said and notice:
+        notice(said)  # before the stages are planned: the command's first line
     overheads = DEFAULT_OVERHEADS[device]
     cal_path = cal.calibration_path() if req.calibrate else None
     hardware = cal.hardware_key(device, p.as_dict())
@@ -114,8 +155,9 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
-    assumptions = {"budget_source": source, "overheads": overheads.as_dict(),
-                   "cluster": {"file": _shown_path(cluster_path),
+    assumptions = {"budget_source": source, "device_source": choice.device_source,
+                   "overheads": overheads.as_dict(),
+                   "cluster": {"file": _shown_path(cluster_path), "chosen_by": cluster_source,
                                "set": sorted(cluster.model_fields_set)},
                    "estimate": "peak live tensors of a real training step (optimizer state "
                                "present) on fake tensors"
@@ -130,6 +172,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
                                   "voxels": sum(ds.voxels.values())}
     if device == "cuda" and not p.gpus:
         assumptions["gpu"] = "no GPU here: planning for one (bf16 autocast assumed)"
+    if said:
+        assumptions["device_notice"] = said
     name = req.run or time.strftime("run-%Y%m%d-%H%M%S")
     return Plan(run=name, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=device,
                 budget_gb=budget_gb, data_dir=str(Path(req.data_dir).resolve()) if req.data_dir else None,

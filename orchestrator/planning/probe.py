@@ -67,6 +67,20 @@ def _slurm_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+def slurm_answers(timeout_s: float = 5.0) -> bool:
+    """Whether a SLURM controller answers here (`sinfo`): a login or compute node."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
 def probe() -> Probe:
     """Probe GPUs, host memory and CPUs, and the SLURM allocation this process runs in."""
     gpus, err = _probe_gpus()

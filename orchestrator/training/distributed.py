@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from orchestrator.config import Plan
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
+from orchestrator.training.devices import resolve_device
 from orchestrator.training.metrics_log import MetricsLog
-from orchestrator.training.trainer import StageFailed, StageRunner, _device
+from orchestrator.training.trainer import StageFailed, StageRunner
 
 logger = logging.getLogger(__name__)
 DDP_REPORT = "ddp.json"
@@ -47,11 +48,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def stage_runner(plan: Plan, stage: str) -> StageRunner:
+def stage_runner(plan: Plan, stage: str, device: str = "auto") -> StageRunner:
     """The stage's runner: distributed when this process is one of several ranks."""
     if world_size() > 1:
-        return DistributedStageRunner(plan, stage)
-    return StageRunner(plan, stage)
+        return DistributedStageRunner(plan, stage, device)
+    return StageRunner(plan, stage, device)
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -133,11 +134,11 @@ class _DDPObjective:
 class DistributedStageRunner(StageRunner):
     """A StageRunner that is one rank of several (see the module docstring)."""
 
-    def __init__(self, plan: Plan, stage: str) -> None:
-        self.backend = _init_group(_device(plan))
+    def __init__(self, plan: Plan, stage: str, device: str = "auto") -> None:
+        self.backend = _init_group(resolve_device(device))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_writer = self.rank == 0
-        super().__init__(plan, stage)
+        super().__init__(plan, stage, device)
         # per-rank batch: the epoch has W times the samples, each rank runs the same steps
         self.dataset.samples_per_epoch *= self.world
         self.seen: list[int] = []
@@ -152,7 +153,7 @@ class DistributedStageRunner(StageRunner):
         # DDP broadcasts rank 0's parameters and buffers here: after the hand-off or resume
         ids = [self.device.index or 0] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.objective = _DDPObjective(self.objective, self.ddp)
+        self.train_step.objective = _DDPObjective(self.train_step.objective, self.ddp)
         return how
 
     def _handoff(self) -> str:

@@ -60,7 +60,7 @@ def default_eval_dir(checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None = None,
-                        device: str = "cpu",
+                        device: str = "auto",
                         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Predict every labelled subject of `data_dir` with `checkpoint` and score it.
 
@@ -68,7 +68,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
         checkpoint: a stage's best.pt/final.pt/last.pt.
         data_dir: an ATLAS R2.0 tree (`discover_subjects`); every image needs its mask.
         out_dir: where the results go; default `default_eval_dir(checkpoint)`.
-        device: where the model runs.
+        device: where the model runs: auto (the GPU where there is one), cuda or cpu.
         progress: called with (subjects done, subjects) after each subject.
 
     Returns:

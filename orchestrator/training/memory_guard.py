@@ -6,8 +6,8 @@ in its first steps.
   20 GB plan is binding on an 80 GB card and a plan's promise is tested, not hidden.
 - `OomFallback`: an OutOfMemoryError in the first `FIRST_STEPS` steps of a process is
   caught; the stage falls back to gradient checkpointing, then to half the batch per
-  backward with twice the accumulation (the same batch, hence the same data order and
-  resume), retries the step, and records why in state.json (`memory_fallback`).
+  backward with twice the accumulation (`TrainStep.micro`: the same batch, hence the same
+  data order and resume), retries the step, and records why in state.json (`memory_fallback`).
 
 Nothing here acts on the CPU (a CPU has no allocator limit to set, and there an
 allocation failure is the kernel's OOM killer, not an exception).
@@ -36,43 +36,13 @@ def limit_gpu_memory(budget_gb: float, context_gb: float, device: torch.device) 
             f"{total / GIB:.0f} GB): the plan's {budget_gb:g} GB less {context_gb:g} GB context")
 
 
-class AccumulatingObjective:
-    """The stage's objective over `micro` chunks of each batch: all chunks but the last
-    are backpropagated here, the last is returned for the trainer's own backward, and the
-    value is the batch's size-weighted mean loss, so gradients sum as for the whole batch."""
-
-    def __init__(self, inner: Callable[..., torch.Tensor], micro: int, scaler: Any) -> None:
-        self.inner, self.micro, self.scaler = inner, micro, scaler
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 *args: Any, sdm: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        sdms = sdm.chunk(self.micro) if sdm is not None else (None,) * self.micro
-        parts = list(zip(x.chunk(self.micro), y.chunk(self.micro), sdms))
-
-        def loss(xi: torch.Tensor, yi: torch.Tensor, si: torch.Tensor | None) -> torch.Tensor:
-            extra = {"sdm": si} if si is not None else {}  # the distance maps' chunk too
-            return self.inner(model, xi, yi, *args, **extra, **kwargs) * (len(xi) / len(x))
-
-        done = torch.zeros((), device=x.device)
-        for part in parts[:-1]:
-            value = loss(*part)
-            self.scaler.scale(value).backward()
-            done = done + value.detach()
-        return loss(*parts[-1]) + done
-
-
 class OomFallback:
     """Runs a stage's steps; on a GPU, catches an OOM in the first steps and falls back."""
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.steps_left = FIRST_STEPS if runner.device.type == "cuda" else 0
-        self.micro = runner.sp.spec.grad_accum_steps  # the stage's own accumulation
         self.history: list[str] = []
-        self._objective: Any = None  # the runner's own objective, before any accumulation
 
     def step(self, one_step: Callable[[Any], None], batch: Any) -> None:
         while True:
@@ -96,14 +66,9 @@ class OomFallback:
         if not getattr(model, "checkpointing", True):
             model.checkpointing = True
             return f"out of memory in the first steps ({first}): gradient checkpointing on"
-        step_batch = self.runner.step_batch
-        if self.micro * 2 <= step_batch:
-            self.micro *= 2
-            if self._objective is None:  # the objective without any accumulation
-                inner = self.runner.objective
-                self._objective = inner.inner if isinstance(inner, AccumulatingObjective) else inner
-            self.runner.objective = AccumulatingObjective(self._objective, self.micro,
-                                                          self.runner.scaler)
+        step_batch, step = self.runner.step_batch, self.runner.train_step
+        if step.micro * 2 <= step_batch:
+            step.micro *= 2  # the step's own accumulation: same batch, same data order
             return (f"out of memory in the first steps ({first}): batch {step_batch} as "
-                    f"{self.micro} backward passes of {step_batch // self.micro} (accumulated)")
+                    f"{step.micro} backward passes of {step_batch // step.micro} (accumulated)")
         raise err

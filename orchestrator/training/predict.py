@@ -23,6 +23,7 @@ from orchestrator.data.volume import Volume, load_subject
 from orchestrator.errors import DataError
 from orchestrator.runs.atomic import atomic_path
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
+from orchestrator.training.devices import resolve_device
 from orchestrator.training.validation import volume_predictor
 
 logger = logging.getLogger(__name__)
@@ -51,15 +52,16 @@ class InferenceModel:
         return self.predict(vol)
 
 
-def load_inference_model(checkpoint: Path, device: str | torch.device = "cpu") -> InferenceModel:
+def load_inference_model(checkpoint: Path, device: str | torch.device = "auto") -> InferenceModel:
     """Load `checkpoint` and wrap its model for whole-volume prediction (fp32).
 
     Raises:
         CheckpointError: missing/unreadable checkpoint, or weights that do not fit the model.
+        ConfigError: `device` is cuda and there is no GPU.
     """
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = model_from_checkpoint(ckpt, path).to(dev).eval()
     kind = "lcnn" if ckpt["arch"] == "lcnn" else "seg3d"
     predictor = volume_predictor(kind, ckpt.get("model_kwargs", {}), tuple(ckpt["input_size_vox"]), dev, None)
@@ -117,7 +119,7 @@ def output_path(image: Path, input: Path, out: Path | None) -> Path:
 
 
 def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
-                  device: str | torch.device = "cpu") -> list[Path]:
+                  device: str | torch.device = "auto") -> list[Path]:
     """Label one T1w image, or every image in a folder, with a trained checkpoint.
 
     Args:
@@ -125,7 +127,7 @@ def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
         input: a .nii/.nii.gz image, or a folder of them (not searched recursively).
         out: for a file input, the output file; for a folder, the output folder. Default:
             `<input stem>_pred.nii.gz` beside each input image.
-        device: where the model runs ("cpu", "cuda", ...).
+        device: where the model runs: auto (the GPU where there is one), cuda or cpu.
 
     Returns:
         The written mask files, in input order.

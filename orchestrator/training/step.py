@@ -1,15 +1,21 @@
-"""One training step, shared by the trainer and the planner's memory estimate.
+"""One training step for every caller and device (`TrainStep`), and its objective.
 
-`Objective` (forward + loss) holds no data-dependent Python control flow, so the planner
-can run it on FakeTensors and predict the bytes the trainer will use.
+The trainer, the planner's memory estimate, `plan --verify`'s trial and the benches all
+run `TrainStep`; what differs by device is an argument. `Objective` (forward + loss)
+holds no data-dependent Python control flow, and the step's finiteness checks treat a
+fake tensor as finite, so the planner runs this very code on FakeTensors and predicts the
+bytes the trainer will use.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from orchestrator.config import StageSpec
 from orchestrator.training.losses import GeneralizedDiceFocalLoss, RegionBoundaryLoss
@@ -90,18 +96,130 @@ class Objective:
         return loss
 
 
-def estimation_step(spec: StageSpec, amp: bool) -> Callable[..., None]:
-    """The step the planner measures: forward, loss, backward, clip, optimizer step."""
-    objective = Objective(spec)
-    amp_dtype = amp_dtype_for("cpu", amp)  # estimates run on CPU fake tensors
+class AccumulatingObjective:
+    """The stage's objective over `micro` chunks of each batch: all chunks but the last
+    are backpropagated here, the last is returned for the step's own backward, and the
+    value is the batch's size-weighted mean loss, so gradients sum as for the whole batch."""
 
-    def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-        # the batch's distance maps are live during the step: count them
-        sdm = torch.zeros(x.shape[:1] + (1,) + x.shape[2:]) if objective.needs_sdm else None
-        objective(model, x, y, amp_dtype, "cpu", sdm=sdm).backward()
-        if spec.grad_clip_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm, foreach=True)
-        opt.step()
+    def __init__(self, inner: Callable[..., torch.Tensor], micro: int, scaler: Any) -> None:
+        self.inner, self.micro, self.scaler = inner, micro, scaler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 *args: Any, sdm: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        sdms = sdm.chunk(self.micro) if sdm is not None else (None,) * self.micro
+        parts = list(zip(x.chunk(self.micro), y.chunk(self.micro), sdms))
+
+        def loss(xi: torch.Tensor, yi: torch.Tensor, si: torch.Tensor | None) -> torch.Tensor:
+            extra = {"sdm": si} if si is not None else {}  # the distance maps' chunk too
+            return self.inner(model, xi, yi, *args, **extra, **kwargs) * (len(xi) / len(x))
+
+        done = torch.zeros((), device=x.device)
+        for part in parts[:-1]:
+            value = loss(*part)
+            self.scaler.scale(value).backward()
+            done = done + value.detach()
+        return loss(*parts[-1]) + done
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether a loss or gradient norm is finite. A fake tensor (the planner's estimate)
+    has shape but no value: it counts as finite, so the estimate runs this very code."""
+    if isinstance(t, FakeTensor):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+@dataclass
+class StepResult:
+    """What a step did: its loss (detached), and why it was skipped (None: applied)."""
+
+    loss: torch.Tensor
+    skipped: Literal["loss", "gradient"] | None = None
+
+
+class TrainStep:
+    """One training step, the same for every caller and device: the trainer, the
+    planner's memory estimate (on CPU fake tensors), `plan --verify`'s trial and the
+    benches all run it.
+
+    Forward and loss under autocast (with the batch's signed distance maps for the
+    boundary term), over `micro` chunks of the batch where gradients are accumulated;
+    backward through the GradScaler (active only with fp16); unscale; clip; optimizer
+    step; gradients freed. What differs between devices is an argument: the device type
+    (autocast), the AMP dtype (bf16, or fp16 with its scaler on GPUs without bf16) and
+    `synchronize` (wait for the device before returning, for timings).
+
+    A non-finite loss skips the step; so does a non-finite gradient norm without a
+    scaler (with fp16 the scaler skips it and lowers its scale).
+    """
+
+    def __init__(self, objective: Callable[..., torch.Tensor], device_type: str,
+                 amp_dtype: torch.dtype | None, grad_clip_norm: float | None = None, *,
+                 micro: int = 1, synchronize: bool = False) -> None:
+        self.objective, self.device_type, self.amp_dtype = objective, device_type, amp_dtype
+        self.grad_clip_norm, self.micro, self.synchronize = grad_clip_norm, micro, synchronize
+        self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+
+    @classmethod
+    def for_stage(cls, spec: StageSpec, device_type: str, amp: bool, *,
+                  micro: int | None = None, synchronize: bool = False) -> TrainStep:
+        """The step of a stage on a device: its objective, clip norm and accumulation."""
+        return cls(Objective(spec), device_type, amp_dtype_for(device_type, amp),
+                   spec.grad_clip_norm, micro=spec.grad_accum_steps if micro is None else micro,
+                   synchronize=synchronize)
+
+    @property
+    def needs_sdm(self) -> bool:
+        return bool(getattr(self.objective, "needs_sdm", False))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             sdm: torch.Tensor | None, epoch: int | None) -> torch.Tensor:
+        """The batch's loss; with `micro` > 1 every chunk but the last is already
+        backpropagated (memory_guard's fallback raises `micro` after an OOM)."""
+        objective = self.objective
+        if self.micro > 1:
+            objective = AccumulatingObjective(objective, self.micro, self.scaler)
+        return objective(model, x, y, self.amp_dtype, self.device_type, epoch, sdm=sdm)
+
+    def __call__(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, sdm: torch.Tensor | None = None,
+                 epoch: int | None = None) -> StepResult:
+        """Train on one batch: x (B, C, ...), integer labels y (B, ...), sdm (B, 1, ...)."""
+        loss = self.loss(model, x, y, sdm, epoch)
+        if not _finite(loss):
+            opt.zero_grad(set_to_none=True)
+            return StepResult(loss.detach(), "loss")
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm or float("inf"))
+        if not self.scaler.is_enabled() and not _finite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            return StepResult(loss.detach(), "gradient")
+        self.scaler.step(opt)  # fp16 and a non-finite gradient: skipped, the scale lowered
+        self.scaler.update()
         opt.zero_grad(set_to_none=True)
+        if self.synchronize and self.device_type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(loss.detach())
 
-    return step
+
+def sdm_placeholder(step: TrainStep, x: torch.Tensor) -> torch.Tensor | None:
+    """Distance maps of the batch's shape where the step needs them (their values do not
+    matter to memory or time: the estimate, the trial and the benches use this)."""
+    if not step.needs_sdm:
+        return None
+    return torch.zeros(x.shape[:1] + (1,) + x.shape[2:], device=x.device)
+
+
+def estimation_step(spec: StageSpec, amp: bool) -> Callable[..., None]:
+    """The step the planner measures on CPU fake tensors: `TrainStep` itself, one
+    backward pass per step (the planner's batch is per backward pass)."""
+    step = TrainStep.for_stage(spec, "cpu", amp, micro=1)
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+        step(model, opt, x, y, sdm=sdm_placeholder(step, x))  # the batch's maps are live: counted
+
+    return run

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from orchestrator.config import Plan, StagePlan, load_plan
@@ -27,10 +26,12 @@ from orchestrator.errors import CheckpointError, OrchestratorError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
+from orchestrator.training.devices import resolve_device
 from orchestrator.training.display import StepDisplay
 from orchestrator.training.interrupt import leave_signals_to_the_trainer
+from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
-from orchestrator.training.step import Objective, amp_dtype_for
+from orchestrator.training.step import TrainStep
 from orchestrator.training.validation import validate, volume_predictor
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,6 @@ class Progress:
 
 def stage_dir(plan: Plan, stage: str) -> Path:
     return plan.run_dir / stage
-
-
-def _device(plan: Plan) -> torch.device:
-    if plan.device == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _num_workers(sp: StagePlan) -> int:
@@ -129,7 +124,7 @@ class StageRunner:
     is_writer = True  # writes files and displays progress (a DDP rank other than 0 does not)
     display: StepDisplay | None = None
 
-    def __init__(self, plan: Plan, stage: str) -> None:
+    def __init__(self, plan: Plan, stage: str, device: str = "auto") -> None:
         import models
         from orchestrator.data.atlas import discover_subjects
         from orchestrator.data.folds import split_records
@@ -137,7 +132,7 @@ class StageRunner:
         self.plan, self.sp = plan, plan.stage(stage)
         self.dir = stage_dir(plan, stage)
         self.ckpt_dir = self.dir / "checkpoints"
-        self.device = _device(plan)
+        self.device = resolve_device(device)  # the GPU where there is one
         spec = self.sp.spec
         torch.manual_seed(spec.seed)
         self.model = models.build_model(spec.model["arch"], **self.sp.model_kwargs()).to(self.device)
@@ -146,39 +141,36 @@ class StageRunner:
         records = discover_subjects(Path(plan.data_dir))
         self.train_recs, self.val_recs = split_records(records, plan.val_subjects,  # a CV fold's
                                                        spec.val_fraction, spec.seed)
-        self.objective: Any = Objective(spec)
-        # a step: grad_accum_steps backward passes of batch_size samples each
+        # one step for every device (training/step.py): a step is grad_accum_steps
+        # backward passes of batch_size samples each
+        self.train_step = TrainStep.for_stage(spec, self.device.type, self.sp.amp)
         self.step_batch = self.sp.batch_size * spec.grad_accum_steps
         self.dataset = _training_dataset(self.sp, self.train_recs, self.step_batch,
-                                         self.objective.needs_sdm)
+                                         self.train_step.needs_sdm)
         if spec.freeze == "encoder":
             for p in self.model.encoder_parameters():
                 p.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
-        self.amp_dtype = amp_dtype_for(self.device.type, self.sp.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.amp_dtype = self.train_step.amp_dtype
+        self.scaler = self.train_step.scaler
         self.predict = volume_predictor(spec.kind, self.sp.model_kwargs(), self.sp.input_size_vox,
                                         self.device, self.amp_dtype)
         self.progress = Progress()
         self.log = MetricsLog(self.dir)
         # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
         # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
-        from orchestrator.training.memory_guard import (
-            AccumulatingObjective,
-            OomFallback,
-            limit_gpu_memory,
-        )
-
-        if spec.grad_accum_steps > 1:
-            self.objective = AccumulatingObjective(self.objective, spec.grad_accum_steps, self.scaler)
-
         limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
             "context_gb", 0.0), self.device)
         if limit:
             logger.info("%s: %s", stage, limit)
         self.oom = OomFallback(self)
+
+    @property
+    def objective(self) -> Any:
+        """The stage's forward + loss (the step's; DDP wraps it)."""
+        return self.train_step.objective
 
     # ------------------------------------------------------------------ start / save
     def start(self) -> str:
@@ -292,32 +284,18 @@ class StageRunner:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
         sdm = batch["sdm"].to(self.device, non_blocking=True) if "sdm" in batch else None
-        loss = self.objective(self.model, x, y, self.amp_dtype, self.device.type,
-                              self.progress.epoch, sdm=sdm)
-        if not torch.isfinite(loss):
-            self._skip_step("loss")
+        result = self.train_step(self.model, self.opt, x, y, sdm=sdm, epoch=self.progress.epoch)
+        if result.skipped:
+            self._skip_step(result.skipped)
             return
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        clip = self.sp.spec.grad_clip_norm or float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():
-            self.scaler.step(self.opt)  # fp16: the scaler skips the step and lowers its scale
-        elif not torch.isfinite(grad_norm):
-            self._skip_step("gradient")
-            return
-        else:
-            self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.progress.bad_steps = 0
-        self.progress.epoch_loss_sum += float(loss.detach())
+        self.progress.epoch_loss_sum += float(result.loss)
         self.progress.epoch_loss_steps += 1
 
     def _skip_step(self, what: str) -> None:
-        """A non-finite loss or gradient: drop the step; too many in a row stop the stage."""
-        self.opt.zero_grad(set_to_none=True)
+        """A non-finite loss or gradient (the step was dropped); too many in a row stop
+        the stage."""
         self.progress.bad_steps += 1
         logger.warning("%s: non-finite %s at step %d, step skipped", self.sp.name, what,
                        self.progress.global_step)
@@ -348,12 +326,13 @@ class StageRunner:
 
 
 def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
-              stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+              stop: Callable[[], bool] | None = None, device: str = "auto") -> dict[str, Any]:
     """Train one stage of the plan at `plan_path` to its end.
 
     A stage whose final.pt exists is complete and is not trained again. `stop()` is
     checked between steps (see `interrupt.StopFlag`); when it turns true, or after
     `max_steps` (tests), last.pt is written and the stage returns with "final": None.
+    `device`: auto (CUDA where there is a GPU), cuda or cpu.
 
     Returns:
         {"stage", "best_dice", "epochs", "final": path or None, "start": how it started,
@@ -368,7 +347,7 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
                 "final": str(final), "start": "already complete", "interrupted": False}
     from orchestrator.training.distributed import stage_runner  # DDP when WORLD_SIZE > 1
 
-    runner = stage_runner(plan, stage)
+    runner = stage_runner(plan, stage, device)
     how = runner.start()
     logger.info("%s: %s (%s, %d torch threads)", stage, how, runner.device, torch.get_num_threads())
     entry = runner.record("attempts", state=run_state.RUNNING,

@@ -4,11 +4,11 @@ memory measured (what `plan --verify` runs for each stage).
     python -m orchestrator.training.trial --plan runs/R/plan.yaml --stage S [--steps 2]
 
 prints one JSON line (`orchestrator.planning.verify.measure`, plus `step_s`: the fastest
-step after the first, which `plan` turns into the stage's job time). The step is the one the
-planner estimated (forward, loss, backward, clip, AdamW step), on random data of the
-planned shape, with the optimizer the trainer builds, its state allocated before the
-first step (as the estimate has it: the peak of every step from the second on); on the
-plan's device.
+step after the first, which `plan` turns into the stage's job time). The step is
+`TrainStep`, the one the trainer runs and the planner estimated (forward, loss with the
+batch's distance maps, backward, clip, AdamW step), on random data of the planned shape,
+with the optimizer the trainer builds, its state allocated before the first step (as the
+estimate has it: the peak of every step from the second on); on the plan's device.
 """
 from __future__ import annotations
 
@@ -20,36 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from orchestrator.config import StagePlan, load_plan
+from orchestrator.config import load_plan
 from orchestrator.planning.memory import prime_adamw
 from orchestrator.planning.verify import measure
-from orchestrator.training.step import Objective, amp_dtype_for, estimation_step
+from orchestrator.training.step import TrainStep, sdm_placeholder
 
 
-def _step(sp: StagePlan, device: torch.device):  # noqa: ANN202
-    if device.type == "cpu":  # exactly the step the estimate ran
-        return estimation_step(sp.spec, sp.amp)
-    objective, amp_dtype = Objective(sp.spec), amp_dtype_for(device.type, sp.amp)
+def trial(plan_path: Path, stage: str, steps: int = 2, device: str | None = None) -> dict[str, Any]:
+    """Measure `steps` real steps of a planned stage.
 
-    def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-        objective(model, x, y, amp_dtype, device.type).backward()
-        if sp.spec.grad_clip_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), sp.spec.grad_clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def trial(plan_path: Path, stage: str, steps: int = 2) -> dict[str, Any]:
-    """Measure `steps` real steps of a planned stage on the plan's device."""
+    The step is `TrainStep`, the one the trainer runs and the planner estimated, with the
+    plan's device (or `device`) as its only difference: the same code on a GPU and here.
+    """
     import models
 
     plan = load_plan(plan_path)
     sp = plan.stage(stage)
-    device = torch.device("cuda" if plan.device == "cuda" else "cpu")
-    step = _step(sp, device)
+    dev = torch.device(device or ("cuda" if plan.device == "cuda" else "cpu"))
+    step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, micro=1, synchronize=True)
     model_opts = sp.spec.model  # input channels as the planner's estimate counts them
     in_ch = int(model_opts.get("in_channels", model_opts.get("in_slices", 1)))
 
@@ -57,19 +46,18 @@ def trial(plan_path: Path, stage: str, steps: int = 2) -> dict[str, Any]:
 
     def run() -> None:
         torch.manual_seed(sp.spec.seed)
-        model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(device).train()
+        model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=sp.spec.lr, weight_decay=sp.spec.weight_decay)
         prime_adamw(opt)  # every step measured holds the optimizer state, as the estimate's
-        x = torch.randn(sp.batch_size, in_ch, *sp.input_size_vox, device=device)
-        y = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=device)
+        x = torch.randn(sp.batch_size, in_ch, *sp.input_size_vox, device=dev)
+        y = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=dev)
+        sdm = sdm_placeholder(step, x)
         for _ in range(steps):
             t0 = time.perf_counter()
-            step(model, opt, x, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            step(model, opt, x, y, sdm=sdm)
             step_times.append(time.perf_counter() - t0)
 
-    result = measure(run, device.type)
+    result = measure(run, dev.type)
     # the steady step (the first one pays for kernel selection and lazy allocations)
     result["step_s"] = round(min(step_times[1:] or step_times), 4)
     return result
