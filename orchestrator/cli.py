@@ -76,9 +76,20 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
          verify: Annotated[bool, typer.Option(
              "--verify", help="Run each stage for 3 real steps here (a fresh process each); "
              "print measured vs predicted peak and calibrate later plans.")] = False,
+         explain: Annotated[Optional[str], typer.Option(
+             "--explain", metavar="STAGE", help="Break STAGE's predicted peak into parameters, "
+             "gradients, optimizer state, input batch, saved activations, temporaries, "
+             "validation and the allocator/workspace/context terms.")] = None,
          json_out: Json = False) -> None:
     """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
     p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out)
+    breakdown = None
+    if explain is not None:
+        from orchestrator.planning.explain import explain_stage
+        from orchestrator.training.step import estimation_step
+
+        with err.status(f"explaining {explain}...") if not json_out else contextlib.nullcontext():
+            breakdown = explain_stage(p, explain, estimation_step)
     if verify:
         from orchestrator.planning.plan_file import verify_and_calibrate
 
@@ -87,9 +98,14 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
             p = verify_and_calibrate(p, path, "orchestrator.training.trial", progress=(
                 lambda name: status.update(f"verifying {name} (real steps)...")) if status else None)
     if json_out:
-        _emit_json(render.plan_json(p))
+        doc = render.plan_json(p)
+        if breakdown is not None:
+            doc["explain"] = breakdown.as_dict()
+        _emit_json(doc)
         return
     render.plan_table(out, p)
+    if breakdown is not None:
+        render.breakdown(out, breakdown, p.stage(breakdown.stage).predicted_gb)
     out.print(f"plan written to [bold]{path}[/]")
 
 
@@ -329,10 +345,10 @@ def bench_step(json_out: Json = False, device: OnDevice = "auto") -> None:
 
 @bench_app.command("plan")
 def bench_plan(json_out: Json = False) -> None:
-    """Seconds to plan 4 stages + LCNN: CPU and GPU at 20 GB, CPU at 4 GB (cold estimates)."""
+    """Seconds to plan 4 stages + LCNN at 4, 6, 20 and 80 GB, CPU and GPU (cold estimates)."""
     from orchestrator.bench_plan import bench_plan as run
 
-    _bench(run, "the planner (about 3 minutes)", json_out)
+    _bench(run, "the planner at 8 budgets (about 3 minutes)", json_out)
 
 
 @bench_app.command("status")

@@ -89,6 +89,20 @@ def plan_table(console: Console, plan: Plan) -> None:
                           f"this hardware apply measured/predicted", highlight=False)
 
 
+def breakdown(console: Console, b: Any, predicted_gb: float) -> None:
+    """`plan --explain`: the parts of a stage's predicted peak, adding up to it."""
+    t = Table(title=f"{b.stage}: where the {predicted_gb:.2f} GB go (peak: {b.peak_of})")
+    t.add_column("part")
+    t.add_column("GB", justify="right")
+    t.add_column("share", justify="right")
+    for part, gb in b.parts_gb.items():
+        t.add_row(part, f"{gb:.3f}", f"{100 * gb / b.total_gb:.1f}%")
+    t.add_row("[bold]total[/]", f"[bold]{b.total_gb:.3f}[/]", "100%")
+    console.print(t)
+    if b.other:
+        console.print(f"  ({b.other})", highlight=False)
+
+
 def _gb(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 

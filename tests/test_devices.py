@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_CURRICULUM
+from conftest import TINY_CURRICULUM
+from tiny_plans import one_stage_curriculum, quick_tiny_plan
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -18,6 +19,7 @@ from orchestrator.planning.plan_file import PlanRequest, cpu_plan_notice, make_p
 from orchestrator.planning.probe import Probe, slurm_answers
 from orchestrator.training import devices, predict
 from orchestrator.training.step import estimation_step
+from orchestrator.training.trainer import run_stage
 
 
 def test_auto_is_the_gpu_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,10 +39,6 @@ def test_auto_is_the_gpu_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> 
 def test_predict_and_evaluate_ask_for_auto_by_default(tmp_path: Path, tiny_data: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`predict` and `evaluate` without --device resolve 'auto' (the GPU on a GPU node)."""
-    from tiny_plans import quick_tiny_plan
-
-    from orchestrator.training.trainer import run_stage
-
     _, path = quick_tiny_plan(tmp_path / "runs", tiny_data)
     final = Path(run_stage(path, "stage1_basic_cnn")["final"])
     asked: list[str] = []
@@ -64,18 +62,8 @@ def test_predict_and_evaluate_ask_for_auto_by_default(tmp_path: Path, tiny_data:
     assert res.exit_code == 0 and asked[-1] == "cpu"
 
 
-def _one_stage(tmp_path: Path) -> Path:
-    """Stage 1 alone at test scale: what is under test is the device, not the stages."""
-    path = tmp_path / "one.yaml"
-    path.write_text(f"name: one\nstages:\n  - file: {REPO / 'stages' / 'stage1_basic_cnn.yaml'}\n"
-                    "overrides:\n  input_size_vox: [32, 32, 32]\n  base_filters: 4\n"
-                    "  planner: {min_base_filters: 4, min_input_vox: 32, max_batch_size: 2, "
-                    "min_batch_size: 2}\n")
-    return path
-
-
 def _plan(tmp_path: Path, **kw: object):
-    req = PlanRequest(curriculum=_one_stage(tmp_path), target_mem_gb=2.0, run="p",
+    req = PlanRequest(curriculum=one_stage_curriculum(tmp_path), target_mem_gb=2.0, run="p",
                       runs_dir=tmp_path / "runs", **kw)  # type: ignore[arg-type]
     return make_plan(req, estimation_step)
 
@@ -142,8 +130,9 @@ def test_plan_on_a_slurm_machine_says_first_that_it_plans_for_the_cpu(tmp_path: 
     if torch.cuda.is_available():
         pytest.skip("planning from a GPU-less machine")
     assert slurm_answers()
-    res = CliRunner().invoke(app, ["plan", "--target-mem", "2", "--curriculum", str(_one_stage(tmp_path)),
-                                   "--run", "n", "--runs-dir", str(tmp_path / "runs"), "--json"])
+    cur = str(one_stage_curriculum(tmp_path))
+    res = CliRunner().invoke(app, ["plan", "--target-mem", "2", "--curriculum", cur, "--run", "n",
+                                   "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert res.exit_code == 0, res.output
     first = res.stderr.strip().splitlines()[0]
     assert first.startswith("note: planning for this machine's CPU"), res.stderr

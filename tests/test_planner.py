@@ -1,20 +1,24 @@
 """The planner: the estimate counts what a real step allocates; the plan fits and is tight."""
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.config import load_curriculum
 from orchestrator.errors import PlanError
-from orchestrator.planning.memory import DEFAULT_OVERHEADS, LivePeak, estimate_step_peak
+from orchestrator.planning.memory import DEFAULT_OVERHEADS, FakeStep, LivePeak, estimate_step_peak
 from orchestrator.planning.planner import (
     Budget,
     Candidate,
     StageEstimator,
     build_stage_model,
     candidate_ladder,
+    first_below,
     first_fit,
     plan_stage,
 )
@@ -132,6 +136,81 @@ def test_first_fit_bisects_and_never_skips_the_boundary() -> None:
             got = first_fit(n, fits)
             assert got == (boundary if boundary < n else None)
             assert len(seen) <= 2 * max(1, n).bit_length() + 1
+
+
+@given(st.lists(st.floats(0.05, 50.0), min_size=1, max_size=40), st.floats(0.01, 60.0),
+       st.floats(0.3, 3.0))
+@settings(max_examples=300, deadline=None)
+def test_first_below_finds_the_boundary_with_few_estimates(steps, target, curvature) -> None:
+    """Any falling ladder (values need not be proportional to the sizes): the first rung
+    under the target, with the rung before it estimated; few estimates on long ladders."""
+    values = list(accumulate(reversed(steps)))[::-1]  # strictly falling
+    sizes = [v ** curvature for v in values]  # falling, but not in proportion
+    seen: list[int] = []
+
+    def value(k: int) -> float:
+        seen.append(k)
+        return values[k]
+
+    got = first_below(value, target, sizes)
+    want = next((k for k, v in enumerate(values) if v <= target), None)
+    assert got == want
+    if got is not None and got > 0:
+        assert got - 1 in seen  # the rung before was estimated and did not fit
+    assert len(seen) == len(set(seen))  # no rung estimated twice
+    assert len(seen) <= 2 + 2 * max(1, len(values)).bit_length() + 1
+
+
+def test_first_below_on_a_proportional_ladder_needs_about_four_estimates() -> None:
+    """Where values follow the sizes (what the planner's ladders do, roughly), the secant
+    lands on the boundary: rungs 0 and 1, the guess, the rung before it."""
+    sizes = [100.0, 100.0] + [float(s) for s in range(90, 0, -5)]
+    values = [3.0 * 100 + 5] + [0.5 + 0.05 * s for s in sizes[1:]]
+    for target in (4.0, 3.0, 2.0, 1.0):
+        seen: list[int] = []
+        got = first_below(lambda k, seen=seen: seen.append(k) or values[k], target, sizes)
+        assert got == next(k for k, v in enumerate(values) if v <= target)
+        assert len(seen) <= 4, (target, seen)
+
+
+def _mlp_step(model, opt, x, y) -> None:  # noqa: ANN001
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _mlp() -> torch.nn.Module:  # 4M parameters, tiny activations: the optimizer's peak
+    return torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2))
+
+
+@pytest.mark.parametrize("where", ["forward/backward", "optimizer step"])
+def test_a_kept_session_estimates_other_batches_as_a_fresh_one(stage1, where) -> None:
+    """The batch search reuses one fake model and measures the optimizer step's rise once:
+    later batches give the bytes a fresh model gives, whether forward/backward (a U-Net)
+    or the optimizer step (many parameters, tiny activations) holds the peak."""
+    if where == "forward/backward":
+        size = (32, 32, 32)
+        step = estimation_step(stage1, amp=False)
+
+        def build() -> torch.nn.Module:
+            return build_stage_model(stage1, 4, False, size)
+
+        def shapes(bs: int) -> tuple[tuple, tuple]:
+            return (bs, 1, *size), (bs, *size)
+    else:
+        step, build = _mlp_step, _mlp
+
+        def shapes(bs: int) -> tuple[tuple, tuple]:
+            return (bs, 2048), (bs,)
+    kept = FakeStep(build, cuda_target=True)
+    for bs in (2, 3, 5):
+        fresh = estimate_step_peak(build, *shapes(bs), step, cuda_target=True).tensor_bytes
+        assert kept.peak(*shapes(bs), step) == fresh, bs
+    assert kept.opt_rise is not None and kept.opt_rise > 0
+    rise, kept.opt_rise = kept.opt_rise, 0  # what the peak would be without the step's rise
+    without = kept.peak(*shapes(5), step)
+    assert (without < fresh) == (where == "optimizer step")
+    kept.opt_rise = rise
 
 
 def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:

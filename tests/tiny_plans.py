@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import TINY_CURRICULUM
+from conftest import REPO, TINY_CURRICULUM
 
 from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
 from orchestrator.runs.atomic import atomic_write_text
@@ -34,3 +34,14 @@ def quick_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", cluster: str 
     path = plan.run_dir / "plan.yaml"
     atomic_write_text(path, plan_to_yaml(plan))
     return plan, path
+
+
+def one_stage_curriculum(folder: Path, name: str = "one") -> Path:
+    """Stage 1 alone at test scale (32^3, 4 filters, fp32, batch 2): for tests about
+    something other than the stages (the device, --explain)."""
+    path = folder / f"{name}.yaml"
+    path.write_text(f"name: {name}\nstages:\n  - file: {REPO / 'stages' / 'stage1_basic_cnn.yaml'}\n"
+                    "overrides:\n  input_size_vox: [32, 32, 32]\n  base_filters: 4\n  amp: false\n"
+                    "  planner: {min_base_filters: 4, min_input_vox: 32, max_batch_size: 2, "
+                    "min_batch_size: 2}\n")
+    return path

@@ -83,6 +83,12 @@ class LivePeak(TorchDispatchMode):
     def _release(self, nbytes: int) -> None:
         self.current -= nbytes
 
+    def live(self) -> Iterator[tuple[Any, int]]:
+        """(storage, counted bytes) of every live storage."""
+        for storage, ref in list(self._seen.items()):
+            nbytes = -(-storage.nbytes() // self.round_to) * self.round_to
+            yield storage, nbytes
+
     def _track(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage not in self._seen:
@@ -181,26 +187,136 @@ def make_optimizer(params: Any, cuda_target: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, foreach=cuda_target)
 
 
-@contextlib.contextmanager
-def _fake_session(build_model: Callable[[], nn.Module], cuda_target: bool
-                  ) -> Iterator[tuple[LivePeak, nn.Module, torch.optim.Optimizer]]:
-    """Fake tensors, the live-byte tracker, CUDA's autocast dtypes if asked, and the model
-    (built on the meta device, then given fake parameters) with AdamW's state allocated."""
-    with torch.device("meta"):
-        model = build_model()
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        tracker = LivePeak()
-        policy = CudaAutocastDtypes() if cuda_target else contextlib.nullcontext()
-        with tracker, policy, ConstantArange():
-            model = _fakeify(model)
-            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cuda_target)
-            prime_adamw(opt)
-            yield tracker, model, opt
+class FakeStep:
+    """A model with its optimizer state on fake tensors, kept for step estimates at several
+    batch sizes (the planner's batch search) and for validation's.
+
+    The model is built on the meta device and given fake parameters; AdamW's state is
+    allocated as from the second step on. The first `peak()` runs the whole step and
+    records how far the optimizer step rises above what is live when it begins: a
+    function of the parameters alone. Later estimates run forward and backward (and the
+    gradient clipping) and add that rise at the optimizer step instead of running it
+    again: the same peak (tests/test_planner.py), at about two thirds of the cost.
+
+    Raises (constructor, `peak`, `eval_peak`):
+        PlanError: an op of the model or the step cannot run on fake tensors (named).
+    """
+
+    def __init__(self, build_model: Callable[[], nn.Module], cuda_target: bool,
+                 cuda_dtypes: bool | None = None, tracker: LivePeak | None = None) -> None:
+        self.cuda_target = cuda_target
+        # CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
+        # recomputation in backward does not see: the planner turns it off there
+        self.cuda_dtypes = cuda_target if cuda_dtypes is None else cuda_dtypes
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.tracker = tracker or LivePeak()
+        self.opt_rise: int | None = None
+        try:
+            with torch.device("meta"):
+                model = build_model()
+            with self._modes():
+                self.model = _fakeify(model)
+                self.opt = make_optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                          cuda_target)
+                prime_adamw(self.opt)
+        except Exception as err:
+            raise PlanError(f"memory estimate failed building the model: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        self.held = self.tracker.current  # parameters and optimizer state
+
+    @contextlib.contextmanager
+    def _modes(self, cuda_dtypes: bool | None = None) -> Iterator[None]:
+        emulate = self.cuda_dtypes if cuda_dtypes is None else cuda_dtypes
+        policy = CudaAutocastDtypes() if emulate else contextlib.nullcontext()
+        with self.mode, self.tracker, policy, ConstantArange():
+            yield
+
+    def _optimizer_step(self) -> Callable[..., Any]:
+        """The optimizer's step for this estimate: the real one, measuring its rise, the
+        first time; afterwards that rise, added to what is live."""
+        tracker, real = self.tracker, type(self.opt).step.__get__(self.opt)
+
+        if self.opt_rise is not None:
+            rise = self.opt_rise
+
+            def emulated(*args: Any, **kwargs: Any) -> None:
+                tracker.peak = max(tracker.peak, tracker.current + rise)
+            return emulated
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            before, start = tracker.peak, tracker.current
+            tracker.peak = start
+            out = real(*args, **kwargs)
+            self.opt_rise = tracker.peak - start
+            tracker.peak = max(before, tracker.peak)
+            return out
+        return measured
+
+    def peak(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...], step_fn: StepFn) -> int:
+        """Peak live-tensor bytes of one training step on a batch of these shapes."""
+        try:
+            with self._modes():
+                x = torch.empty(x_shape)
+                y = torch.zeros(y_shape, dtype=torch.long)
+                self.tracker.peak = self.tracker.current
+                self.opt.step = self._optimizer_step()  # type: ignore[method-assign]
+                try:
+                    step_fn(self.model.train(), self.opt, x, y)
+                finally:
+                    del self.opt.step
+                del x, y
+        except Exception as err:  # the fake mode's own errors name the op that failed
+            raise PlanError(f"memory estimate failed for input {tuple(x_shape)}: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        return self.tracker.peak
+
+    def eval_peak(self, roi_vox: tuple[int, ...], volume_vox: tuple[int, ...], in_channels: int,
+                  amp_dtype: torch.dtype | None) -> int:
+        """Peak live-tensor bytes of validating one whole volume as `training/validation.py`
+        does (MONAI's sliding window, then the argmax), with the model's parameters and
+        AdamW state held (as between training epochs; gradients are freed); CUDA's
+        autocast dtypes where the target is a GPU. Checkpointing does not act without
+        gradients, so any session of the same window and filters serves.
+
+        The sliding window runs over the volume cut to at most three windows per axis (its
+        per-window cost does not change with more windows, and MONAI's loop over hundreds
+        of windows on fake tensors would take seconds); the volume-sized buffers (input,
+        logits and count map in fp32 while the windows run; input, logits and the int64
+        argmax after) are then counted for the real volume. Equal to the full run to the
+        byte at 197x233x189 with a 32^3 window (tests/test_planner.py checks a real run).
+        """
+        from monai.inferers import sliding_window_inference
+
+        stride = [max(1, int(r * (1 - float(SLIDING_WINDOW["overlap"])))) for r in roi_vox]
+        cut = tuple(min(v, r + 2 * s) for v, r, s in zip(volume_vox, roi_vox, stride))
+        tracker = self.tracker
+        try:
+            with self._modes(cuda_dtypes=self.cuda_target):
+                held = tracker.current  # parameters and optimizer state
+                tracker.peak = held
+                x = torch.empty(1, in_channels, *cut)
+                with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None, cache_enabled=False):
+                    # the Gaussian weights' values do not matter here, their size does
+                    out = sliding_window_inference(x, tuple(roi_vox),
+                                                   predictor=_FirstBatches(self.model.eval()),
+                                                   roi_weight_map=torch.empty(roi_vox), **SLIDING_WINDOW)
+                windows_peak, n_classes = tracker.peak, int(out.shape[1])
+                out.argmax(1)
+                del x, out
+        except Exception as err:
+            raise PlanError(f"validation memory estimate failed for window {tuple(roi_vox)}: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        if cut == tuple(volume_vox):
+            return tracker.peak
+        voxels = math.prod(volume_vox)
+        windows = windows_peak + (voxels - math.prod(cut)) * 4 * (in_channels + n_classes + 1)
+        labels = held + voxels * 4 * (in_channels + n_classes) + voxels * 8
+        return max(windows, labels)
 
 
 def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int, ...],
-                       y_shape: tuple[int, ...], step_fn: StepFn, *, cuda_target: bool,
-                       steps: int = 1) -> StepEstimate:
+                       y_shape: tuple[int, ...], step_fn: StepFn, *, cuda_target: bool) -> StepEstimate:
     """Peak live-tensor bytes of a training step of the model `build_model()` makes,
     with the optimizer state present (as from the second step on).
 
@@ -210,22 +326,13 @@ def estimate_step_peak(build_model: Callable[[], nn.Module], x_shape: tuple[int,
         step_fn: one real training step `step_fn(model, optimizer, x, y)`; it must avoid
             data-dependent Python control flow (`.item()`, `if t.any()`).
         cuda_target: emulate CUDA autocast's fp32 ops and CUDA's foreach AdamW.
-        steps: steps to run after the optimizer state is allocated.
 
     Raises:
         PlanError: an op of the model or the step cannot run on fake tensors (named).
     """
     t0 = time.perf_counter()
-    try:
-        with _fake_session(build_model, cuda_target) as (tracker, model, opt):
-            x = torch.empty(x_shape)
-            y = torch.zeros(y_shape, dtype=torch.long)
-            for _ in range(steps):
-                step_fn(model.train(), opt, x, y)
-    except Exception as err:  # the fake mode's own errors name the op that failed
-        raise PlanError(f"memory estimate failed for input {tuple(x_shape)}: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
-    return StepEstimate(tracker.peak, time.perf_counter() - t0)
+    peak = FakeStep(build_model, cuda_target).peak(x_shape, y_shape, step_fn)
+    return StepEstimate(peak, time.perf_counter() - t0)
 
 
 class _FirstBatches(nn.Module):
@@ -250,42 +357,7 @@ class _FirstBatches(nn.Module):
 def estimate_eval_peak(build_model: Callable[[], nn.Module], roi_vox: tuple[int, ...],
                        volume_vox: tuple[int, ...], in_channels: int,
                        amp_dtype: torch.dtype | None, *, cuda_target: bool) -> StepEstimate:
-    """Peak live-tensor bytes of validating one whole volume as `training/validation.py`
-    does (MONAI's sliding window, then the argmax), with the model's parameters and AdamW
-    state held (as between training epochs; gradients are freed), on fake tensors.
-
-    The sliding window runs over the volume cut to at most three windows per axis (its
-    per-window cost does not change with more windows, and MONAI's loop over hundreds of
-    windows on fake tensors would take seconds); the volume-sized buffers (input, logits
-    and count map in fp32 while the windows run; input, logits and the int64 argmax
-    after) are then counted for the real volume. Equal to the full run to the byte at
-    197x233x189 with a 32^3 window (tests/test_planner.py checks a real run).
-
-    Raises:
-        PlanError: an op of the model cannot run on fake tensors (named).
-    """
-    from monai.inferers import sliding_window_inference
-
+    """`FakeStep.eval_peak` of a fresh model (see there)."""
     t0 = time.perf_counter()
-    stride = [max(1, int(r * (1 - float(SLIDING_WINDOW["overlap"])))) for r in roi_vox]
-    cut = tuple(min(v, r + 2 * s) for v, r, s in zip(volume_vox, roi_vox, stride))
-    try:
-        with _fake_session(build_model, cuda_target) as (tracker, model, _opt):
-            held = tracker.current  # parameters and optimizer state
-            x = torch.empty(1, in_channels, *cut)
-            with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
-                                                 enabled=amp_dtype is not None, cache_enabled=False):
-                # the Gaussian weights' values do not matter here, their size does
-                out = sliding_window_inference(x, tuple(roi_vox), predictor=_FirstBatches(model.eval()),
-                                               roi_weight_map=torch.empty(roi_vox), **SLIDING_WINDOW)
-            windows_peak, n_classes = tracker.peak, int(out.shape[1])
-            out.argmax(1)
-    except Exception as err:
-        raise PlanError(f"validation memory estimate failed for window {tuple(roi_vox)}: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
-    if cut == tuple(volume_vox):
-        return StepEstimate(tracker.peak, time.perf_counter() - t0)
-    voxels = math.prod(volume_vox)
-    windows = windows_peak + (voxels - math.prod(cut)) * 4 * (in_channels + n_classes + 1)
-    labels = held + voxels * 4 * (in_channels + n_classes) + voxels * 8
-    return StepEstimate(max(windows, labels), time.perf_counter() - t0)
+    peak = FakeStep(build_model, cuda_target).eval_peak(roi_vox, volume_vox, in_channels, amp_dtype)
+    return StepEstimate(peak, time.perf_counter() - t0)

@@ -156,6 +156,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
     assumptions = {"budget_source": source, "device_source": choice.device_source,
+                   "val_volume_vox": list(budget.val_volume_vox),
                    "overheads": overheads.as_dict(),
                    "cluster": {"file": _shown_path(cluster_path), "chosen_by": cluster_source,
                                "set": sorted(cluster.model_fields_set)},

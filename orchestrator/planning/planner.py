@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,10 +34,9 @@ from orchestrator.planning.calibration import entry_name
 from orchestrator.planning.memory import (
     ATLAS_SHAPE_VOX,
     SLIDING_WINDOW,
+    FakeStep,
     Overheads,
     StepFn,
-    estimate_eval_peak,
-    estimate_step_peak,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,14 +154,18 @@ def add_estimates(entries: dict[tuple, int]) -> None:
 
 
 class StageEstimator:
-    """Memoised predicted GB of (candidate, batch) for one stage, calibrated if known."""
+    """Memoised predicted GB of (candidate, batch) for one stage, calibrated if known.
+
+    Each candidate's model lives in one `FakeStep` session: estimates at other batch sizes
+    and validation's reuse it (no rebuild; the optimizer step's rise measured once)."""
 
     def __init__(self, spec: StageSpec, budget: Budget, step_factory: StepFactory,
                  multiple: int) -> None:
         self.spec, self.budget, self.multiple = spec, budget, multiple
         self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
-        self._key = (step_factory, spec.model_dump_json())
+        self._key = (step_factory, spec.model_dump_json(), budget.cuda_target)
         self._memo: dict[tuple, float] = {}
+        self._sessions: dict[Candidate, FakeStep] = {}
 
     def emulate_cuda(self, cand: Candidate) -> bool:
         """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
@@ -172,21 +176,28 @@ class StageEstimator:
     def amp(self, cand: Candidate) -> bool:
         return amp_allowed(self.spec, cand.input_size_vox, self.multiple, self.budget.cuda_target)
 
+    def session(self, cand: Candidate) -> FakeStep:
+        """The candidate's model and optimizer on fake tensors (built once)."""
+        if cand not in self._sessions:
+            self._sessions[cand] = FakeStep(
+                lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing,
+                                          cand.input_size_vox),
+                self.budget.cuda_target, cuda_dtypes=self.emulate_cuda(cand))
+        return self._sessions[cand]
+
     def raw_gb(self, cand: Candidate, batch: int) -> float:
         """Predicted GB before calibration: live tensors x (1 + alloc) + workspace + context."""
         key = (cand, batch)
         if key not in self._memo:
             shared = (*self._key, cand, batch, self.emulate_cuda(cand))
             if shared not in _TENSOR_BYTES:
+                t0 = time.perf_counter()
                 x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
-                est = estimate_step_peak(
-                    lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing,
-                                              cand.input_size_vox),
-                    x_shape, y_shape, self.steps[self.amp(cand)],
-                    cuda_target=self.emulate_cuda(cand))
-                _TENSOR_BYTES[shared] = est.tensor_bytes
+                _TENSOR_BYTES[shared] = self.session(cand).peak(x_shape, y_shape,
+                                                                self.steps[self.amp(cand)])
                 logger.debug("%s %s bs=%d: %.3f GB tensors (%.1fs)", self.spec.name,
-                             cand.describe(), batch, est.tensor_bytes / 1024**3, est.seconds)
+                             cand.describe(), batch, _TENSOR_BYTES[shared] / 1024**3,
+                             time.perf_counter() - t0)
             self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
         return self._memo[key]
 
@@ -220,11 +231,13 @@ class StageEstimator:
         key = ("val", self._key[1], cand.input_size_vox, cand.base_filters,
                tuple(self.budget.val_volume_vox), amp, self.budget.cuda_target)
         if key not in _TENSOR_BYTES:
-            est = estimate_eval_peak(
-                lambda: build_stage_model(self.spec, cand.base_filters, False, cand.input_size_vox),
+            # the same window and filters hold the same tensors, with or without checkpointing
+            twin = Candidate(cand.input_size_vox, cand.base_filters, not cand.checkpointing)
+            twins = [c for c in (cand, twin) if c in self._sessions]
+            session = self._sessions[twins[0]] if twins else self.session(cand)
+            _TENSOR_BYTES[key] = session.eval_peak(
                 cand.input_size_vox, self.budget.val_volume_vox, _in_channels(self.spec),
-                torch.bfloat16 if amp else None, cuda_target=self.budget.cuda_target)
-            _TENSOR_BYTES[key] = est.tensor_bytes
+                torch.bfloat16 if amp else None)
         return self.budget.overheads.total_gb(_TENSOR_BYTES[key]) * self.ratio(cand)
 
     def fits(self, cand: Candidate, batch: int) -> bool:
@@ -257,6 +270,63 @@ def first_fit(n: int, fits: Callable[[int], bool]) -> int | None:
         else:
             bad = mid
     return good
+
+
+def first_below(value: Callable[[int], float], target: float, sizes: list[float]) -> int | None:
+    """Smallest index i of a ladder with value(i) <= target, for values that fall along the
+    ladder roughly in proportion to `sizes` (a rung's base filters x input voxels: what its
+    activations scale with), using few values on a long ladder.
+
+    Rungs 0 and 1 (the curriculum's numbers, then with checkpointing) first; then secant
+    steps on value against size: through the origin from the one rung known not to fit,
+    through the two smallest such rungs, or, once a rung fits, through the bracket (halved
+    instead whenever a guess did not halve it). Exact at the boundary: the answer fits and
+    the rung before it was estimated and does not."""
+    n = len(sizes)
+    known: dict[int, float] = {}
+    for k in range(min(2, n)):
+        known[k] = value(k)
+        if known[k] <= target:
+            return k
+    if n <= 2:
+        return None
+    bad, good = 1, None
+    halve = False
+    while good is None or good - bad > 1:
+        hi = n if good is None else good  # the next rung to try lies in (bad, hi)
+        if good is not None and halve:
+            k = (bad + good) // 2
+        else:
+            k = _secant_rung(known, bad, good, target, sizes, hi)
+        width = hi - bad
+        known[k] = value(k)
+        if known[k] <= target:
+            good = k
+        elif k == n - 1:
+            return None  # the smallest rung does not fit
+        else:
+            bad = k
+        halve = good is not None and not halve and ((good - bad) * 2 > width)
+    return good
+
+
+def _secant_rung(known: dict[int, float], bad: int, good: int | None, target: float,
+                 sizes: list[float], hi: int) -> int:
+    """The first rung in (bad, hi) whose size the line through known values says fits."""
+    if good is not None:
+        (p0, v0), (p1, v1) = (sizes[bad], known[bad]), (sizes[good], known[good])
+    else:
+        below = sorted((k for k in known if k >= 1), reverse=True)[:2]  # the two smallest rungs
+        if len(below) == 2 and sizes[below[0]] != sizes[below[1]]:
+            (p0, v0), (p1, v1) = ((sizes[k], known[k]) for k in below)
+        else:
+            (p0, v0), (p1, v1) = (sizes[bad], known[bad]), (0.0, 0.0)
+    slope = (v0 - v1) / (p0 - p1) if p0 != p1 else 0.0
+    size_fit = p0 - (v0 - target) / slope if slope > 0 else -math.inf
+    for k in range(bad + 1, hi):
+        if sizes[k] <= size_fit:
+            return k
+    return hi - 1
 
 
 @dataclass(frozen=True)
@@ -309,7 +379,13 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     min_bs = max(1, min(lim.min_batch_size, cap or lim.min_batch_size))
     max_bs = max(min_bs, min(lim.max_batch_size, cap or lim.max_batch_size))
     ladder = candidate_ladder(spec, multiple)
-    i = first_fit(len(ladder), lambda k: est.fits(ladder[k], min_bs))
+    # search on the training step (cheap to repeat at other batch sizes), then make sure
+    # validation fits beside it; where it does not, go on down the ladder with both
+    i = first_below(lambda k: est.train_gb(ladder[k], min_bs), target,
+                    [c.base_filters * math.prod(c.input_size_vox) for c in ladder])
+    if i is not None and not est.fits(ladder[i], min_bs):
+        j = first_fit(len(ladder) - i, lambda k: est.fits(ladder[i + k], min_bs))
+        i = None if j is None else i + j
     if i is None:
         return Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs, exact=True))
     chosen = ladder[i]
@@ -382,8 +458,10 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
                 target: float) -> tuple[int, str]:
     """Largest batch in [min_bs, max_bs] that fits, and why it is not larger.
 
-    The peak is affine in batch size: extrapolate from two estimates, then confirm that the
-    batch fits and that one more sample would not (stepping if the line was off)."""
+    A step's peak is affine in the batch size: the line through two estimates gives the
+    batch; that batch is estimated exactly (stepping down while the line was short), and
+    one more sample is estimated too only where the line puts it within 1 % of the budget;
+    otherwise the line's figure says why the batch is not larger."""
     if max_bs <= min_bs:
         return min_bs, f"the stage's batch range is {min_bs}..{max_bs}"
     g2 = est.gb(cand, min_bs + 1)
@@ -392,14 +470,22 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
     # the training step grows with the batch (validation does not): extrapolate it
     t1, t2 = est.train_gb(cand, min_bs), est.train_gb(cand, min_bs + 1)
     per_sample = max(t2 - t1, 1e-9)
+
+    def line(b: int) -> float:
+        return t2 + (b - min_bs - 1) * per_sample
+
     batch = max(min_bs + 1, min(max_bs, min_bs + 1 + int((target - t2) / per_sample)))
     while batch > min_bs + 1 and not est.fits(cand, batch):
         batch -= 1
-    while batch < max_bs and est.fits(cand, batch + 1):
+    while batch < max_bs and line(batch + 1) <= target * 1.01 and est.fits(cand, batch + 1):
         batch += 1
     if batch == max_bs:
         return batch, f"the stage's max_batch_size ({est.gb(cand, batch):.2f} GB)"
-    return batch, f"the largest that fits; batch {batch + 1} needs {est.gb(cand, batch + 1):.2f} GB"
+    nxt = batch + 1
+    if (cand, nxt) in est._memo:
+        return batch, f"the largest that fits; batch {nxt} needs {est.gb(cand, nxt):.2f} GB"
+    return batch, (f"the largest that fits; batch {nxt} needs {line(nxt):.2f} GB (extrapolated "
+                   f"from batches {min_bs} and {min_bs + 1})")
 
 
 def shortfall_message(budget: Budget, shortfalls: list[Shortfall]) -> str:
