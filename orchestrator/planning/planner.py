@@ -4,11 +4,14 @@ Per stage, within the ranges its YAML allows, the configurations form a ladder i
 of preference, each needing no more memory than the one before: the curriculum's input
 size and base filters without checkpointing; with checkpointing; fewer base filters
 (steps of 4, down to the stage's minimum); a smaller input (multiples of the model's
-required multiple, largest side first). The first rung that fits at the minimum batch
-is found by galloping then bisection (few estimates even on a long ladder); the headroom
-then goes to batch size, up to the stage's maximum and the dataset's cap. Every decision
-is recorded with its reason and the numbers behind it. The planner is a pure function of
-(specs, budget, step factory, dataset size).
+required multiple, largest side first). The first rung whose training step fits at the
+minimum batch is found with secant steps on memory against base filters x input voxels
+(`first_below`: about four estimates on a long ladder), then validation is checked beside
+it; the headroom then goes to batch size, up to the stage's maximum and the dataset's
+cap, along the line through two estimates with the chosen batch estimated exactly. One
+fake model per configuration serves every batch size and validation (`FakeStep`). Every
+decision is recorded with its reason and the numbers behind it. The planner is a pure
+function of (specs, budget, step factory, dataset size).
 
 A 3D stage's peak is its training step's or its validation's, whichever is higher:
 validation slides the stage's window over the largest volume of the dataset (ATLAS's
@@ -242,6 +245,10 @@ class StageEstimator:
 
     def fits(self, cand: Candidate, batch: int) -> bool:
         return self.gb(cand, batch) <= self.budget.target_gb
+
+    def estimated(self, cand: Candidate, batch: int) -> bool:
+        """Whether this (candidate, batch) has been estimated (not only extrapolated)."""
+        return (cand, batch) in self._memo
 
     @property
     def estimates(self) -> int:
@@ -482,7 +489,7 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
     if batch == max_bs:
         return batch, f"the stage's max_batch_size ({est.gb(cand, batch):.2f} GB)"
     nxt = batch + 1
-    if (cand, nxt) in est._memo:
+    if est.estimated(cand, nxt):
         return batch, f"the largest that fits; batch {nxt} needs {est.gb(cand, nxt):.2f} GB"
     return batch, (f"the largest that fits; batch {nxt} needs {line(nxt):.2f} GB (extrapolated "
                    f"from batches {min_bs} and {min_bs + 1})")
