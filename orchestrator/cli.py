@@ -351,6 +351,47 @@ def bench_plan(json_out: Json = False) -> None:
     _bench(run, "the planner at 8 budgets (about 3 minutes)", json_out)
 
 
+@bench_app.command("gpu")
+def bench_gpu(json_out: Json = False,
+              device: Annotated[str, typer.Option(
+                  "--device", help="auto | cuda | cpu (a CPU runs the quick sizes).")] = "auto",
+              out_file: Annotated[Optional[Path], typer.Option(
+                  "--out", help="JSON file rewritten after each section (a run cut short keeps "
+                  "what it measured).")] = None,
+              quick: Annotated[bool, typer.Option(
+                  "--quick", help="Tiny sizes (16^3 patches, 2 steps): a smoke test in a minute.")]
+              = False) -> None:
+    """GPU acceptance bench (about 6 minutes on one H200), progress on stderr as it goes.
+
+    1 plan: every stage of stages/progressive.yaml at 20 GB and at the GPU's own size,
+    with plan seconds. 2 verify: each stage of the 20 GB plan for 3 real steps in a fresh
+    process, measured (max_memory_reserved + context, and NVML's used memory of the
+    process) against predicted. 3 step: steady step time of each stage at its planned
+    size with bf16; samples/s, voxels/s. 4 fp16: stage 1 with fp16 autocast and a
+    GradScaler through the trainer: finite losses, the scale. 5 oom: stage 1 under half
+    the memory its planned step needs: the out-of-memory error in the first steps falls
+    back (state.json memory_fallback) and the steps complete (CUDA only). 6 loader: one
+    short epoch of stage 1 at 96^3 on ATLAS-size subjects from the HDF5 cache: loader
+    samples/s against the GPU's (batch / step time), with the workers used.
+    A failed section is recorded and the rest runs; the exit code is then 1.
+    """
+    from orchestrator.bench_gpu import bench_gpu as run
+    from orchestrator.bench_gpu import failed, section_lines
+
+    docs: list[dict[str, Any]] = []
+
+    def go() -> dict[str, Any]:
+        docs.append(run(device=device, quick=quick, out=out_file,
+                        say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)))
+        return docs[0]
+
+    _bench(go, "the GPU path", json_out)
+    for line in section_lines(docs[0]) if not json_out else []:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if failed(docs[0]):
+        raise typer.Exit(1)
+
+
 @bench_app.command("status")
 def bench_status(runs: Annotated[int, typer.Option("--runs", min=1, help="Runs to create.")] = 50,
                  json_out: Json = False) -> None:

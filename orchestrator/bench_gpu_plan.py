@@ -1,0 +1,133 @@
+"""Sections 1-3 of `bench gpu` (see bench_gpu.py): plan, verify, step time.
+
+They plan the curriculum (stages/progressive.yaml; at the quick sizes one 16^3 stage) at
+20 GB and at the device's own size, then run the 20 GB plan's stages as `plan --verify`
+does (a fresh process each) and in this process (`orchestrator.training.trial`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.bench_gpu import GpuBench, Skipped, free_device_memory
+from orchestrator.config import DEFAULT_CURRICULUM, REPO_ROOT, Plan
+from orchestrator.training.step import estimation_step as step_factory  # the planner's step
+
+WORKER = "orchestrator.training.trial"
+
+def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
+    """Stage 1 at a tiny size, three levels deep (as stages/demo.yaml shrinks the curriculum)."""
+    stage = REPO_ROOT / "stages" / "stage1_basic_cnn.yaml"
+    path = tmp / "bench-quick.yaml"
+    path.write_text(
+        f"name: bench-quick\nstages:\n  - file: {stage}\noverrides:\n"
+        f"  input_size_vox: [{patch_vox}, {patch_vox}, {patch_vox}]\n  base_filters: 4\n"
+        "  model: {levels: 3}\n"
+        "  batch_size: 2\n  val_fraction: 0.34\n"
+        f"  planner: {{min_base_filters: 4, min_input_vox: {patch_vox}, max_batch_size: 2, "
+        "min_batch_size: 2}\n")
+    return path
+
+
+
+
+def plan_section(b: GpuBench) -> dict[str, Any]:
+    """Plan every stage at 20 GB and at the device's own size."""
+    from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
+
+    quick = b.sizes.quick_patch_vox
+    curriculum = quick_curriculum(b.tmp, quick) if quick else DEFAULT_CURRICULUM
+    figures: dict[str, float] = {}
+    plans: dict[str, Any] = {}
+    for label, gb in (("20gb", 20.0), ("own", None)):
+        req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=b.device,  # type: ignore[arg-type]
+                          run=f"bench-gpu-{label}", runs_dir=b.runs_dir, calibrate=False)
+        t0 = time.perf_counter()
+        plan = make_plan(req, step_factory, progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))
+        figures[f"plan_{label}_s"] = time.perf_counter() - t0
+        figures[f"plan_{label}_budget_gb"] = plan.budget_gb
+        plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions["budget_source"],
+                        "stages": [_stage_row(sp) for sp in plan.stages]}
+        if label == "20gb":
+            b.plan20, b.plan20_path = plan, write_plan(plan)
+    return {"figures": figures, "curriculum": str(curriculum), "plans": plans}
+
+
+def _stage_row(sp: Any) -> dict[str, Any]:
+    return {"name": sp.name, "input_size_vox": list(sp.input_size_vox), "base_filters": sp.base_filters,
+            "batch_size": sp.batch_size, "checkpointing": sp.checkpointing, "amp": sp.amp,
+            "params": sp.params, "predicted_gb": sp.predicted_gb, "train_gb": sp.train_gb}
+
+
+def need_plan(b: GpuBench) -> tuple[Plan, Path]:
+    if b.plan20 is None or b.plan20_path is None:
+        raise Skipped("no 20 GB plan (section 1 failed)")
+    return b.plan20, b.plan20_path
+
+
+def verify_section(b: GpuBench) -> dict[str, Any]:
+    """`plan --verify` of the 20 GB plan, with NVML sampled while each trial runs."""
+    from orchestrator.planning.nvml import NvmlSampler
+    from orchestrator.planning.verify import verify_plan
+
+    plan, path = need_plan(b)
+    with NvmlSampler() as sampler:
+        def progress(name: str) -> None:
+            b.say(f"      {name} ({b.sizes.verify_steps} steps in a fresh process)")
+            sampler.mark(name)
+
+        verified = verify_plan(plan, path, WORKER, b.sizes.verify_steps, progress=progress)
+    figures: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    stages: dict[str, Any] = {}
+    for sp in verified.stages:
+        m = stages[sp.name] = dict(sp.measurement or {})
+        if "error" in m:
+            errors[sp.name] = m["error"]
+            continue
+        key = f"verify_{sp.name}"
+        figures.update({f"{key}_predicted_gb": m["predicted_gb"], f"{key}_measured_gb": m["peak_gb"],
+                        f"{key}_ratio": m["ratio"], f"{key}_tensor_ratio": m["tensor_ratio"]})
+        if b.device == "cuda" and sp.name in sampler.segments:
+            m["nvml"] = nv = sampler.segments[sp.name].summary(exclude_pid=os.getpid())
+            # the trial's own process where NVML lists it, else what the GPU's use grew by
+            nv["compared"] = "process_peak_gb" if nv["process_peak_gb"] is not None else "device_delta_gb"
+            figures[f"{key}_nvml_gb"] = nv[nv["compared"]]
+            figures[f"{key}_nvml_ratio"] = nv[nv["compared"]] / m["predicted_gb"]
+    return {"figures": figures, "errors": errors, "stages": stages,
+            "nvml": sampler.error or "sampled every 20 ms while each trial ran"}
+
+
+def step_section(b: GpuBench) -> dict[str, Any]:
+    """Each stage's steady step at its planned size (in this process: `trial`)."""
+    from orchestrator.training.step import amp_dtype_for
+    from orchestrator.training.trial import trial
+
+    plan, path = need_plan(b)
+    figures: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    stages: dict[str, Any] = {}
+    for sp in plan.stages:
+        b.say(f"      {sp.name} ({b.sizes.step_steps} steps)")
+        try:
+            r = trial(path, sp.name, steps=b.sizes.step_steps)
+        except Exception as err:  # noqa: BLE001 -- the other stages still run
+            errors[sp.name] = b.failure(err)
+            continue
+        finally:
+            free_device_memory(b.device)
+        step_s = r["step_s"]
+        b.step_s[sp.name] = step_s
+        vox = sp.batch_size * math.prod(sp.input_size_vox)
+        figures.update({f"step_{sp.name}_s": step_s,
+                        f"step_{sp.name}_samples_per_s": sp.batch_size / step_s,
+                        f"step_{sp.name}_mvox_per_s": vox / step_s / 1e6})
+        stages[sp.name] = {"batch_size": sp.batch_size, "input_size_vox": list(sp.input_size_vox),
+                           "amp_dtype": str(amp_dtype_for(b.device, sp.amp) or "float32 (no AMP)"),
+                           "trial": r}
+    return {"figures": figures, "errors": errors, "stages": stages,
+            "how": f"fastest of steps 2..{b.sizes.step_steps} of orchestrator.training.trial "
+                   "(with its live-tensor count: a TorchDispatchMode on every op)"}
