@@ -215,3 +215,27 @@ def test_gpu_nvml_sees_this_process() -> None:
     used, how = process_used_gb(os.getpid())
     assert used is not None and used >= 0.25, how
     del x
+
+
+class _Driver:
+    """Stands in for pynvml's two handle look-ups: says which one was asked for."""
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:  # noqa: N802 -- pynvml's names
+        return f"index {i}"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:  # noqa: N802
+        return f"uuid {uuid}"
+
+
+@pytest.mark.parametrize("visible, cuda_index, expected", [
+    (None, 0, "index 0"), ("3", 0, "index 3"), ("2,5", 1, "index 5"),
+    ("GPU-8f1a,GPU-77", 1, "uuid GPU-77"), ("", 1, "index 1"),
+])
+def test_nvml_finds_the_gpu_cuda_means(visible, cuda_index, expected, monkeypatch) -> None:
+    from orchestrator.planning.nvml import _handle
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert _handle(_Driver(), cuda_index) == expected

@@ -16,6 +16,7 @@ Every function answers on a machine without a driver: None and the reason.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +37,23 @@ def _nvml() -> tuple[Any, str | None]:
     return pynvml, None
 
 
+def _handle(nv: Any, cuda_index: int) -> Any:
+    """NVML's handle of the GPU torch calls `cuda:<cuda_index>`: CUDA_VISIBLE_DEVICES
+    renumbers the GPUs for CUDA (indices or GPU-UUIDs), NVML does not."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ref = visible[cuda_index] if cuda_index < len(visible) else str(cuda_index)
+    if ref.isdigit():
+        return nv.nvmlDeviceGetHandleByIndex(int(ref))
+    return nv.nvmlDeviceGetHandleByUUID(ref)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def gpu_info(index: int = 0) -> dict[str, Any]:
-    """Name, driver, total memory and compute capability of GPU `index` (no CUDA context).
+def gpu_info(cuda_index: int = 0) -> dict[str, Any]:
+    """Name, driver, total memory and compute capability of `cuda:<cuda_index>` (no CUDA
+    context is created).
 
     Returns:
         {"gpu_name", "gpu_driver", "gpu_total_gb", "gpu_capability", "gpu_count"}, or
@@ -51,7 +63,7 @@ def gpu_info(index: int = 0) -> dict[str, Any]:
     if nv is None:
         return {"gpu_error": why}
     try:
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        handle = _handle(nv, cuda_index)
         major, minor = nv.nvmlDeviceGetCudaComputeCapability(handle)
         return {"gpu_name": _text(nv.nvmlDeviceGetName(handle)),
                 "gpu_driver": _text(nv.nvmlSystemGetDriverVersion()),
@@ -69,8 +81,8 @@ def _processes(nv: Any, handle: Any) -> dict[int, int]:
     return {p.pid: int(p.usedGpuMemory) for p in procs if p.usedGpuMemory is not None}
 
 
-def process_used_gb(pid: int, index: int = 0) -> tuple[float | None, str]:
-    """NVML's used memory of process `pid` on GPU `index`, and how it was read.
+def process_used_gb(pid: int, cuda_index: int = 0) -> tuple[float | None, str]:
+    """NVML's used memory of process `pid` on `cuda:<cuda_index>`, and how it was read.
 
     Returns:
         (GB, "process") when NVML lists the pid; (the GPU's used GB, "device: ...") when it
@@ -80,7 +92,7 @@ def process_used_gb(pid: int, index: int = 0) -> tuple[float | None, str]:
     if nv is None:
         return None, why or "no NVML"
     try:
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        handle = _handle(nv, cuda_index)
         procs = _processes(nv, handle)
         if pid in procs:
             return procs[pid] / GIB, "process"
@@ -113,13 +125,13 @@ class Segment:
 
 
 class NvmlSampler:
-    """Samples GPU `index`'s used memory and its processes' in a thread; `mark(name)` starts
+    """Samples `cuda:<cuda_index>`'s used memory and its processes' in a thread; `mark(name)` starts
     a new segment. Use as a context manager; without a driver it samples nothing and
     `error` says why.
     """
 
-    def __init__(self, index: int = 0, interval_s: float = 0.02) -> None:
-        self.index, self.interval_s = index, interval_s
+    def __init__(self, cuda_index: int = 0, interval_s: float = 0.02) -> None:
+        self.cuda_index, self.interval_s = cuda_index, interval_s
         self.segments: dict[str, Segment] = {}
         self.error: str | None = None
         self._current: Segment | None = None
@@ -134,7 +146,7 @@ class NvmlSampler:
         if nv is None:
             return self
         try:
-            self._handle = nv.nvmlDeviceGetHandleByIndex(self.index)
+            self._handle = _handle(nv, self.cuda_index)
         except nv.NVMLError as err:
             self.error = f"NVML: {err}"
             nv.nvmlShutdown()
