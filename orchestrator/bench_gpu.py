@@ -97,7 +97,6 @@ class GpuBench:
         self.t0 = time.perf_counter()
         self.plan20: Plan | None = None
         self.plan20_path: Path | None = None
-        self.step_s: dict[str, float] = {}  # section 3's steady step per stage (section 6 uses it)
         self.data_cache: Path | BaseException | None = None
         self.doc: dict[str, Any] = {"bench": "gpu", "machine": {}, "device": device,
                                     "quick": sizes.quick_patch_vox is not None,
@@ -187,7 +186,7 @@ def machine(device: str) -> dict[str, Any]:
 
 def bench_gpu(device: str = "auto", quick: bool = False, out: Path | None = None,
               tmp_dir: Path | None = None, say: Callable[[str], None] = _stderr) -> dict[str, Any]:
-    """Run the six sections (about 6 minutes on one H200; under a minute quick).
+    """Run the six sections (sized for at most 8 minutes on one H200; under a minute quick).
 
     Args:
         device: auto | cuda | cpu; on a CPU the sizes are always quick.

@@ -92,13 +92,18 @@ def verify_section(b: GpuBench) -> dict[str, Any]:
         figures.update({f"{key}_predicted_gb": m["predicted_gb"], f"{key}_measured_gb": m["peak_gb"],
                         f"{key}_ratio": m["ratio"], f"{key}_tensor_ratio": m["tensor_ratio"]})
         if b.device == "cuda" and sp.name in sampler.segments:
-            m["nvml"] = nv = sampler.segments[sp.name].summary(exclude_pid=os.getpid())
-            # the trial's own process where NVML lists it, else what the GPU's use grew by
-            nv["compared"] = "process_peak_gb" if nv["process_peak_gb"] is not None else "device_delta_gb"
-            figures[f"{key}_nvml_gb"] = nv[nv["compared"]]
-            figures[f"{key}_nvml_ratio"] = nv[nv["compared"]] / m["predicted_gb"]
+            m["nvml"] = sampler.segments[sp.name].summary(exclude_pid=os.getpid())
+            figures.update(nvml_figures(key, m["nvml"], m["predicted_gb"]))
     return {"figures": figures, "errors": errors, "stages": stages,
             "nvml": sampler.error or "sampled every 20 ms while each trial ran"}
+
+
+def nvml_figures(key: str, nvml: dict[str, Any], predicted_gb: float) -> dict[str, float]:
+    """NVML's peak for a trial: its own process where NVML lists it, else what the GPU's
+    used memory grew by while it ran (`nvml["compared"]` says which)."""
+    nvml["compared"] = "process_peak_gb" if nvml["process_peak_gb"] is not None else "device_delta_gb"
+    gb = nvml[nvml["compared"]]
+    return {f"{key}_nvml_gb": gb, f"{key}_nvml_ratio": gb / predicted_gb}
 
 
 def step_section(b: GpuBench) -> dict[str, Any]:
@@ -120,7 +125,6 @@ def step_section(b: GpuBench) -> dict[str, Any]:
         finally:
             free_device_memory(b.device)
         step_s = r["step_s"]
-        b.step_s[sp.name] = step_s
         vox = sp.batch_size * math.prod(sp.input_size_vox)
         figures.update({f"step_{sp.name}_s": step_s,
                         f"step_{sp.name}_samples_per_s": sp.batch_size / step_s,

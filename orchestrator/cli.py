@@ -361,7 +361,7 @@ def bench_gpu(json_out: Json = False,
               quick: Annotated[bool, typer.Option(
                   "--quick", help="Tiny sizes (16^3 patches, 2 steps): a smoke test in a minute.")]
               = False) -> None:
-    """GPU acceptance bench (about 6 minutes on one H200), progress on stderr as it goes.
+    """GPU acceptance bench (sized for at most 8 minutes on one H200), progress on stderr.
 
     1 plan: every stage of stages/progressive.yaml at 20 GB and at the GPU's own size,
     with plan seconds. 2 verify: each stage of the 20 GB plan for 3 real steps in a fresh
@@ -372,7 +372,8 @@ def bench_gpu(json_out: Json = False,
     the memory its planned step needs: the out-of-memory error in the first steps falls
     back (state.json memory_fallback) and the steps complete (CUDA only). 6 loader: one
     short epoch of stage 1 at 96^3 on ATLAS-size subjects from the HDF5 cache: loader
-    samples/s against the GPU's (batch / step time), with the workers used.
+    samples/s against what the GPU consumes (batch / the trainer's step on a loaded batch),
+    with the workers used.
     A failed section is recorded and the rest runs; the exit code is then 1.
     """
     from orchestrator.bench_gpu import bench_gpu as run

@@ -18,8 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from orchestrator.bench_gpu import FULL, GpuBench, Skipped, bench_gpu, failed
+from orchestrator.bench_gpu_plan import nvml_figures
 from orchestrator.cli import app, main
-from orchestrator.planning.nvml import NvmlSampler, gpu_info, process_used_gb
+from orchestrator.planning.nvml import NvmlSampler, Segment, gpu_info, process_used_gb
 
 SECTIONS = ["plan", "verify", "step", "fp16", "oom", "loader"]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answers without a GPU")
@@ -71,7 +72,9 @@ def test_bench_gpu_quick_on_the_cpu_measures_every_section(tmp_path: Path) -> No
     assert json.loads(out.read_text()) == doc
     _check_document(doc, "cpu")
     assert doc["quick"] is True
-    assert doc["sections"]["oom"]["status"] == "skipped" and "CUDA" in doc["sections"]["oom"]["reason"]
+    oom = doc["sections"]["oom"]  # skipped, after the same run under its budget
+    assert oom["status"] == "skipped" and oom["reason"].startswith("needs CUDA")
+    assert "did 2 of 2 steps" in oom["reason"] and "with 0 fallbacks" in oom["reason"]
     assert doc["figures"]["verify_stage1_basic_cnn_tensor_ratio"] == pytest.approx(1.0, abs=0.05)
     assert doc["figures"]["fp16_steps"] == 2 and doc["figures"]["epoch_steps"] == 3
     assert doc["data"]["shape_vox"] == [24, 24, 24]
@@ -143,6 +146,18 @@ def test_nvml_helpers_answer_without_a_driver() -> None:
     with NvmlSampler() as sampler:
         sampler.mark("stage")
     assert sampler.error and sampler.segments == {}
+
+
+def test_nvml_figures_take_the_trial_process_else_the_growth_of_the_gpu() -> None:
+    seg = Segment(baseline_device_gb=1.0, peak_device_gb=4.5,
+                  peak_process_gb={100: 0.6, 200: 3.2, 300: 0.1})  # 100: the bench itself
+    nvml = seg.summary(exclude_pid=100)
+    assert (nvml["process_pid"], nvml["process_peak_gb"], nvml["device_delta_gb"]) == (200, 3.2, 3.5)
+    assert nvml_figures("verify_s", nvml, predicted_gb=4.0) == {"verify_s_nvml_gb": 3.2,
+                                                                 "verify_s_nvml_ratio": 0.8}
+    hidden = Segment(baseline_device_gb=1.0, peak_device_gb=4.5).summary(exclude_pid=100)  # PID namespace
+    assert nvml_figures("v", hidden, 3.5) == {"v_nvml_gb": 3.5, "v_nvml_ratio": 1.0}
+    assert hidden["compared"] == "device_delta_gb"
 
 
 # ---------------------------------------------------------------------------- on a GPU
