@@ -35,25 +35,34 @@ def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
 
 
 def plan_section(b: GpuBench) -> dict[str, Any]:
-    """Plan every stage at 20 GB and at the device's own size."""
+    """Plan every stage at 20 GB and at the device's own size, each from a cold estimate
+    cache (as a user's `plan` runs); one budget failing leaves the other's figures."""
+    from orchestrator.planning import planner
     from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
 
     quick = b.sizes.quick_patch_vox
     curriculum = quick_curriculum(b.tmp, quick) if quick else DEFAULT_CURRICULUM
     figures: dict[str, float] = {}
     plans: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for label, gb in (("20gb", 20.0), ("own", None)):
         req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=b.device,  # type: ignore[arg-type]
                           run=f"bench-gpu-{label}", runs_dir=b.runs_dir, calibrate=False)
+        planner.clear_estimate_cache()
         t0 = time.perf_counter()
-        plan = make_plan(req, step_factory, progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))
+        try:
+            plan = make_plan(req, step_factory, progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))
+        except Exception as err:  # noqa: BLE001 -- the other budget still counts
+            errors[label] = b.failure(err)
+            continue
         figures[f"plan_{label}_s"] = time.perf_counter() - t0
         figures[f"plan_{label}_budget_gb"] = plan.budget_gb
         plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions["budget_source"],
+                        "estimates": planner.estimates_run(),
                         "stages": [_stage_row(sp) for sp in plan.stages]}
         if label == "20gb":
             b.plan20, b.plan20_path = plan, write_plan(plan)
-    return {"figures": figures, "curriculum": str(curriculum), "plans": plans}
+    return {"figures": figures, "errors": errors, "curriculum": str(curriculum), "plans": plans}
 
 
 def _stage_row(sp: Any) -> dict[str, Any]:
@@ -94,6 +103,8 @@ def verify_section(b: GpuBench) -> dict[str, Any]:
         if b.device == "cuda" and sp.name in sampler.segments:
             m["nvml"] = sampler.segments[sp.name].summary(exclude_pid=os.getpid())
             figures.update(nvml_figures(key, m["nvml"], m["predicted_gb"]))
+        if m.get("nvml_used_gb") is not None:  # NVML read by the trial itself at its end
+            figures[f"{key}_nvml_trial_gb"] = m["nvml_used_gb"]
     return {"figures": figures, "errors": errors, "stages": stages,
             "nvml": sampler.error or "sampled every 20 ms while each trial ran"}
 
