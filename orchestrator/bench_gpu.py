@@ -38,8 +38,6 @@ from orchestrator.config import REPO_ROOT, Plan
 from orchestrator.errors import ConfigError
 from orchestrator.runs.atomic import atomic_write_text
 
-DEVICES = ("auto", "cuda", "cpu")
-
 
 @dataclass(frozen=True)
 class Sizes:
@@ -63,24 +61,6 @@ QUICK = Sizes(verify_steps=2, step_steps=2, fp16_steps=2, oom_steps=2, epoch_ste
 
 class Skipped(Exception):
     """A section that cannot run here; its message is the reason."""
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda where there is one, else cpu.
-
-    Raises:
-        ConfigError: not auto/cuda/cpu, or cuda on a machine without a GPU.
-    """
-    import torch
-
-    if device not in DEVICES:
-        raise ConfigError(f"--device: expected auto, cuda or cpu, got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA GPU here "
-                          f"(torch {torch.__version__}); run on a GPU node or use --device cpu")
-    return device
 
 
 def _stderr(message: str) -> None:
@@ -208,8 +188,9 @@ def bench_gpu(device: str = "auto", quick: bool = False, out: Path | None = None
 
     from orchestrator import bench_gpu_plan as plan
     from orchestrator import bench_gpu_train as train
+    from orchestrator.training.devices import resolve_device
 
-    device = resolve_device(device)
+    device = resolve_device(device).type
     sizes = QUICK if quick or device == "cpu" else FULL
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"--out: {out} is a folder or its folder does not exist; expected a file path")

@@ -2,7 +2,7 @@
 
 They plan the curriculum (stages/progressive.yaml; at the quick sizes one 16^3 stage) at
 20 GB and at the device's own size, then run the 20 GB plan's stages as `plan --verify`
-does (a fresh process each) and in this process (`orchestrator.training.trial`).
+does (a fresh process each), and time `TrainStep` for each in this process.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.bench_gpu import GpuBench, Skipped, free_device_memory
-from orchestrator.config import DEFAULT_CURRICULUM, REPO_ROOT, Plan
+from orchestrator.config import DEFAULT_CURRICULUM, REPO_ROOT, Plan, StagePlan
 from orchestrator.training.step import estimation_step as step_factory  # the planner's step
 
 WORKER = "orchestrator.training.trial"
@@ -47,7 +47,8 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
     errors: dict[str, str] = {}
     for label, gb in (("20gb", 20.0), ("own", None)):
         req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=b.device,  # type: ignore[arg-type]
-                          run=f"bench-gpu-{label}", runs_dir=b.runs_dir, calibrate=False)
+                          cluster="local", run=f"bench-gpu-{label}", runs_dir=b.runs_dir,
+                          calibrate=False)
         planner.clear_estimate_cache()
         t0 = time.perf_counter()
         try:
@@ -118,31 +119,57 @@ def nvml_figures(key: str, nvml: dict[str, Any], predicted_gb: float) -> dict[st
 
 
 def step_section(b: GpuBench) -> dict[str, Any]:
-    """Each stage's steady step at its planned size (in this process: `trial`)."""
-    from orchestrator.training.step import amp_dtype_for
-    from orchestrator.training.trial import trial
-
-    plan, path = need_plan(b)
+    """Each stage's steady step at its planned size and precision: `TrainStep` alone."""
+    plan, _ = need_plan(b)
     figures: dict[str, float] = {}
     errors: dict[str, str] = {}
     stages: dict[str, Any] = {}
     for sp in plan.stages:
-        b.say(f"      {sp.name} ({b.sizes.step_steps} steps)")
+        b.say(f"      {sp.name} ({b.sizes.step_steps} steps after 2 warm-up)")
         try:
-            r = trial(path, sp.name, steps=b.sizes.step_steps)
+            stages[sp.name] = r = time_train_step(sp, b.device, b.sizes.step_steps)
         except Exception as err:  # noqa: BLE001 -- the other stages still run
             errors[sp.name] = b.failure(err)
             continue
         finally:
             free_device_memory(b.device)
-        step_s = r["step_s"]
+        if r["skipped_steps"]:
+            errors[sp.name] = f"{r['skipped_steps']} of {r['steps']} steps skipped (non-finite)"
         vox = sp.batch_size * math.prod(sp.input_size_vox)
-        figures.update({f"step_{sp.name}_s": step_s,
-                        f"step_{sp.name}_samples_per_s": sp.batch_size / step_s,
-                        f"step_{sp.name}_mvox_per_s": vox / step_s / 1e6})
-        stages[sp.name] = {"batch_size": sp.batch_size, "input_size_vox": list(sp.input_size_vox),
-                           "amp_dtype": str(amp_dtype_for(b.device, sp.amp) or "float32 (no AMP)"),
-                           "trial": r}
+        figures.update({f"step_{sp.name}_s": r["step_s"],
+                        f"step_{sp.name}_samples_per_s": sp.batch_size / r["step_s"],
+                        f"step_{sp.name}_mvox_per_s": vox / r["step_s"] / 1e6})
     return {"figures": figures, "errors": errors, "stages": stages,
-            "how": f"fastest of steps 2..{b.sizes.step_steps} of orchestrator.training.trial "
-                   "(with its live-tensor count: a TorchDispatchMode on every op)"}
+            "how": f"TrainStep (synchronised) on a random batch of the planned shape: median of "
+                   f"{b.sizes.step_steps} steps after 2 warm-up"}
+
+
+def time_train_step(sp: StagePlan, device: str, steps: int) -> dict[str, Any]:
+    """Seconds per `TrainStep` of a planned stage on `device` (the model, AdamW and a random
+    batch of the planned shape built here; nothing else on the clock)."""
+    import statistics
+
+    import torch
+
+    import models
+    from orchestrator.training.step import TrainStep, sdm_placeholder
+
+    dev = torch.device(device)
+    step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, micro=1, synchronize=True)
+    torch.manual_seed(sp.spec.seed)
+    net = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(dev).train()
+    adamw = torch.optim.AdamW(net.parameters(), lr=sp.spec.lr, weight_decay=sp.spec.weight_decay)
+    channels = int(sp.spec.model.get("in_channels", sp.spec.model.get("in_slices", 1)))
+    images = torch.randn(sp.batch_size, channels, *sp.input_size_vox, device=dev)
+    labels = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=dev)
+    maps = sdm_placeholder(step, images)
+    seconds, skipped = [], 0
+    for k in range(steps + 2):  # two warm-up steps: kernel selection, AdamW state, allocator
+        t0 = time.perf_counter()
+        result = step(net, adamw, images, labels, sdm=maps)
+        if k >= 2:
+            seconds.append(time.perf_counter() - t0)
+            skipped += result.skipped is not None
+    return {"step_s": statistics.median(seconds), "steps": steps, "skipped_steps": skipped,
+            "batch_size": sp.batch_size, "input_size_vox": list(sp.input_size_vox),
+            "amp_dtype": str(step.amp_dtype or "float32 (no AMP)")}

@@ -66,24 +66,25 @@ def train_plan(b: GpuBench, run: str, steps: int, budget_gb: float | None = None
 
 
 def fp16_section(b: GpuBench) -> dict[str, Any]:
-    """Stage 1 through the trainer's step with fp16 autocast and a GradScaler.
+    """Stage 1 through the trainer with fp16 autocast and a GradScaler.
 
     Nothing in a plan asks for fp16 (the trainer takes bf16 where the GPU has it), so the
-    runner's AMP dtype and scaler are set as the trainer sets them on a GPU without bf16.
+    runner's `TrainStep` is the one `TrainStep.for_stage` builds on a GPU without bf16:
+    the stage's objective, clip norm and accumulation, with fp16 (hence its scaler on).
     """
     import torch
 
-    from orchestrator.training.memory_guard import AccumulatingObjective
+    from orchestrator.training.step import TrainStep
     from orchestrator.training.trainer import StageRunner
 
     steps = b.sizes.fp16_steps
     plan, _ = train_plan(b, "fp16", steps)
-    runner = StageRunner(plan, plan.stages[0].name)
+    runner = StageRunner(plan, plan.stages[0].name, device=b.device)
     runner.start()
-    runner.amp_dtype = torch.float16  # as amp_dtype_for gives on a GPU without bf16
-    runner.scaler = torch.amp.GradScaler(runner.device.type, enabled=True)
-    if isinstance(runner.objective, AccumulatingObjective):
-        runner.objective.scaler = runner.scaler
+    old = runner.train_step
+    runner.train_step = TrainStep(old.objective, old.device_type, torch.float16, old.grad_clip_norm,
+                                  micro=old.micro)
+    runner.amp_dtype, runner.scaler = torch.float16, runner.train_step.scaler  # what last.pt saves
     first_scale = runner.scaler.get_scale()
     t0 = time.perf_counter()
     runner.train_steps(max_steps=steps)
@@ -100,10 +101,10 @@ def fp16_section(b: GpuBench) -> dict[str, Any]:
                "fp16_mean_loss": mean_loss, "fp16_scale": scale,
                "fp16_scale_halvings": math.log2(first_scale / scale) if scale > 0 else float("nan"),
                "fp16_s_per_step": seconds / max(1, pr.global_step)}
-    return {"figures": figures, "errors": errors, "amp_dtype": str(runner.amp_dtype),
-            "device": str(runner.device), "batch_size": runner.step_batch,
-            "input_size_vox": list(runner.sp.input_size_vox),
-            "how": "StageRunner.train_steps with amp_dtype float16 and GradScaler(enabled=True)"}
+    return {"figures": figures, "errors": errors, "amp_dtype": str(runner.train_step.amp_dtype),
+            "scaler_enabled": runner.scaler.is_enabled(), "device": str(runner.device),
+            "batch_size": runner.step_batch, "input_size_vox": list(runner.sp.input_size_vox),
+            "how": "StageRunner.train_steps with TrainStep(..., torch.float16): GradScaler enabled"}
 
 
 def oom_section(b: GpuBench) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def oom_section(b: GpuBench) -> dict[str, Any]:
     steps = b.sizes.oom_steps
     plan, path = train_plan(b, "oom", steps, budget_gb=round(budget_gb, 3))
     stage = plan.stages[0].name
-    run_stage(path, stage, max_steps=steps)
+    run_stage(path, stage, max_steps=steps, device=b.device)
     entry = read_state(plan.run_dir)["stages"].get(stage, {})
     fallbacks = entry.get("memory_fallback") or []
     done = load_checkpoint(stage_dir(plan, stage) / "checkpoints" / "last.pt")["progress"]["global_step"]
@@ -159,12 +160,12 @@ def loader_section(b: GpuBench) -> dict[str, Any]:
     # max_steps stops the second before its first step
     plan, path = train_plan(b, "loader", steps, max_epochs=2, val_every_epochs=2, num_workers=None)
     sp = plan.stages[0]
-    run_stage(path, sp.name, max_steps=steps)
+    run_stage(path, sp.name, max_steps=steps, device=b.device)
     rows = MetricsLog(stage_dir(plan, sp.name)).rows
     if not rows:
         raise RuntimeError(f"{sp.name}: no epoch row in metrics.csv after {steps} steps")
     epoch_s = float(rows[0]["seconds"])
-    runner = StageRunner(plan, sp.name)
+    runner = StageRunner(plan, sp.name, device=b.device)
     workers, batch = _num_workers(sp), runner.step_batch
     loader = torch.utils.data.DataLoader(runner.dataset, batch_size=batch, drop_last=True,
                                          num_workers=workers, persistent_workers=False)

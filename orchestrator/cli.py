@@ -366,7 +366,7 @@ def bench_gpu(json_out: Json = False,
     1 plan: every stage of stages/progressive.yaml at 20 GB and at the GPU's own size,
     with plan seconds. 2 verify: each stage of the 20 GB plan for 3 real steps in a fresh
     process, measured (max_memory_reserved + context, and NVML's used memory of the
-    process) against predicted. 3 step: steady step time of each stage at its planned
+    process) against predicted. 3 step: steady TrainStep time of each stage at its planned
     size with bf16; samples/s, voxels/s. 4 fp16: stage 1 with fp16 autocast and a
     GradScaler through the trainer: finite losses, the scale. 5 oom: stage 1 under half
     the memory its planned step needs: the out-of-memory error in the first steps falls

@@ -126,7 +126,7 @@ def test_cuda_asked_without_a_gpu_is_exit_2(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["orchestrator", "bench", "gpu", "--device", "cuda"])
     with pytest.raises(SystemExit) as exc:
         main()
-    assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--device cuda: no CUDA device" in capsys.readouterr().err
 
 
 def test_help_says_what_it_measures() -> None:
