@@ -18,6 +18,7 @@ from orchestrator.training.step import estimation_step as step_factory  # the pl
 
 WORKER = "orchestrator.training.trial"
 
+
 def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
     """Stage 1 at a tiny size, three levels deep (as stages/demo.yaml shrinks the curriculum)."""
     stage = REPO_ROOT / "stages" / "stage1_basic_cnn.yaml"
@@ -30,8 +31,6 @@ def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
         f"  planner: {{min_base_filters: 4, min_input_vox: {patch_vox}, max_batch_size: 2, "
         "min_batch_size: 2}\n")
     return path
-
-
 
 
 def plan_section(b: GpuBench) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
     return {"figures": figures, "errors": errors, "curriculum": str(curriculum), "plans": plans}
 
 
-def _stage_row(sp: Any) -> dict[str, Any]:
+def _stage_row(sp: StagePlan) -> dict[str, Any]:
     return {"name": sp.name, "input_size_vox": list(sp.input_size_vox), "base_filters": sp.base_filters,
             "batch_size": sp.batch_size, "checkpointing": sp.checkpointing, "amp": sp.amp,
             "params": sp.params, "predicted_gb": sp.predicted_gb, "train_gb": sp.train_gb}
