@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator.bench_gpu import FULL, GpuBench, Skipped, bench_gpu, failed
+from orchestrator.bench_gpu import FULL, GpuBench, Skipped, bench_gpu, failed, section_lines
 from orchestrator.bench_gpu_plan import nvml_figures
 from orchestrator.cli import app, main
 from orchestrator.planning.nvml import NvmlSampler, Segment, gpu_info, process_used_gb
@@ -105,6 +105,10 @@ def test_a_failing_section_is_recorded_written_and_the_next_runs(tmp_path: Path)
     assert doc["sections"]["skipped"]["reason"] == "not here"
     assert doc["figures"] == {"x_s": 1.23457, "y": 2.0}  # 6 significant digits
     assert doc["sections"]["partly"]["errors"] == {"a": "bad"} and failed(doc)
+    shown = section_lines(doc)  # what the table mode prints under the figures
+    raised_at = f"tests/test_bench_gpu.py:{broken.__code__.co_firstlineno + 1}"
+    assert shown[0].startswith("broken: error (") and shown[0].endswith(f"no such kernel ({raised_at})")
+    assert shown[1].endswith("not here") and shown[2].startswith("fine: ok (")
     assert any("Traceback" in line for line in lines)  # the whole traceback on stderr
 
 
