@@ -49,14 +49,16 @@ def data_dir(b: GpuBench) -> Path:
 
 def train_plan(b: GpuBench, run: str, steps: int, budget_gb: float | None = None,
                max_epochs: int = 1, val_every_epochs: int = 1,
-               num_workers: int | None = 0) -> tuple[Plan, Path]:
+               num_workers: int | None = 0, amp_dtype: str = "auto") -> tuple[Plan, Path]:
     """A one-stage copy of the 20 GB plan's first stage, with data and `steps` per epoch."""
     plan, _ = need_plan(b)
     sp = plan.stages[0]
     spec = sp.spec.model_copy(update={"iterations_per_epoch": steps, "max_epochs": max_epochs,
                                       "val_every_epochs": val_every_epochs, "warmup_epochs": 0,
-                                      "num_workers": num_workers, "checkpoint_every_steps": 10**6})
-    sp = sp.model_copy(update={"spec": spec, "init_from": None})
+                                      "num_workers": num_workers, "checkpoint_every_steps": 10**6,
+                                      "amp_dtype": amp_dtype})
+    amp = {"amp": True} if amp_dtype != "auto" else {}  # a dtype asked for: AMP on
+    sp = sp.model_copy(update={"spec": spec, "init_from": None, **amp})
     plan = plan.model_copy(update={"run": f"bench-gpu-{run}", "stages": [sp],
                                    "data_dir": str(data_dir(b)),
                                    "budget_gb": budget_gb if budget_gb is not None else plan.budget_gb})
@@ -66,25 +68,14 @@ def train_plan(b: GpuBench, run: str, steps: int, budget_gb: float | None = None
 
 
 def fp16_section(b: GpuBench) -> dict[str, Any]:
-    """Stage 1 through the trainer with fp16 autocast and a GradScaler.
-
-    Nothing in a plan asks for fp16 (the trainer takes bf16 where the GPU has it), so the
-    runner's `TrainStep` is the one `TrainStep.for_stage` builds on a GPU without bf16:
-    the stage's objective, clip norm and accumulation, with fp16 (hence its scaler on).
-    """
-    import torch
-
-    from orchestrator.training.step import TrainStep
+    """Stage 1 through the trainer with fp16 autocast and a GradScaler: the stage asks for
+    it (`amp_dtype: fp16`, what `auto` gives on a GPU without bf16)."""
     from orchestrator.training.trainer import StageRunner
 
     steps = b.sizes.fp16_steps
-    plan, _ = train_plan(b, "fp16", steps)
+    plan, _ = train_plan(b, "fp16", steps, amp_dtype="fp16")
     runner = StageRunner(plan, plan.stages[0].name, device=b.device)
     runner.start()
-    old = runner.train_step
-    runner.train_step = TrainStep(old.objective, old.device_type, torch.float16, old.grad_clip_norm,
-                                  micro=old.micro)
-    runner.amp_dtype, runner.scaler = torch.float16, runner.train_step.scaler  # what last.pt saves
     first_scale = runner.scaler.get_scale()
     t0 = time.perf_counter()
     runner.train_steps(max_steps=steps)
@@ -104,7 +95,7 @@ def fp16_section(b: GpuBench) -> dict[str, Any]:
     return {"figures": figures, "errors": errors, "amp_dtype": str(runner.train_step.amp_dtype),
             "scaler_enabled": runner.scaler.is_enabled(), "device": str(runner.device),
             "batch_size": runner.step_batch, "input_size_vox": list(runner.sp.input_size_vox),
-            "how": "StageRunner.train_steps with TrainStep(..., torch.float16): GradScaler enabled"}
+            "how": "StageRunner.train_steps of a stage with amp_dtype fp16: GradScaler enabled"}
 
 
 def oom_section(b: GpuBench) -> dict[str, Any]:

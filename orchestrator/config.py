@@ -52,6 +52,9 @@ class StageSpec(_Strict):
     warmup_epochs: int = Field(0, ge=0)
     grad_clip_norm: float | None = Field(12.0, gt=0)
     amp: bool = Field(True, description="Mixed precision (bf16 where supported).")
+    amp_dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description=(
+        "With amp: auto takes bf16 where the device has it and fp16 (with a GradScaler) "
+        "elsewhere; bf16 or fp16 asks for one."))
     lesion_fraction: float = Field(1 / 3, ge=0, le=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     augment: bool = True

@@ -131,3 +131,18 @@ def test_amp_dtype_and_scaler_follow_the_device() -> None:
     assert cpu.amp_dtype == torch.bfloat16 and not cpu.scaler.is_enabled()
     fp16 = TrainStep(_ce, "cpu", torch.float16)  # what a GPU without bf16 gets
     assert fp16.scaler.is_enabled()
+
+
+def test_a_stage_can_ask_for_fp16_and_a_bad_dtype_is_one_line(tmp_path: Path, tiny_data: Path) -> None:
+    from orchestrator.config import load_stage
+    from orchestrator.errors import ConfigError
+
+    plan, _ = quick_tiny_plan(tmp_path / "runs", tiny_data, stage_updates={"amp_dtype": "fp16"})
+    step = TrainStep.for_stage(plan.stage(S1).spec, "cpu", amp=True)
+    assert step.amp_dtype == torch.float16 and step.scaler.is_enabled()
+    assert TrainStep.for_stage(plan.stage(S1).spec, "cpu", amp=False).amp_dtype is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((Path(__file__).parent.parent / "stages" / "stage1_basic_cnn.yaml").read_text()
+                   + "\namp_dtype: fp8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: amp_dtype: .*'auto', 'bf16' or 'fp16'"):
+        load_stage(bad)

@@ -11,7 +11,8 @@ measured is what a budget limits:
   tensors (the estimator's own count), which tells whether the fake run saw every tensor
   (tensor_ratio) or the difference lies in the allocator and the baseline.
 - CUDA: torch.cuda.max_memory_reserved plus the CUDA context (device memory in use
-  before the first tensor), and max_memory_allocated against the live-tensor count.
+  before the first tensor), and max_memory_allocated against the live-tensor count;
+  beside them NVML's used memory of the process (what nvidia-smi shows).
 
 `measure()` runs inside the worker; `verify_plan()` starts the workers and compares.
 The planner never imports training/: the CLI names the worker module.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from typing import Any
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
+from orchestrator.planning.nvml import process_used_gb
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
@@ -93,6 +96,9 @@ def measure(run: Callable[[], None], device_type: str) -> dict[str, Any]:
         out.update(method=CUDA_METHOD, peak_gb=(reserved + context) / GIB,
                    allocated_gb=torch.cuda.max_memory_allocated() / GIB,
                    reserved_gb=reserved / GIB, context_gb=context / GIB)
+        # the driver's view while the allocator still holds what it reserved: its peak
+        out["nvml_used_gb"], out["nvml_how"] = process_used_gb(os.getpid(),
+                                                               torch.cuda.current_device())
     else:
         peak = _status_bytes("VmHWM") if exact else None
         if peak is None:  # no reset: the lifetime peak, imports included

@@ -21,11 +21,13 @@ from orchestrator.config import StageSpec
 from orchestrator.training.losses import GeneralizedDiceFocalLoss, RegionBoundaryLoss
 
 
-def amp_dtype_for(device_type: str, amp: bool) -> torch.dtype | None:
-    """bf16 where the device supports it, fp16 on older GPUs, None without AMP."""
+def amp_dtype_for(device_type: str, amp: bool, prefer: str = "auto") -> torch.dtype | None:
+    """None without AMP; else `prefer` (bf16 or fp16), or with auto bf16 where the device
+    supports it and fp16 on older GPUs."""
     if not amp:
         return None
-    if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if prefer == "fp16" or (prefer == "auto" and device_type == "cuda"
+                            and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
 
@@ -167,7 +169,7 @@ class TrainStep:
     def for_stage(cls, spec: StageSpec, device_type: str, amp: bool, *,
                   micro: int | None = None, synchronize: bool = False) -> TrainStep:
         """The step of a stage on a device: its objective, clip norm and accumulation."""
-        return cls(Objective(spec), device_type, amp_dtype_for(device_type, amp),
+        return cls(Objective(spec), device_type, amp_dtype_for(device_type, amp, spec.amp_dtype),
                    spec.grad_clip_norm, micro=spec.grad_accum_steps if micro is None else micro,
                    synchronize=synchronize)
 
@@ -216,8 +218,10 @@ def sdm_placeholder(step: TrainStep, x: torch.Tensor) -> torch.Tensor | None:
 
 def estimation_step(spec: StageSpec, amp: bool) -> Callable[..., None]:
     """The step the planner measures on CPU fake tensors: `TrainStep` itself, one
-    backward pass per step (the planner's batch is per backward pass)."""
-    step = TrainStep.for_stage(spec, "cpu", amp, micro=1)
+    backward pass per step (the planner's batch is per backward pass). fp16 is estimated
+    as bf16 (the same bytes): fp16's GradScaler reads its found-inf flag as a value,
+    which a fake tensor has not, and holds only a few scalars."""
+    step = TrainStep.for_stage(spec.model_copy(update={"amp_dtype": "bf16"}), "cpu", amp, micro=1)
 
     def run(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
         step(model, opt, x, y, sdm=sdm_placeholder(step, x))  # the batch's maps are live: counted
