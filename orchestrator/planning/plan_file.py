@@ -155,6 +155,9 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
+        said_raw = _raw_data_notice(ds, planned, cluster.cpus_per_task)
+        if said_raw and notice:
+            notice(said_raw)
     assumptions = {"budget_source": source, "device_source": choice.device_source,
                    "val_volume_vox": list(budget.val_volume_vox),
                    "overheads": overheads.as_dict(),
@@ -181,6 +184,19 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
                 runs_dir=str(Path(req.runs_dir).resolve()), curriculum=str(Path(req.curriculum).resolve()),
                 cluster=cluster, probe=p.as_dict(), assumptions=assumptions,
                 handoff_noise_std=cur.handoff_noise_std, stages=planned)
+
+
+def _raw_data_notice(ds: DatasetSize, planned: list[StagePlan], cpus: int) -> str | None:
+    """`plan --data` on raw NIfTI: once, what the HDF5 cache would save per epoch."""
+    from orchestrator.data.host_memory import raw_data_notice
+
+    first = next((sp for sp in planned if sp.kind == "seg3d"), None)
+    if first is None or not ds.voxels:
+        return None
+    workers = first.spec.num_workers if first.spec.num_workers is not None else min(4, cpus - 1)
+    samples = first.spec.iterations_per_epoch * first.batch_size * first.spec.grad_accum_steps
+    return raw_data_notice(ds.root, ds.records, sum(ds.voxels.values()) / len(ds.voxels),
+                           samples, workers)
 
 
 def _shown_path(path: Path) -> str:

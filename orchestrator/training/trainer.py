@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from orchestrator.config import Plan, StagePlan, load_plan
+from orchestrator.data.host_memory import bound_volume_cache
 from orchestrator.errors import CheckpointError, OrchestratorError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
@@ -260,6 +261,12 @@ class StageRunner:
         self.dataset.set_epoch(pr.epoch)
         start = pr.step_in_epoch * self.step_batch
         workers = _num_workers(self.sp)
+        if getattr(self, "cache_bound", None) is None:  # once: the job's memory bounds each
+            own = self.plan.cluster.stages.get(self.sp.name)  # worker's volume cache
+            step_gb = (self.sp.train_gb or self.sp.predicted_gb) if self.device.type == "cpu" else 0
+            self.cache_bound = bound_volume_cache(self.dataset, (own and own.mem_gb) or
+                                                  self.plan.cluster.mem_gb, workers, step_gb)
+            logger.info("%s: %s", self.sp.name, self.cache_bound.describe())
         loader = DataLoader(self.dataset, batch_size=self.step_batch, drop_last=True,
                             sampler=self.sample_indices(start), num_workers=workers,
                             persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0,
