@@ -123,7 +123,10 @@ def submit(plan_path: PlanPath = None,
            data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
            folds: Annotated[Optional[int], typer.Option(
                "--folds", help="K-fold cross-validation by subject: each stage a job array of K.")]
-           = None) -> None:
+           = None,
+           allow_fresh_start: Annotated[bool, typer.Option(
+               "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
+               "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
     from orchestrator.launch.submit import submit_plan
 
@@ -132,6 +135,7 @@ def submit(plan_path: PlanPath = None,
     if plan_path is None:
         p, plan_path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, False)
     p = load_plan(plan_path)
+    _check_fresh_starts(p, allow_fresh_start)
     if folds is not None:
         from orchestrator.launch.folds import submit_folds
 
@@ -143,6 +147,14 @@ def submit(plan_path: PlanPath = None,
         return
     jobs = submit_plan(p, plan_path, executor, include_lcnn=lcnn, dry_run=dry_run)  # type: ignore[arg-type]
     render.submitted(out, p, jobs, executor, dry_run)
+
+
+def _check_fresh_starts(p: Any, allow: bool) -> None:
+    """Refuse (PlanError, exit 2) a hand-off that re-initialises most of the network."""
+    from orchestrator.planning.floors import check_fresh_starts
+
+    for line in check_fresh_starts(p, allow):
+        err.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
 
 
 @app.command("run-stage")

@@ -186,6 +186,9 @@ class StagePlan(_Strict):
         None, description="measured/predicted of an earlier `plan --verify`, applied to predicted_gb.")
     measurement: dict[str, Any] | None = Field(
         None, description="`plan --verify`: what was measured, how, and the ratio.")
+    fresh_tensors: dict[str, Any] | None = Field(None, description=(
+        "Set when the stage has fewer base filters than the stage it starts from and nothing "
+        "at those fits: the tensors the hand-off re-initialises (planning/floors.py)."))
     time_estimate_min: int | None = Field(
         None, description="`plan --verify`: the stage's job time from its measured step time.")
     reasons: list[str] = Field(default_factory=list)

@@ -31,7 +31,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
                         "time_estimate_min": s.time_estimate_min,
                         "max_epochs": s.spec.max_epochs,
                         "iterations_per_epoch": s.spec.iterations_per_epoch,
-                        "reasons": s.reasons} for s in plan.stages]}
+                        "reasons": s.reasons, "fresh_tensors": s.fresh_tensors}
+                       for s in plan.stages]}
 
 
 def plan_table(console: Console, plan: Plan) -> None:
@@ -70,7 +71,9 @@ def plan_table(console: Console, plan: Plan) -> None:
             m = s.measurement or {}
             row += ([f"{m['peak_gb']:.2f}", f"{m['ratio']:.3f}", f"{m['tensor_ratio']:.3f}"]
                     if "peak_gb" in m else ["[red]failed[/]", "-", "-"])
-        t.add_row(*row, s.init_from or "-")
+        fresh = (f" [red]({len(s.fresh_tensors['tensors'])} tensors fresh)[/]"
+                 if s.fresh_tensors else "")
+        t.add_row(*row, (s.init_from or "-") + fresh)
     console.print(t)
     for s in plan.stages:
         console.print(f"  {s.name}: " + "; ".join(s.reasons), highlight=False)

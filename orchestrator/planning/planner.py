@@ -107,14 +107,17 @@ def _fmt(size: Any) -> str:
     return "x".join(str(s) for s in size)
 
 
-def candidate_ladder(spec: StageSpec, multiple: int) -> list[Candidate]:
+def candidate_ladder(spec: StageSpec, multiple: int, min_filters: int = 0) -> list[Candidate]:
     """Every configuration the stage's YAML allows, in order of preference; each needs no
-    more memory than the one before (at the same batch)."""
+    more memory than the one before (at the same batch). `min_filters` (the stage it starts
+    from: planning/floors.py) raises the YAML's `min_base_filters`; the input shrinks at
+    the lowest base filters allowed."""
     size, bf, lim = tuple(spec.input_size_vox), spec.base_filters, spec.planner
+    lowest = min(bf, max(lim.min_base_filters, min_filters))
     out = [Candidate(size, bf, False), Candidate(size, bf, True)]
-    fewer = {f for f in range(FILTER_STEP, bf, FILTER_STEP) if f >= lim.min_base_filters}
-    if lim.min_base_filters < bf:
-        fewer.add(lim.min_base_filters)
+    fewer = {f for f in range(FILTER_STEP, bf, FILTER_STEP) if f >= lowest}
+    if lowest < bf:
+        fewer.add(lowest)
     out += [Candidate(size, f, True) for f in sorted(fewer, reverse=True)]
     f_min, sides = out[-1].base_filters, list(size)
     while True:
@@ -364,19 +367,19 @@ def plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
 
 
 def plan_or_shortfall(spec: StageSpec, init_from: str | None, budget: Budget,
-                      step_factory: StepFactory, batch_cap: tuple[int, str] | None = None
-                      ) -> tuple[StagePlan | Shortfall, dict[tuple, int]]:
+                      step_factory: StepFactory, batch_cap: tuple[int, str] | None = None,
+                      min_filters: int = 0) -> tuple[StagePlan | Shortfall, dict[tuple, int]]:
     """`plan_stage`, with a stage nothing fits returned as its Shortfall (so that every
     stage is planned before the error names them all), and the estimates it ran (their
     cache entries, which a worker process sends back to the parent's cache)."""
     known = set(_TENSOR_BYTES)
-    result = _plan_stage(spec, init_from, budget, step_factory, batch_cap)
+    result = _plan_stage(spec, init_from, budget, step_factory, batch_cap, min_filters)
     return result, {k: v for k, v in _TENSOR_BYTES.items() if k not in known}
 
 
 def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
-                step_factory: StepFactory, batch_cap: tuple[int, str] | None
-                ) -> StagePlan | Shortfall:
+                step_factory: StepFactory, batch_cap: tuple[int, str] | None,
+                min_filters: int = 0) -> StagePlan | Shortfall:
     """The stage's plan, or its Shortfall when nothing its YAML allows fits."""
     probe_model = build_stage_model_meta(spec)
     multiple = int(getattr(probe_model, "required_multiple", 1))
@@ -385,7 +388,7 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     cap = batch_cap[0] if batch_cap else None
     min_bs = max(1, min(lim.min_batch_size, cap or lim.min_batch_size))
     max_bs = max(min_bs, min(lim.max_batch_size, cap or lim.max_batch_size))
-    ladder = candidate_ladder(spec, multiple)
+    ladder = candidate_ladder(spec, multiple, min_filters)
     # search on the training step (cheap to repeat at other batch sizes), then make sure
     # validation fits beside it; where it does not, go on down the ladder with both
     i = first_below(lambda k: est.train_gb(ladder[k], min_bs), target,

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from orchestrator.config import StagePlan, StageSpec
 from orchestrator.errors import PlanError
+from orchestrator.planning.floors import keep_filters
 from orchestrator.planning.planner import (
     Budget,
     Shortfall,
@@ -104,4 +105,10 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
     short = [r for r in results if isinstance(r, Shortfall)]
     if short:
         raise PlanError(shortfall_message(budget, short))
-    return [r for r in results if isinstance(r, StagePlan)]
+
+    def replan(spec: StageSpec, init_from: str | None, floor: int) -> StagePlan | None:
+        result, _ = plan_or_shortfall(spec, init_from, budget, step_factory, caps.get(spec.name),
+                                      min_filters=floor)
+        return result if isinstance(result, StagePlan) else None
+
+    return keep_filters([r for r in results if isinstance(r, StagePlan)], replan)
