@@ -187,6 +187,21 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
               f"final weights {result['final']}")
 
 
+@app.command("run-chain")
+def run_chain(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
+              lcnn: Annotated[bool, typer.Option("--lcnn/--no-lcnn", help="Also run the LCNN runs, "
+                                                 "after the 3D stages.")] = False) -> None:
+    """Run the plan's stages one after another in this allocation (slurm/progressive.sh).
+
+    Each stage is a job step from the run's code snapshot; a stage stopped by USR2 or the
+    time limit requeues the job (counted, up to the profile's max_requeues). Complete stages
+    are skipped. Exit 0 when done or requeued; otherwise the last line names the stage and log.
+    """
+    from orchestrator.launch.chain import run_chain as _chain
+
+    raise typer.Exit(_chain(plan_path, include_lcnn=lcnn))
+
+
 @app.command()
 def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs if omitted.")] = None,
            runs_dir: RunsDir = Path("runs"), json_out: Json = False,
