@@ -256,6 +256,23 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
     render.submitted(out, p, jobs, kind, False)
 
 
+@app.command()
+def doctor(cluster: Cluster = None, data: DataDir = None) -> None:
+    """Check what a login node can before the first job: profile, venv, SLURM, data.
+
+    One line each: ok, or what is wrong and the fix. Exit 2 when something needs fixing.
+    """
+    from orchestrator.launch.doctor import run_doctor
+
+    checks = run_doctor(cluster, data)
+    for c in checks:
+        out.print(("[green]" if c.ok else "[red]") + c.line() + "[/]", highlight=False, soft_wrap=True)
+    bad = [c.name for c in checks if not c.ok]
+    if bad:
+        err.print(f"[red]{len(bad)} to fix:[/] {', '.join(bad)}", highlight=False)
+        raise typer.Exit(2)
+
+
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
 OnDevice = Annotated[str, typer.Option(
     "--device", help="auto | cuda | cpu. auto: the GPU where there is one, else the CPU.")]
