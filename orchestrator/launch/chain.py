@@ -138,6 +138,9 @@ def run_chain(plan_path: Path, include_lcnn: bool = False, say: Say = _say) -> i
                                    slurm_job_id=None, executor="chain")
     if not _count_outside_requeue(plan, plan_path, todo, say):
         return _failed(plan, todo, todo[0], "max_requeues reached", None, say)
+    if plan.cluster.tasks_per_node * plan.cluster.nodes > 1:
+        say(f"profile {plan.cluster.name}: tasks_per_node {plan.cluster.tasks_per_node}, nodes "
+            f"{plan.cluster.nodes}: run-chain runs each stage as one task (no DDP); use submit")
     say(f"stages: {' '.join(sp.name for sp in stages)}; to run: "
         f"{' '.join(sp.name for sp in todo) or 'none'}")
     sig = _Signals()
