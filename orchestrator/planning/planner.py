@@ -3,7 +3,8 @@
 Per stage, within the ranges its YAML allows, the configurations form a ladder in order
 of preference, each needing no more memory than the one before: the curriculum's input
 size and base filters without checkpointing; with checkpointing; fewer base filters
-(steps of 4, down to the stage's minimum); a smaller input (multiples of the model's
+(steps of 4, down to the stage's minimum, and never below the stage it starts from when
+planning/floors.py plans it again with that floor); a smaller input (multiples of the model's
 required multiple, largest side first). The first rung whose training step fits at the
 minimum batch is found with secant steps on memory against base filters x input voxels
 (`first_below`: about four estimates on a long ladder), then validation is checked beside
