@@ -224,25 +224,33 @@ def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs
 def cancel(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs")) -> None:
     """Cancel every unfinished job of a run."""
     from orchestrator.launch.submit import cancel_run
+    from orchestrator.runs.status import run_plan_path
 
-    ids = cancel_run(load_plan(runs_dir / run / "plan.yaml"))
+    ids = cancel_run(load_plan(run_plan_path(runs_dir, run)))
     out.print(f"{run}: cancelled {len(ids)} job(s) {' '.join(ids)}")
 
 
 @app.command()
 def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs"),
            executor: Annotated[Optional[str], typer.Option("--executor", help="Default: as submitted.")]
-           = None) -> None:
+           = None,
+           fresh: Annotated[Optional[list[str]], typer.Option(
+               "--fresh", help="Start this stage over from its beginning, on purpose (repeatable); "
+               "without it a stage whose last.pt is gone refuses to restart.")] = None) -> None:
     """Resubmit a run from its first unfinished stage (each resumes from its last.pt)."""
     from orchestrator.launch.sacct import sacct_states
     from orchestrator.launch.submit import submit_plan
-    from orchestrator.runs.state import read_state
-    from orchestrator.runs.status import collect_status
+    from orchestrator.runs.state import read_state, request_fresh_start
+    from orchestrator.runs.status import collect_status, run_plan_path
 
-    plan_path = runs_dir / run / "plan.yaml"
+    plan_path = run_plan_path(runs_dir, run)
     p = load_plan(plan_path)
+    for stage in fresh or []:
+        request_fresh_start(p.run_dir, stage, [s.name for s in p.stages])
+        err.print(f"{run}: stage {stage} will start over from its beginning")
     doc = collect_status(runs_dir, run, sacct_states)["runs"][0]
-    todo = [s["name"] for s in doc["stages"] if s["state"] not in ("COMPLETED", "NOT_SUBMITTED")]
+    todo = [s["name"] for s in doc["stages"] if s["state"] not in ("COMPLETED", "NOT_SUBMITTED")
+            or s["name"] in (fresh or [])]
     if not todo:
         out.print(f"{run}: every stage is complete; nothing to resume")
         return
@@ -252,7 +260,7 @@ def resume(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: Runs
 
         jobs = resume_folds(p, kind, todo)  # type: ignore[arg-type]
     else:
-        jobs = submit_plan(p, plan_path, kind, only=todo)  # type: ignore[arg-type]
+        jobs = submit_plan(p, plan_path, kind, only=todo, resubmit=True)  # type: ignore[arg-type]
     render.submitted(out, p, jobs, kind, False)
 
 

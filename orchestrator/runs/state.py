@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, SubmissionError
 from orchestrator.runs.atomic import atomic_write_text
 
 STATE_FILE = "state.json"
@@ -90,3 +90,36 @@ def bump_stage(run_dir: Path, stage: str, counter: str, **fields: Any) -> dict[s
 def update_run(run_dir: Path, **fields: Any) -> None:
     """Merge run-level fields (executor, submitted time, ...)."""
     _mutate(run_dir, lambda state: state.update(fields))
+
+
+def claim_run(run_dir: Path, **fields: Any) -> None:
+    """Record a run's submission (`fields`: executor, submitted, ...), once: under the lock,
+    so of two `submit`s of one run, started at the same moment or not, the second is refused.
+
+    Raises:
+        SubmissionError: the run was submitted before; nothing is written.
+    """
+    run_dir = Path(run_dir)
+
+    def change(state: dict[str, Any]) -> None:
+        if state.get("submitted"):
+            raise SubmissionError(
+                f"{run_dir / STATE_FILE}: run {run_dir.name} was submitted already "
+                f"({state.get('executor')}, {state['submitted']}); expected a new run - "
+                f"`orchestrator resume {run_dir.name}` continues it, or plan another --run")
+        state.update(fields)
+    _mutate(run_dir, change)
+
+
+def request_fresh_start(run_dir: Path, stage: str, stages: list[str]) -> None:
+    """Mark a stage to start over from its beginning at its next run (`resume --fresh`):
+    its epoch and last checkpoint are cleared, so the trainer neither resumes nor refuses.
+
+    Raises:
+        ConfigError: `stage` is not one of the plan's `stages`.
+    """
+    if stage not in stages:
+        raise ConfigError(f"--fresh {stage}: no such stage in {Path(run_dir) / 'plan.yaml'};"
+                          f" expected one of {', '.join(stages)}")
+    update_stage(run_dir, stage, fresh_requested=True, epoch=0, last_checkpoint=None,
+                 state=PENDING, final=None)

@@ -27,6 +27,21 @@ def list_runs(runs_dir: Path) -> list[Path]:
     return sorted((p.parent for p in runs_dir.glob("*/plan.yaml")), key=lambda p: p.stat().st_mtime)
 
 
+def run_plan_path(runs_dir: Path, run: str) -> Path:
+    """runs_dir/run/plan.yaml of an existing run.
+
+    Raises:
+        ConfigError: there is no such run; the message lists the runs there are.
+    """
+    path = Path(runs_dir) / run / "plan.yaml"
+    if not path.is_file():
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError(f"{path.parent}: no such run (no plan.yaml); expected one of the runs "
+                          f"in {runs_dir}: {[p.name for p in list_runs(runs_dir)]}")
+    return path
+
+
 def _plan_stages(run_dir: Path) -> list[dict[str, Any]]:
     # status must be fast over many runs: read only the keys it needs, no validation
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -110,13 +125,9 @@ def collect_status(runs_dir: Path, run: str | None = None,
     `slurm_query` is called once with every job id of every run shown (one sacct call);
     when it returns None, the on-disk state is shown and `slurm` says so.
     """
-    run_dirs = [Path(runs_dir) / run] if run else list_runs(runs_dir)
+    run_dirs = [run_plan_path(runs_dir, run).parent] if run else list_runs(runs_dir)
     loaded = []
     for rd in run_dirs:
-        if not (rd / "plan.yaml").exists():
-            from orchestrator.errors import ConfigError
-            raise ConfigError(f"{rd}: no such run (no plan.yaml); runs: "
-                              f"{[p.name for p in list_runs(runs_dir)]}")
         # a cross-validation run: its folds train the same stages, each in its own sub-run
         parts = [(None, rd)] + [(int(fd.name[4:]), fd) for fd in run_state.fold_run_dirs(rd)]
         loaded.append((rd, _plan_stages(rd), [(f, d, run_state.read_state(d)) for f, d in parts]))

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from orchestrator.config import Plan, StagePlan, load_plan
 from orchestrator.data.host_memory import bound_volume_cache
+from orchestrator.data.volume import training_orientation
 from orchestrator.errors import CheckpointError, OrchestratorError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
@@ -81,14 +82,25 @@ def _batches(loader: DataLoader, stage: str) -> Iterator[dict[str, torch.Tensor]
         except StopIteration:
             return
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "DataLoader worker" in first or "DataLoader timed out" in first:
-                raise StageFailed(
-                    f"stage {stage}: {first}. A data loader worker died or hung (often out of host "
-                    "memory): set num_workers: 0 (or fewer) in the stage YAML, or give the job more "
-                    "memory (mem_gb in the cluster profile)") from err
+            failed = loader_failure(err, stage)
+            if failed is not None:
+                raise failed from err
             raise
         yield batch
+
+
+def loader_failure(err: BaseException, stage: str) -> StageFailed | None:
+    """A DataLoader worker that died or hung, as the StageFailed that says what to change;
+    None for any other error. PyTorch notices a dead worker in `next()`, or anywhere in
+    the main process through its SIGCHLD handler (then in the middle of a step)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, RuntimeError) or not ("DataLoader worker" in first
+                                                 or "DataLoader timed out" in first):
+        return None
+    return StageFailed(
+        f"stage {stage}: {first}. A data loader worker died or hung (often out of host "
+        "memory): set num_workers: 0 (or fewer) in the stage YAML, or give the job more "
+        "memory (mem_gb in the cluster profile)")
 
 
 def _lr_lambda(sp: StagePlan):  # noqa: ANN202
@@ -124,6 +136,8 @@ class StageRunner:
 
     is_writer = True  # writes files and displays progress (a DDP rank other than 0 does not)
     display: StepDisplay | None = None
+    _last_recorded = False  # state.json names last.pt once this process wrote it
+    orientation: str | None = None  # the training images' axis codes (predict checks them)
 
     def __init__(self, plan: Plan, stage: str, device: str = "auto") -> None:
         import models
@@ -176,37 +190,107 @@ class StageRunner:
     # ------------------------------------------------------------------ start / save
     def start(self) -> str:
         """Load last.pt, or hand off from init_from's final.pt (or init_checkpoint), or start
-        fresh; say which."""
+        fresh; say which.
+
+        Raises:
+            CheckpointError: state.json says the stage got somewhere (an epoch, or a last.pt
+                written) but last.pt is gone: starting over would be silent data loss; the
+                message names the file and `resume --fresh`, which starts over on purpose.
+                Also a checkpoint that is unreadable, refused or of another model family.
+        """
         last = self.ckpt_dir / "last.pt"
-        if last.exists():
-            ckpt = ck.load_checkpoint(last)
+        entry = run_state.read_state(self.plan.run_dir)["stages"].get(self.sp.name, {})
+        fresh = bool(entry.get("fresh_requested"))
+        if self.is_writer:
+            self._remove_stale_temp_files()
+        self.orientation = training_orientation(self.train_recs)
+        if last.exists() and not fresh:
+            return self._resume(last)
+        if not fresh:
+            self._refuse_lost_progress(last, entry)
+        how = self._handoff() if (self.sp.init_from or self.sp.spec.init_checkpoint) else \
+            "fresh start (no last.pt, no init_from)"
+        self._write_split()
+        if self.is_writer and self.log.rows:  # rows of an attempt whose last.pt is gone
+            self.log.truncate_after(0)
+        if fresh:
+            if self.is_writer:  # a kill before the next last.pt must not resume the old one
+                last.unlink(missing_ok=True)
+                (self.ckpt_dir / "final.pt").unlink(missing_ok=True)
+            self.record(fresh_requested=None)
+            how = f"{how}; started over on purpose (resume --fresh)"
+        return how
+
+    def _resume(self, last: Path) -> str:
+        ckpt = ck.load_checkpoint(last)
+        arch = self.sp.spec.model["arch"]
+        if ckpt["arch"] != arch:
+            raise CheckpointError(f"{last}: a {ckpt['arch']} checkpoint; stage {self.sp.name} "
+                                  f"trains {arch}")
+        if "progress" not in ckpt:
+            raise CheckpointError(f"{last}: weights only, no training state; expected the "
+                                  "last.pt a stage writes")
+        try:
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.progress = Progress(**ckpt["progress"])
             ck.set_rng_state(ckpt["rng"])
-            self.log.truncate_after(self.progress.epoch)
-            return f"resumed from {last} (epoch {self.progress.epoch}, step {self.progress.step_in_epoch})"
-        self._write_split()
-        if self.sp.init_from or self.sp.spec.init_checkpoint:
-            return self._handoff()
-        return "fresh start (no last.pt, no init_from)"
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{last}: does not match stage {self.sp.name} of the plan "
+                                  f"({type(err).__name__}: {first})") from None
+        self.log.truncate_after(self.progress.epoch)
+        return f"resumed from {last} (epoch {self.progress.epoch}, step {self.progress.step_in_epoch})"
+
+    def _refuse_lost_progress(self, last: Path, entry: dict[str, Any]) -> None:
+        """No last.pt: fine for a stage that never wrote one; an error if state.json says it did."""
+        epoch = int(entry.get("epoch") or 0)
+        if epoch <= 0 and not entry.get("last_checkpoint"):
+            return
+        got = f"epoch {epoch}" if epoch > 0 else "a written last.pt"
+        raise CheckpointError(
+            f"{last}: checkpoint not found, but {self.plan.run_dir / run_state.STATE_FILE} says "
+            f"stage {self.sp.name} reached {got}; restore the file, or start the stage over on "
+            f"purpose with `orchestrator resume {self.plan.run} --fresh {self.sp.name} "
+            f"--runs-dir {self.plan.runs_dir}`")
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files of writes killed mid-way (kill -9, node failure): this stage's
+        folders have one writer, this process, so none of them is in use."""
+        for folder in (self.dir, self.ckpt_dir):
+            for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
+                logger.info("%s: removing %s, left by an interrupted write", self.sp.name, tmp.name)
+                tmp.unlink(missing_ok=True)
 
     def _handoff(self) -> str:
         from orchestrator.training.handoff import transfer_weights
 
         if self.sp.init_from:
             src = stage_dir(self.plan, self.sp.init_from) / "checkpoints" / "final.pt"
+            field = f"init_from {self.sp.init_from}"
         else:
             src = Path(str(self.sp.spec.init_checkpoint))
+            field = "init_checkpoint"
         ckpt = ck.load_checkpoint(src)
+        arch = self.sp.spec.model["arch"]
+        if ckpt["arch"] != arch:
+            raise CheckpointError(f"{src}: a {ckpt['arch']} checkpoint ({field}); stage "
+                                  f"{self.sp.name} trains {arch} - a hand-off needs a checkpoint "
+                                  "of the same model family")
         old = ck.model_from_checkpoint(ckpt, src)
         in_ch = self.model_input_channels()
         probe = (1, in_ch, *ckpt["input_size_vox"])
         self.model.cpu()
-        report = transfer_weights(old, self.model, probe_shape=probe,
-                                  noise_std=self.plan.handoff_noise_std, seed=self.sp.spec.seed)
+        try:
+            report = transfer_weights(old, self.model, probe_shape=probe,
+                                      noise_std=self.plan.handoff_noise_std, seed=self.sp.spec.seed)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{src}: cannot hand off to stage {self.sp.name} ({field}): "
+                                  f"{first}; expected a smaller member of the same model family") \
+                from None
         self.model.to(self.device)
         report = {"from": self.sp.init_from or ckpt.get("stage"), "checkpoint": str(src), **report}
         atomic_write_text(self.dir / "handoff.json", json.dumps(report, indent=2))
@@ -226,7 +310,8 @@ class StageRunner:
         p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model["arch"],
                              "model_kwargs": self.sp.model_kwargs(),
                              "input_size_vox": list(self.sp.input_size_vox),
-                             "model": self.model.state_dict(), "best_dice": self.progress.best_dice}
+                             "model": self.model.state_dict(), "best_dice": self.progress.best_dice,
+                             "orientation": self.orientation}
         if full:
             p.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                      scaler=self.scaler.state_dict(), progress=self.progress.__dict__.copy(),
@@ -234,7 +319,11 @@ class StageRunner:
         return p
 
     def save_last(self) -> None:
-        ck.save_checkpoint(self.ckpt_dir / "last.pt", self.payload(full=True))
+        last = self.ckpt_dir / "last.pt"
+        ck.save_checkpoint(last, self.payload(full=True))
+        if not self._last_recorded:  # from now on a missing last.pt is lost progress
+            self.record(last_checkpoint=str(last))
+            self._last_recorded = True
 
     def save_final(self, path: Path) -> None:
         ck.save_checkpoint(path, self.payload(full=False))
@@ -347,7 +436,8 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
     """
     plan = load_plan(Path(plan_path))
     final = stage_dir(plan, stage) / "checkpoints" / "final.pt"
-    if final.exists() and plan.stage(stage):
+    again = run_state.read_state(plan.run_dir)["stages"].get(stage, {}).get("fresh_requested")
+    if final.exists() and plan.stage(stage) and not again:
         done = ck.load_checkpoint(final)
         logger.info("%s: already complete (%s)", stage, final)
         return {"stage": stage, "best_dice": done.get("best_dice", -1.0), "epochs": None,
@@ -364,9 +454,18 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
         runner.record(slurm_job_id=os.environ["SLURM_JOB_ID"])
     spec = runner.sp.spec
     display = StepDisplay(stage, spec.iterations_per_epoch, spec.max_epochs)
-    with display if runner.is_writer else contextlib.nullcontext():
-        runner.display = display if runner.is_writer else None
-        return _train_to_end(runner, final, max_steps, stop, how)
+    try:
+        with display if runner.is_writer else contextlib.nullcontext():
+            runner.display = display if runner.is_writer else None
+            return _train_to_end(runner, final, max_steps, stop, how)
+    except Exception as err:  # state.json must not say RUNNING for a stage that stopped
+        failed = loader_failure(err, stage)
+        shown = failed or err
+        runner.record(state=run_state.FAILED, ended=run_state.now_iso(),
+                      error=f"{type(shown).__name__}: {shown}"[:500])
+        if failed is not None:
+            raise failed from err
+        raise
 
 
 def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
