@@ -101,8 +101,9 @@ def build_cache(
 
     Raises:
         ConfigError: `resample_mm` is not positive.
-        DataError: as `discover_subjects` and `load_subject` (the first broken subject
-            stops the build; what was built before it is kept); `root` is itself a cache;
+        DataError: as `discover_subjects` and `load_subject` (every subject to build is
+            validated before anything is written: a broken one leaves the cache folder as it
+            was); `root` is itself a cache;
             `out` is `root`, contains `root`, or is a folder with files that are not ours.
     """
     start_s = time.perf_counter()
@@ -119,6 +120,7 @@ def build_cache(
         raise DataError(f"{root}: two subjects map to one cache file name; expected distinct ids")
     params = {"resample_mm": resample_mm, "margin_vox": MARGIN_VOX, "chunk_vox": CHUNK_VOX}
     old = _trusted_entries(out, params)
+    todo = _sources_to_build(records, root, old)
     out.mkdir(parents=True, exist_ok=True)
     entries = dict(old)
     built = reused = 0
@@ -126,8 +128,8 @@ def build_cache(
     try:
         for k, rec in enumerate(records):
             key = f"{rec.subject}/{rec.session}"
-            sources = _source_entries(rec, root, old.get(key))
-            if key in old and _same_sources(old[key], sources):
+            sources, rebuild = todo[key]
+            if not rebuild:
                 entries[key] = {**old[key], **sources}
                 reused += 1
             else:
@@ -270,6 +272,27 @@ def _resample(image, label, affine, mm: float, background: float):
     scale = np.diag([*step, 1.0])
     scale[:3, 3] = (step - 1.0) / 2.0
     return image, label, affine @ scale
+
+
+def _sources_to_build(records: list[SubjectRecord], root: Path,
+                      old: dict[str, dict]) -> dict[str, tuple[dict, bool]]:
+    """Per subject its source entries and whether it must be (re)built; every subject to
+    build is validated first, so a broken one stops the build before anything is written.
+
+    Raises:
+        DataError: as `load_subject`, for the first broken subject.
+    """
+    from orchestrator.data.volume import load_subject
+
+    todo = {}
+    for rec in records:
+        key = f"{rec.subject}/{rec.session}"
+        sources = _source_entries(rec, root, old.get(key))
+        rebuild = not (key in old and _same_sources(old[key], sources))
+        if rebuild:
+            load_subject(rec)  # read twice (here and when built): the price of writing nothing
+        todo[key] = (sources, rebuild)
+    return todo
 
 
 def _source_entries(rec: SubjectRecord, root: Path, previous: dict | None) -> dict:

@@ -106,6 +106,46 @@ def load_subject(rec: SubjectRecord) -> Volume:
     return Volume(image, label, affine, rec.image, background, rec.subject)
 
 
+def orientation(rec: SubjectRecord) -> str | None:
+    """The voxel axes' directions as axis codes ("RAS", "LPS", ...) from the header only.
+
+    A cached subject is RAS (the cache reorients); PNG slices have none (None).
+
+    Raises:
+        DataError: the image file is missing or its header unreadable.
+    """
+    if rec.cached is not None:
+        return "RAS"
+    if rec.image.is_dir():
+        return None
+    if not rec.image.is_file():
+        raise DataError(f"{rec.image}: file not found; expected a NIfTI file (.nii or .nii.gz)")
+    try:
+        affine = nib.load(rec.image).affine
+    except Exception as exc:  # nibabel raises many unrelated types for a broken header
+        raise _unreadable(rec.image, exc) from None
+    return "".join(nib.aff2axcodes(affine))
+
+
+def training_orientation(records: list[SubjectRecord]) -> str | None:
+    """The orientation all `records` share, or None when they differ or have none."""
+    found = {orientation(rec) for rec in records}
+    return found.pop() if len(found) == 1 else None
+
+
+def check_orientation(rec: SubjectRecord, expected: str | None, checkpoint: Path) -> None:
+    """Refuse an image whose voxel axes differ from those the checkpoint was trained on.
+
+    Raises:
+        DataError: the orientations differ (the message names the image and both codes).
+    """
+    got = orientation(rec)
+    if expected and got and got != expected:
+        raise DataError(f"{rec.image}: orientation {got}, but {checkpoint} was trained on "
+                        f"{expected} images; expected {expected} - reorient the image first "
+                        "(e.g. fslreorient2std, or nibabel's as_closest_canonical for RAS)")
+
+
 def check_subjects(records: list[SubjectRecord]) -> list[CheckResult]:
     """Validate every subject, without stopping at the first broken one.
 
@@ -140,14 +180,16 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {reason});"
-            " expected a complete .nii/.nii.gz file"
-        ) from None
+        raise _unreadable(path, exc) from None
     if not np.issubdtype(data.dtype, np.integer) and not np.issubdtype(data.dtype, np.floating):
         raise DataError(f"{path}: data type {data.dtype}; expected integer or float voxels")
     return data, affine
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DataError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {reason});"
+                     " expected a complete .nii/.nii.gz file")
 
 
 def _as_3d(data: np.ndarray, path: Path, what: str) -> np.ndarray:

@@ -148,6 +148,6 @@ def resume_folds(plan: Plan, kind: ExecutorKind, todo: list[str]) -> list[Submit
         names = [t.split("/", 1)[1] for t in todo if t.startswith(f"{fold_dir.name}/")]
         if names:
             path = fold_dir / "plan.yaml"
-            done = submit_plan(load_plan(path), path, kind, only=names)
+            done = submit_plan(load_plan(path), path, kind, only=names, resubmit=True)
             rows += [dataclasses.replace(r, stage=f"{fold_dir.name}/{r.stage}") for r in done]
     return rows

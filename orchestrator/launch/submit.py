@@ -86,15 +86,19 @@ def _stages(plan: Plan, include_lcnn: bool, only: list[str] | None) -> list[Stag
 
 def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn: bool = True,
                 only: list[str] | None = None, dry_run: bool = False,
-                poll: Callable[[], None] | None = None) -> list[Submitted]:
+                poll: Callable[[], None] | None = None, resubmit: bool = False) -> list[Submitted]:
     """Submit the plan's stages (all, or `only` those named) and record them in state.json.
 
     For slurm this returns as soon as the chain is queued; for local/debug it runs the
     stages one after another and returns when they are done (or one failed).
 
+    Args:
+        resubmit: the run was submitted before (`resume`); otherwise a second submission
+            of one run is refused.
+
     Raises:
-        SubmissionError: sbatch refused a job, or (local) a stage failed; the message
-            names the stage and its log.
+        SubmissionError: the run was submitted already (and not `resubmit`); sbatch
+            refused a job, or (local) a stage failed; the message names the stage and its log.
     """
     stages = _stages(plan, include_lcnn, only)
     run_dir = plan.run_dir
@@ -102,9 +106,11 @@ def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn
                               for k, v in run_state.read_state(run_dir)["stages"].items()}
     done: list[Submitted] = []
     if not dry_run:
+        claim = run_state.update_run if resubmit else run_state.claim_run
+        claim(run_dir, executor=kind, plan=str(plan_path), submitted=run_state.now_iso())
         code = snapshot_code(plan) if kind == "slurm" else {}  # jobs import from it
-        run_state.update_run(run_dir, executor=kind, plan=str(plan_path),
-                             submitted=run_state.now_iso(), **code)
+        if code:
+            run_state.update_run(run_dir, **code)
         for sp in stages:
             run_state.update_stage(run_dir, sp.name, state=run_state.PENDING, job_id=None,
                                    slurm_job_id=None, error=None, executor=kind)

@@ -59,8 +59,8 @@ def parse_target_mem(text: str | None) -> float | None:
         value = float(text)
     except ValueError:
         raise ConfigError(f"--target-mem: expected a number of GB (e.g. 20), got {text!r}") from None
-    if not value > 0:
-        raise ConfigError(f"--target-mem: expected a positive number of GB, got {text!r}")
+    if not 0 < value <= 16384:  # NaN, inf and 1e9 are typos, not budgets
+        raise ConfigError(f"--target-mem: expected a positive number of GB up to 16384, got {text!r}")
     return value
 
 

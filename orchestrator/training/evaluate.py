@@ -27,7 +27,7 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 
 from orchestrator.data.atlas import discover_subjects
-from orchestrator.data.volume import load_subject
+from orchestrator.data.volume import check_orientation, load_subject
 from orchestrator.runs.atomic import atomic_path, atomic_write_text
 from orchestrator.training.metrics import (
     CONNECTIVITY,
@@ -83,6 +83,8 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
     out = Path(out_dir) if out_dir is not None else default_eval_dir(checkpoint)
     runner = load_inference_model(checkpoint, device)
     records = discover_subjects(Path(data_dir))
+    for rec in records:  # before anything is written
+        check_orientation(rec, runner.checkpoint.get("orientation"), runner.path)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for k, rec in enumerate(records):

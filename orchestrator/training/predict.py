@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from orchestrator.data.atlas import SubjectRecord
-from orchestrator.data.volume import Volume, load_subject
+from orchestrator.data.volume import Volume, check_orientation, load_subject
 from orchestrator.errors import DataError
 from orchestrator.runs.atomic import atomic_path
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
@@ -133,16 +133,20 @@ def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
         The written mask files, in input order.
 
     Raises:
-        DataError: the input is missing, not NIfTI, or an image is unreadable or invalid
-            (the message names the file).
+        DataError: the input is missing, not NIfTI, or an image is unreadable, invalid or
+            in another orientation than the checkpoint's training data (the message names
+            the file); nothing is written then.
         CheckpointError: the checkpoint is missing, unreadable or does not fit its model.
     """
     input, out = Path(input), None if out is None else Path(out)
-    images = list_inputs(input)
+    images = [SubjectRecord(image_stem(p), "", p, None) for p in list_inputs(input)]
     runner = load_inference_model(checkpoint, device)
+    for rec in images:  # before anything is written
+        check_orientation(rec, runner.checkpoint.get("orientation"), runner.path)
     written = []
-    for image in images:
-        vol = load_subject(SubjectRecord(image_stem(image), "", image, None))
+    for rec in images:
+        image = rec.image
+        vol = load_subject(rec)
         target = output_path(image, input, out)
         write_mask(runner(vol), image, target)
         logger.info("%s -> %s", image, target)
