@@ -29,3 +29,7 @@ class SubmissionError(OrchestratorError):
 
 class CheckpointError(OrchestratorError):
     """A checkpoint is missing, truncated or does not match the model it should load into."""
+
+
+class StageFailed(OrchestratorError):
+    """Training cannot go on (the loss stays NaN, a data loader worker died, ...)."""

@@ -5,6 +5,8 @@ COMPLETED in SLURM without them is shown FAILED, with its log.
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -66,6 +68,9 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
         st = slurm_state if slurm_state.startswith("CANCEL") else run_state.FAILED
     elif slurm_state == "COMPLETED" or recorded == run_state.COMPLETED:
         st = run_state.FAILED  # the job ended but left no final weights
+    gone = recorded == run_state.RUNNING and not slurm_state and _process_gone(entry)
+    if gone and st == run_state.RUNNING:  # killed without a word (kill -9, OOM killer, reboot)
+        st = run_state.INTERRUPTED
     elapsed_s, eta_s = _timing(entry, st, plan_stage["max_epochs"])
     return {"name": name, "job_id": entry.get("job_id"), "state": st, "slurm_state": slurm_state,
             "elapsed_s": elapsed_s, "eta_s": eta_s,
@@ -73,8 +78,25 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
             "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
-            "error": entry.get("error"), "log": entry.get("stderr"),
+            "error": entry.get("error") or (f"process {entry.get('pid')} on {entry.get('host')} "
+                                            "ended without a word; resume continues from last.pt"
+                                            if gone and st == run_state.INTERRUPTED else None),
+            "log": entry.get("stderr"),
             "final": str(final) if complete else None}
+
+
+def _process_gone(entry: dict[str, Any]) -> bool:
+    """True when the stage's process ran on this host and no longer exists."""
+    pid, host = entry.get("pid"), entry.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, as another user's
+        return False
+    return False
 
 
 def _timing(entry: dict[str, Any], state: str, max_epochs: int) -> tuple[float | None, float | None]:
@@ -113,6 +135,8 @@ def _run_state(stages: list[dict[str, Any]]) -> str:
             return run_state.FAILED
     if any(s in ("RUNNING", "REQUEUED") for s in states):
         return "RUNNING"
+    if run_state.INTERRUPTED in states:
+        return run_state.INTERRUPTED
     if any(s in (run_state.SUBMITTED, run_state.PENDING, "PENDING") for s in states):
         return "PENDING"
     return run_state.CANCELLED  # what is left: CANCELLED (by the user or a failed dependency)

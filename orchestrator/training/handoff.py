@@ -257,3 +257,31 @@ def probe_output_diff(old_model: nn.Module, new_model: nn.Module, probe_shape: t
         outs.append((y[0] if isinstance(y, (list, tuple)) else y).detach().float().cpu())
     old_out, new_out = outs
     return float((new_out - old_out).abs().max()), float(old_out.abs().max())
+
+
+def checked_transfer(ckpt: dict[str, Any], src: Any, where: str, new_model: nn.Module, arch: str,
+                     probe_shape: tuple[int, ...], noise_std: float, seed: int) -> dict[str, Any]:
+    """`transfer_weights` from a loaded checkpoint, refusing what cannot be handed off.
+
+    Args:
+        ckpt, src: the loaded source checkpoint and its file.
+        where: what asked for it, for the message ("init_from stage1; stage stage2").
+        arch: `new_model`'s arch (registry key).
+
+    Raises:
+        CheckpointError: the checkpoint is of another model family than `new_model`, or
+            its tensors cannot be mapped onto it.
+    """
+    from orchestrator.errors import CheckpointError
+    from orchestrator.training.checkpoints import model_from_checkpoint
+
+    if ckpt["arch"] != arch:
+        raise CheckpointError(f"{src}: a {ckpt['arch']} checkpoint ({where} trains {arch}) - "
+                              "a hand-off needs a checkpoint of the same model family")
+    old = model_from_checkpoint(ckpt, src)
+    try:
+        return transfer_weights(old, new_model, probe_shape=probe_shape, noise_std=noise_std, seed=seed)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{src}: cannot hand off ({where}): {first}; expected a smaller "
+                              "member of the same model family") from None

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from orchestrator.config import Plan, StagePlan, load_plan
 from orchestrator.data.host_memory import bound_volume_cache
 from orchestrator.data.volume import training_orientation
-from orchestrator.errors import CheckpointError, OrchestratorError
+from orchestrator.errors import CheckpointError, StageFailed
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
@@ -33,15 +34,12 @@ from orchestrator.training.display import StepDisplay
 from orchestrator.training.interrupt import leave_signals_to_the_trainer
 from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
+from orchestrator.training.recovery import loader_failure, refuse_lost_progress, remove_stale_temp_files
 from orchestrator.training.step import TrainStep
 from orchestrator.training.validation import validate, volume_predictor
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS = 20
-
-
-class StageFailed(OrchestratorError):
-    """Training cannot go on (e.g. the loss stays NaN)."""
 
 
 @dataclass
@@ -87,20 +85,6 @@ def _batches(loader: DataLoader, stage: str) -> Iterator[dict[str, torch.Tensor]
                 raise failed from err
             raise
         yield batch
-
-
-def loader_failure(err: BaseException, stage: str) -> StageFailed | None:
-    """A DataLoader worker that died or hung, as the StageFailed that says what to change;
-    None for any other error. PyTorch notices a dead worker in `next()`, or anywhere in
-    the main process through its SIGCHLD handler (then in the middle of a step)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not isinstance(err, RuntimeError) or not ("DataLoader worker" in first
-                                                 or "DataLoader timed out" in first):
-        return None
-    return StageFailed(
-        f"stage {stage}: {first}. A data loader worker died or hung (often out of host "
-        "memory): set num_workers: 0 (or fewer) in the stage YAML, or give the job more "
-        "memory (mem_gb in the cluster profile)")
 
 
 def _lr_lambda(sp: StagePlan):  # noqa: ANN202
@@ -202,12 +186,12 @@ class StageRunner:
         entry = run_state.read_state(self.plan.run_dir)["stages"].get(self.sp.name, {})
         fresh = bool(entry.get("fresh_requested"))
         if self.is_writer:
-            self._remove_stale_temp_files()
+            remove_stale_temp_files([self.dir, self.ckpt_dir], self.sp.name)
         self.orientation = training_orientation(self.train_recs)
         if last.exists() and not fresh:
             return self._resume(last)
         if not fresh:
-            self._refuse_lost_progress(last, entry)
+            refuse_lost_progress(last, entry, self.plan, self.sp.name)
         how = self._handoff() if (self.sp.init_from or self.sp.spec.init_checkpoint) else \
             "fresh start (no last.pt, no init_from)"
         self._write_split()
@@ -244,28 +228,8 @@ class StageRunner:
         self.log.truncate_after(self.progress.epoch)
         return f"resumed from {last} (epoch {self.progress.epoch}, step {self.progress.step_in_epoch})"
 
-    def _refuse_lost_progress(self, last: Path, entry: dict[str, Any]) -> None:
-        """No last.pt: fine for a stage that never wrote one; an error if state.json says it did."""
-        epoch = int(entry.get("epoch") or 0)
-        if epoch <= 0 and not entry.get("last_checkpoint"):
-            return
-        got = f"epoch {epoch}" if epoch > 0 else "a written last.pt"
-        raise CheckpointError(
-            f"{last}: checkpoint not found, but {self.plan.run_dir / run_state.STATE_FILE} says "
-            f"stage {self.sp.name} reached {got}; restore the file, or start the stage over on "
-            f"purpose with `orchestrator resume {self.plan.run} --fresh {self.sp.name} "
-            f"--runs-dir {self.plan.runs_dir}`")
-
-    def _remove_stale_temp_files(self) -> None:
-        """Temporary files of writes killed mid-way (kill -9, node failure): this stage's
-        folders have one writer, this process, so none of them is in use."""
-        for folder in (self.dir, self.ckpt_dir):
-            for tmp in folder.glob(".tmp-*") if folder.is_dir() else ():
-                logger.info("%s: removing %s, left by an interrupted write", self.sp.name, tmp.name)
-                tmp.unlink(missing_ok=True)
-
     def _handoff(self) -> str:
-        from orchestrator.training.handoff import transfer_weights
+        from orchestrator.training.handoff import checked_transfer
 
         if self.sp.init_from:
             src = stage_dir(self.plan, self.sp.init_from) / "checkpoints" / "final.pt"
@@ -274,23 +238,11 @@ class StageRunner:
             src = Path(str(self.sp.spec.init_checkpoint))
             field = "init_checkpoint"
         ckpt = ck.load_checkpoint(src)
-        arch = self.sp.spec.model["arch"]
-        if ckpt["arch"] != arch:
-            raise CheckpointError(f"{src}: a {ckpt['arch']} checkpoint ({field}); stage "
-                                  f"{self.sp.name} trains {arch} - a hand-off needs a checkpoint "
-                                  "of the same model family")
-        old = ck.model_from_checkpoint(ckpt, src)
-        in_ch = self.model_input_channels()
-        probe = (1, in_ch, *ckpt["input_size_vox"])
+        probe = (1, self.model_input_channels(), *ckpt["input_size_vox"])
         self.model.cpu()
-        try:
-            report = transfer_weights(old, self.model, probe_shape=probe,
-                                      noise_std=self.plan.handoff_noise_std, seed=self.sp.spec.seed)
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{src}: cannot hand off to stage {self.sp.name} ({field}): "
-                                  f"{first}; expected a smaller member of the same model family") \
-                from None
+        report = checked_transfer(ckpt, src, f"{field}; stage {self.sp.name}", self.model,
+                                  self.sp.spec.model["arch"], probe, self.plan.handoff_noise_std,
+                                  self.sp.spec.seed)
         self.model.to(self.device)
         report = {"from": self.sp.init_from or ckpt.get("stage"), "checkpoint": str(src), **report}
         atomic_write_text(self.dir / "handoff.json", json.dumps(report, indent=2))
@@ -449,6 +401,7 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
     logger.info("%s: %s (%s, %d torch threads)", stage, how, runner.device, torch.get_num_threads())
     entry = runner.record("attempts", state=run_state.RUNNING,
                           started=run_state.now_iso(), start=how, pid=os.getpid(),
+                          host=socket.gethostname(),
                           max_epochs=runner.sp.spec.max_epochs, error=None)
     if entry.get("slurm_job_id") is None and os.environ.get("SLURM_JOB_ID"):
         runner.record(slurm_job_id=os.environ["SLURM_JOB_ID"])
