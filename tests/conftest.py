@@ -149,3 +149,12 @@ def _no_leftover_log_handlers():
     for handler in root.handlers[:]:
         if handler not in before:
             root.removeHandler(handler)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    """The reliability suite's counts (tests/reliability), when it ran."""
+    import sys
+
+    kit = sys.modules.get("reliability_kit")
+    if kit is not None:
+        terminalreporter.write_line(kit.summary_line())

@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from tiny_plans import quick_tiny_plan
+from tiny_plans import quick_tiny_plan, start_stage_with_workers
 
 from orchestrator.runs import state as run_state
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.interrupt import EXIT_INTERRUPTED
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
@@ -31,16 +22,8 @@ def test_signal_to_trainer_and_its_data_workers_stops_cleanly(tmp_path: Path, ti
     plan, path = quick_tiny_plan(tmp_path, tiny_data, "sig", stage_updates={
         "num_workers": 1, "iterations_per_epoch": 500, "max_epochs": 1})
     name = plan.stages[0].name
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run-stage", "--plan", str(path),
-                             "--stage", name], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc, workers = start_stage_with_workers(plan, path, name)
     last = plan.run_dir / name / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not (last.exists() and _children(proc.pid)) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    workers = _children(proc.pid)
-    assert workers, "no DataLoader worker started"
     for pid in [proc.pid, *workers]:  # as slurmstepd does: every process of the step
         os.kill(pid, signum)
     _out, err = proc.communicate(timeout=60)

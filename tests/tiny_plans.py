@@ -5,6 +5,9 @@ test: `make_tiny_plan` (conftest.py) measures every stage first, about 10 s on 2
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,26 @@ def one_stage_curriculum(folder: Path, name: str = "one") -> Path:
                     "  planner: {min_base_filters: 4, min_input_vox: 32, max_batch_size: 2, "
                     "min_batch_size: 2}\n")
     return path
+
+
+def children(pid: int) -> list[int]:
+    """The process ids of `pid`'s children (a stage's DataLoader workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def start_stage_with_workers(plan: Plan, path: Path, stage: str,
+                             env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[int]]:
+    """`orchestrator run-stage` in a subprocess, once it wrote last.pt and its DataLoader
+    workers run (the stage needs `num_workers` > 0): (the process, its workers' ids)."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run-stage", "--plan", str(path),
+                             "--stage", stage], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    last = plan.run_dir / stage / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not (last.exists() and children(proc.pid)) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    assert workers, "no DataLoader worker started"
+    return proc, workers
