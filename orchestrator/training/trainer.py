@@ -392,6 +392,10 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
     if final.exists() and plan.stage(stage) and not again:
         done = ck.load_checkpoint(final)
         logger.info("%s: already complete (%s)", stage, final)
+        entry = run_state.read_state(plan.run_dir)["stages"].get(stage, {})
+        if entry.get("state") != run_state.COMPLETED and os.environ.get("RANK", "0") == "0":
+            run_state.update_stage(plan.run_dir, stage, state=run_state.COMPLETED,  # killed
+                                   final=str(final), error=None)  # between final.pt and this
         return {"stage": stage, "best_dice": done.get("best_dice", -1.0), "epochs": None,
                 "final": str(final), "start": "already complete", "interrupted": False}
     from orchestrator.training.distributed import stage_runner  # DDP when WORLD_SIZE > 1

@@ -83,3 +83,16 @@ def _check_complete(run_dir: Path, want: dict[str, torch.Tensor]) -> None:
     rows = (run_dir / S1 / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
     assert not list((run_dir / S1).rglob(".tmp-*")), "temporary files of killed writes were left"
+
+
+def test_kill_between_final_pt_and_its_state_record(tmp_path: Path, tiny_data: Path, reference) -> None:
+    """Killed after final.pt was written, inside the write of state.json that records the
+    stage COMPLETED (the 6th of a fresh run of SHORT): run again, the stage is complete
+    and state.json says so (it said RUNNING)."""
+    plan, path = quick_tiny_plan(tmp_path, tiny_data, "end", stage_updates=SHORT)
+    assert kit.run_stage_child(path, S1, kit.KillPoint("state.json", 6, "before_rename")) == -9
+    kit.TALLY["kills"] += 1
+    assert (plan.run_dir / S1 / "checkpoints" / "final.pt").exists()
+    assert kit.check_stage_after_kill(plan.run_dir, S1, {})["epoch"] == 3
+    assert kit.run_stage_child(path, S1) == 0
+    _check_complete(plan.run_dir, reference[0])
