@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_gpu import GpuBench, Skipped, free_device_memory
+from orchestrator.bench_gpu_run import GpuBench, Skipped, free_device_memory
 from orchestrator.config import DEFAULT_CURRICULUM, REPO_ROOT, Plan, StagePlan
 from orchestrator.training.step import estimation_step as step_factory  # the planner's step
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_gpu import GpuBench, Skipped
 from orchestrator.bench_gpu_plan import need_plan
+from orchestrator.bench_gpu_run import GpuBench, Skipped
 from orchestrator.config import Plan, load_plan, plan_to_yaml
 from orchestrator.runs.atomic import atomic_write_text
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator.bench_gpu import FULL, GpuBench, Skipped, bench_gpu, failed, section_lines
+from orchestrator.bench_gpu import bench_gpu, failed, section_lines
 from orchestrator.bench_gpu_plan import nvml_figures
+from orchestrator.bench_gpu_run import FULL, GpuBench, Skipped
 from orchestrator.cli import app, main
 from orchestrator.planning.nvml import NvmlSampler, Segment, gpu_info, process_used_gb
 

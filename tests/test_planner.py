@@ -18,10 +18,9 @@ from orchestrator.planning.planner import (
     StageEstimator,
     build_stage_model,
     candidate_ladder,
-    first_below,
-    first_fit,
     plan_stage,
 )
+from orchestrator.planning.search import first_below, first_fit
 from orchestrator.training.step import estimation_step
 
 REPO = Path(__file__).resolve().parent.parent

@@ -85,7 +85,7 @@ class LivePeak(TorchDispatchMode):
 
     def live(self) -> Iterator[tuple[Any, int]]:
         """(storage, counted bytes) of every live storage."""
-        for storage, ref in list(self._seen.items()):
+        for storage in list(self._seen.keys()):
             nbytes = -(-storage.nbytes() // self.round_to) * self.round_to
             yield storage, nbytes
 
