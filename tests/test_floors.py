@@ -1,8 +1,11 @@
 """Hand-offs that never restart a stage silently (planning/floors.py)."""
 from __future__ import annotations
 
+import math
+import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,9 @@ from tiny_plans import quick_tiny_plan
 
 from orchestrator.config import StagePlan, load_curriculum, plan_to_yaml
 from orchestrator.errors import PlanError
-from orchestrator.planning.floors import check_fresh_starts, fresh_tensors, keep_filters
-from orchestrator.planning.planner import candidate_ladder
+from orchestrator.planning.floors import check_fresh_starts, fresh_tensors
+from orchestrator.planning.planner import Candidate, Shortfall, candidate_ladder
+from orchestrator.planning.schedule_floors import FloorSchedule
 from orchestrator.runs.atomic import atomic_write_text
 
 
@@ -47,25 +51,101 @@ def test_fresh_tensors_of_a_narrower_stage(specs) -> None:
     assert fresh_tensors(s1, _plan_of(specs[1], 8, specs[0].name))["tensors"] == []
 
 
-def test_keep_filters_replans_narrower_stages_in_order(specs) -> None:
-    wide = [s.model_copy(update={"base_filters": 16}) for s in specs]  # the YAMLs allow 16
-    s1 = _plan_of(wide[0], 8)
-    s2 = _plan_of(wide[1], 4, specs[0].name)
-    s3 = _plan_of(wide[2], 4, specs[1].name)
-    asked = []
+def _made_up_planner(specs, budget: float):
+    """plan(k, floor): the first rung of stage k's real ladder under `budget` in a made-up
+    memory model (monotone along the ladder, as the estimates are; later stages heavier
+    per filter, so their floors bind), batch 2."""
+    def need(k: int, c: Candidate) -> float:
+        ckpt = 0.4 if c.checkpointing else 1.0
+        return 3**k * c.base_filters * math.prod(c.input_size_vox) * ckpt / 1e6
 
-    def replan(spec, init_from, floor):
-        asked.append((spec.name, floor))
-        return _plan_of(spec, floor, init_from)
+    def plan(k: int, floor: int):
+        spec = specs[k]
+        ladder = candidate_ladder(spec, 16, floor)
+        fits = [c for c in ladder if need(k, c) <= budget]
+        if not fits:
+            return Shortfall(spec.name, ladder[-1], 2, need(k, ladder[-1]))
+        c = fits[0]
+        return _plan_of(spec.model_copy(update={}), c.base_filters, None).model_copy(
+            update={"input_size_vox": c.input_size_vox, "checkpointing": c.checkpointing})
+    return plan
 
-    out = keep_filters([s1, s2, s3], replan)
-    assert [s.base_filters for s in out] == [8, 8, 8]  # stage 3's floor is stage 2's new 8
-    assert asked == [(specs[1].name, 8), (specs[2].name, 8)]
-    assert "kept >= 8" in out[1].reasons[-1] and out[1].fresh_tensors is None
-    # nothing fits at the floor: the narrow plan stays and says what starts fresh
-    out = keep_filters([s1, s2], lambda *_: None)
-    assert out[1].base_filters == 4 and out[1].fresh_tensors["tensors"]
-    assert out[1].reasons[-1].startswith("FRESH START of")
+
+def _serial_reference(specs, plan):
+    """What planning in curriculum order gives: each 3D stage planned with its floor, the
+    narrower plan where nothing at the floor fits."""
+    out = []
+    for k, spec in enumerate(specs):
+        p = plan(k, 0)
+        if k and isinstance(out[-1], StagePlan) and isinstance(p, StagePlan):
+            floor = min(out[-1].base_filters, spec.base_filters)
+            if p.base_filters < floor and isinstance(again := plan(k, floor), StagePlan):
+                p = again
+        out.append(p)
+    return [(p.input_size_vox, p.base_filters, p.checkpointing) if isinstance(p, StagePlan)
+            else None for p in out]
+
+
+def _run_schedule(specs, plan, workers: int, rng: random.Random):
+    """The schedule driven as planning/pool.py drives it, jobs finishing in random order."""
+    stages = [(s, specs[k - 1].name if k else None) for k, s in enumerate(specs)]
+    sched = FloorSchedule(stages, lambda spec, f: candidate_ladder(spec, 16, f))
+    running, ran = [], []
+    while not sched.finished:
+        while len(running) < workers and (job := sched.next_job(set(running))) is not None:
+            running.append(job)
+        job = running.pop(rng.randrange(len(running)))
+        ran.append(job)
+        sched.record(job, plan(*job))
+    return [(p.input_size_vox, p.base_filters, p.checkpointing) if isinstance(p, StagePlan)
+            else None for p in sched.plans()], ran
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 50.0])
+def test_floor_schedule_plans_what_curriculum_order_plans(specs, budget: float) -> None:
+    """In any order the workers finish, the schedule's plans are those of planning the
+    stages one after another with their floors, and each stage is planned at most twice
+    (a guess and its correction)."""
+    wide = [s.model_copy(update={"base_filters": bf, "input_size_vox": (64, 64, 64)})
+            for s, bf in zip(specs, (8, 16, 24))]
+    plan = _made_up_planner(wide, budget)
+    want = _serial_reference(wide, plan)
+    rng = random.Random(budget)
+    for workers in (1, 2, 3):
+        for _ in range(5):
+            got, ran = _run_schedule(wide, plan, workers, rng)
+            assert got == want
+            assert max(Counter(k for k, _ in ran).values()) <= 3
+            if workers == 1:  # one process: every floor is exact; a stage is planned again
+                # only without its floor, where nothing at the floor fits
+                again = [(k, f) for i, (k, f) in enumerate(ran) if k in [j for j, _ in ran[:i]]]
+                assert all(f == 0 for _, f in again)
+
+
+def test_floor_schedule_explains_a_floor_and_a_fresh_start(specs) -> None:
+    wide = [s.model_copy(update={"base_filters": bf, "input_size_vox": (64, 64, 64)})
+            for s, bf in zip(specs, (8, 16, 16))]
+    stages = [(s, wide[k - 1].name if k else None) for k, s in enumerate(wide)]
+    sched = FloorSchedule(stages, lambda spec, f: candidate_ladder(spec, 16, f))
+    assert sched.next_job() == (0, 0)
+    sched.record((0, 0), _plan_of(wide[0], 8))
+    # stage 2 fits only with 4 filters; nothing at its floor of 8 fits
+    sched.record((1, 8), Shortfall(wide[1].name, candidate_ladder(wide[1], 16, 8)[-1], 2, 9.0))
+    assert sched.next_job() == (1, 0)  # the narrower plan, to start partly fresh
+    sched.record((1, 0), _plan_of(wide[1], 4, wide[0].name))
+    narrow = sched.stages[1].final
+    assert narrow.base_filters == 4 and narrow.fresh_tensors["tensors"]
+    assert narrow.reasons[-1].startswith("FRESH START of")
+    # stage 3's floor is stage 2's 4 filters: planned at 8 without it, its plan stands
+    assert sched.next_job() == (2, 4)
+    sched.record((2, 4), _plan_of(wide[2], 8, wide[1].name).model_copy(update={"checkpointing": True}))
+    assert sched.finished and "kept >=" not in sched.plans()[2].reasons[-1]
+    # a floor that bound says so
+    sched = FloorSchedule(stages, lambda spec, f: candidate_ladder(spec, 16, f))
+    sched.record((0, 0), _plan_of(wide[0], 8))
+    sched.record((1, 8), _plan_of(wide[1], 8, wide[0].name).model_copy(
+        update={"input_size_vox": (48, 64, 64), "checkpointing": True}))
+    assert "base filters kept >= 8, those of" in sched.stages[1].final.reasons[-1]
 
 
 def _narrow_plan(tmp_path: Path):

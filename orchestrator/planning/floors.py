@@ -7,21 +7,18 @@ keeps each 3D stage's base filters at least those of its `init_from` stage, pref
 checkpointing and a smaller input instead (the batch is already at its minimum in the
 search).
 
-How, keeping planning fast: every stage is planned in parallel as before (~5 s a stage);
-then, in curriculum order, only a stage narrower than its `init_from` stage is planned
-again with that floor (its estimates mostly cached). Most budgets need no second pass;
-one stage re-planned costs one stage's time. Where nothing at the floor fits, the
+The floor makes each stage's plan wait on its predecessor's; planning/schedule_floors.py
+keeps the stages planning in parallel all the same. Where nothing at the floor fits, the
 narrower plan stays and says so: `fresh_tensors` in plan.yaml names the tensors that
-start fresh, and `submit` refuses a plan where they are most of the transferable network
-unless `--allow-fresh-start`.
+start fresh (`fresh_tensors` below), and `submit` refuses a plan where they are most of
+the transferable network unless `--allow-fresh-start` (`check_fresh_starts`).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-from orchestrator.config import Plan, StagePlan, StageSpec
+from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
 
 MOST = 0.5  # share of the transferable parameters beyond which `submit` refuses
@@ -51,40 +48,6 @@ def fresh_tensors(old: StagePlan, new: StagePlan) -> dict[str, Any]:
     return {"from": old.name, "tensors": fresh, "params": int(params),
             "transferable": int(transferable),
             "fraction": round(params / transferable, 4) if transferable else 0.0}
-
-
-def keep_filters(plans: list[StagePlan],
-                 replan: Callable[[StageSpec, str | None, int], StagePlan | None]
-                 ) -> list[StagePlan]:
-    """Re-plan, in curriculum order, each 3D stage narrower than its `init_from` stage
-    with that stage's base filters as its floor (`replan(spec, init_from, floor)`, None
-    when nothing at the floor fits); where nothing fits, record what starts fresh."""
-    by_name: dict[str, StagePlan] = {}
-    out = []
-    for sp in plans:
-        src = by_name.get(sp.init_from or "")
-        if src is not None and sp.kind == src.kind == "seg3d":
-            floor = min(src.base_filters, sp.spec.base_filters)  # its own YAML may be narrower
-            if sp.base_filters < floor:
-                sp = _at_floor(sp, src, floor, replan)
-        by_name[sp.name] = sp
-        out.append(sp)
-    return out
-
-
-def _at_floor(sp: StagePlan, src: StagePlan, floor: int,
-              replan: Callable[[StageSpec, str | None, int], StagePlan | None]) -> StagePlan:
-    again = replan(sp.spec, sp.init_from, floor)
-    if again is not None:
-        return again.model_copy(update={"reasons": [
-            *again.reasons, f"base filters kept >= {floor}, those of {src.name}: the hand-off "
-            f"widens, it cannot narrow (plan without the floor: {sp.base_filters} filters)"]})
-    fresh = fresh_tensors(src, sp)
-    why = (f"FRESH START of {len(fresh['tensors'])} tensors ({100 * fresh['fraction']:.0f}% of "
-           f"the parameters {src.name} could hand over): base filters {sp.base_filters} < "
-           f"{floor} of {src.name}, and nothing at {floor} filters fits the budget "
-           "(checkpointing and the smallest input tried)")
-    return sp.model_copy(update={"reasons": [*sp.reasons, why], "fresh_tensors": fresh})
 
 
 def check_fresh_starts(plan: Plan, allow: bool) -> list[str]:

@@ -3,7 +3,9 @@
 A stage's plan depends on nothing but its own spec, the budget and the step factory, and
 its estimates are single-threaded Python (fake tensors dispatch op by op), so on a
 machine with several cores the stages are planned in worker processes, one stage each:
-about half the wall time on 2 cores for the 4 stages + LCNN (docs/benchmarks.md). The
+about half the wall time on 2 cores for the 4 stages + LCNN (docs/benchmarks.md). Which
+stage and with which base-filter floor comes next is planning/schedule_floors.py's
+choice; guesses that turn out wrong are stopped when every plan is final. The
 workers are forked where the platform can (nothing to import again, and the parent's
 estimate cache comes with them) and never where CUDA is initialised in this process (a
 forked CUDA context is unusable); each sends the estimates it ran back to the parent's
@@ -11,24 +13,28 @@ cache, so a second plan in one process (tests, `plan` then `submit`) reuses them
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import queue
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 
 from orchestrator.config import StagePlan, StageSpec
 from orchestrator.errors import PlanError
-from orchestrator.planning.floors import keep_filters
 from orchestrator.planning.planner import (
     Budget,
+    Candidate,
     Shortfall,
     StepFactory,
     add_estimates,
+    build_stage_model_meta,
+    candidate_ladder,
     plan_or_shortfall,
     shortfall_message,
 )
+from orchestrator.planning.schedule_floors import FloorSchedule, Job
 
 logger = logging.getLogger(__name__)
 MAX_WORKERS = 4
@@ -68,11 +74,12 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
                     batch_caps: dict[str, tuple[int, str]] | None = None,
                     progress: Callable[[str], None] | None = None,
                     workers: int | None = None) -> list[StagePlan]:
-    """Plan every stage (see `planner.plan_stage`); the plans in the stages' order.
+    """Plan every stage (see `planner.plan_stage`), each 3D stage with at least the base
+    filters of the stage it starts from (planning/schedule_floors.py); the plans in the
+    stages' order.
 
     Args:
-        progress: called with a stage's name when its planning starts (one process) or
-            ends (several).
+        progress: called with a stage's name when its plan is final.
         workers: processes; default `default_workers` (env ORCHESTRATOR_PLAN_WORKERS).
 
     Raises:
@@ -80,35 +87,70 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
             that fits every stage. An estimate that fails raises its own PlanError.
     """
     caps = batch_caps or {}
-    jobs = [(spec, init, budget, step_factory, caps.get(spec.name)) for spec, init in stages]
-    n = workers if workers is not None else default_workers(len(jobs))
-    if n > 1 and not _picklable(jobs):  # e.g. a step factory defined in a function
+    sched = FloorSchedule(stages, _ladders(), on_final=progress)
+
+    def job_args(job: Job) -> tuple:
+        spec, init = stages[job[0]]
+        return (spec, init, budget, step_factory, caps.get(spec.name), job[1])
+
+    n = workers if workers is not None else default_workers(len(stages))
+    if n > 1 and not _picklable(job_args((0, 0))):  # e.g. a step factory defined in a function
         logger.debug("the stages' jobs cannot be sent to workers: planning in this process")
         n = 1
-    results: list[StagePlan | Shortfall] = []
     if n <= 1:
-        for job in jobs:
-            if progress:
-                progress(job[0].name)
-            result, _ = plan_or_shortfall(*job)
-            results.append(result)
+        while not sched.finished:
+            job = sched.next_job()
+            assert job is not None, "the floor schedule stalled"
+            sched.record(job, _run(*job_args(job))[0])
     else:
-        logger.debug("planning %d stages in %d processes", len(jobs), n)
-        with ProcessPoolExecutor(max_workers=n, mp_context=_context()) as pool:
-            futures = [pool.submit(plan_or_shortfall, *job) for job in jobs]
-            for job, future in zip(jobs, futures):
-                result, ran = future.result()
-                add_estimates(ran)  # a later plan in this process reuses them
-                if progress:
-                    progress(job[0].name)
-                results.append(result)
+        _run_in_pool(sched, job_args, n)
+    results = sched.plans()
     short = [r for r in results if isinstance(r, Shortfall)]
     if short:
         raise PlanError(shortfall_message(budget, short))
+    return [r for r in results if isinstance(r, StagePlan)]
 
-    def replan(spec: StageSpec, init_from: str | None, floor: int) -> StagePlan | None:
-        result, _ = plan_or_shortfall(spec, init_from, budget, step_factory, caps.get(spec.name),
-                                      min_filters=floor)
-        return result if isinstance(result, StagePlan) else None
 
-    return keep_filters([r for r in results if isinstance(r, StagePlan)], replan)
+def _run(*args: object) -> tuple[StagePlan | Shortfall | BaseException, dict[tuple, int]]:
+    """One job, its exception returned rather than raised (a guess's failure may not matter)."""
+    try:
+        return plan_or_shortfall(*args)  # type: ignore[arg-type]
+    except PlanError as err:
+        return err, {}
+
+
+def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int) -> None:
+    """Keep n jobs running, the schedule's best next, until every plan is final; jobs
+    still running then (guesses that turned out wrong) are stopped."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    running: set[Job] = set()
+    pool = _context().Pool(n)
+    try:
+        while not sched.finished:
+            while len(running) < n and (job := sched.next_job(running)) is not None:
+                running.add(job)
+                pool.apply_async(_run, job_args(job),
+                                 callback=lambda out, j=job: done.put((j, out)),
+                                 error_callback=lambda err, j=job: done.put((j, (err, {}))))
+            if not running:
+                raise PlanError("planning stalled: no stage left to plan (a bug: please report)")
+            job, (result, ran) = done.get()
+            running.discard(job)
+            add_estimates(ran)  # a later plan in this process reuses them
+            logger.debug("planned %s with floor %d", job[0], job[1])
+            sched.record(job, result)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@functools.cache
+def _multiple(spec_json: str) -> int:
+    spec = StageSpec.model_validate_json(spec_json)
+    return int(getattr(build_stage_model_meta(spec), "required_multiple", 1))
+
+
+def _ladders() -> Callable[[StageSpec, int], list[Candidate]]:
+    def ladder(spec: StageSpec, floor: int) -> list[Candidate]:
+        return candidate_ladder(spec, _multiple(spec.model_dump_json()), floor)
+    return ladder
