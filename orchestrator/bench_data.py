@@ -47,9 +47,9 @@ def bench_data(
     import nibabel as nib
     import torch
 
-    from orchestrator.data.atlas import discover_subjects
     from orchestrator.data.cache import build_cache
     from orchestrator.data.cachefile import CachedVolume
+    from orchestrator.data.sources import discover_subjects
     from orchestrator.data.synth import synthesize_atlas
 
     figures: dict[str, float] = {}

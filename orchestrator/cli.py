@@ -334,8 +334,7 @@ def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wr
 @data_app.command("check")
 def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.")]) -> None:
     """Validate every image/mask pair; exit 2 if any is broken. Writes nothing."""
-    from orchestrator.data.atlas import discover_subjects
-    from orchestrator.data.volume import check_subjects
+    from orchestrator.data.sources import check_subjects, discover_subjects
 
     results = check_subjects(discover_subjects(root))
     bad = render.check_table(out, results)

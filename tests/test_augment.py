@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from orchestrator.data import augment
-from orchestrator.training.losses import signed_distance_map
+from orchestrator.data.distance import signed_distance_map
 
 
 def _patch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from orchestrator.data import cache as cache_mod
-from orchestrator.data.atlas import SubjectRecord, discover_subjects
-from orchestrator.data.cache import MANIFEST_NAME, build_cache, signed_distance
+from orchestrator.data.cache import MANIFEST_NAME, build_cache
 from orchestrator.data.cachefile import CachedVolume, load_sdm
 from orchestrator.data.dataset import PatchDataset, _prepare
+from orchestrator.data.distance import signed_distance_map
+from orchestrator.data.records import SubjectRecord
+from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.data.synth import SPACE, synthesize_atlas, synthesize_subject
-from orchestrator.data.volume import load_subject
 from orchestrator.errors import ConfigError, DataError
 
 N_SUBJECTS = 3
@@ -108,8 +109,8 @@ def test_cache_equals_nifti_on_the_brain_box_in_ras(padded):
 
 
 def test_signed_distance_is_negative_inside_positive_outside(source, tmp_path):
-    np.testing.assert_array_equal(signed_distance(np.array([0, 0, 1, 1, 0])), [1.5, 0.5, -0.5, -0.5, 0.5])
-    assert not signed_distance(np.zeros((4, 5, 6))).any()  # no boundary: no boundary signal
+    np.testing.assert_array_equal(signed_distance_map(np.array([0, 0, 1, 1, 0])), [1.5, 0.5, -0.5, -0.5, 0.5])
+    assert not signed_distance_map(np.zeros((4, 5, 6))).any()  # no boundary: no boundary signal
     out = build_cache(source, tmp_path / "c").out
     rec = discover_subjects(out)[0]
     label, sdm = load_subject(rec).label, load_sdm(rec.cached)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.data.atlas import SubjectRecord, discover_subjects
-from orchestrator.data.dataset import PatchDataset, load_validation_volumes, split_subjects
+from orchestrator.data.dataset import PatchDataset, load_validation_volumes
+from orchestrator.data.folds import split_subjects
+from orchestrator.data.records import SubjectRecord
+from orchestrator.data.sources import check_subjects, discover_subjects, load_subject
 from orchestrator.data.synth import BRAIN_TISSUES, WM, synthesize_atlas, synthesize_subject
-from orchestrator.data.volume import check_subjects, load_subject
 from orchestrator.errors import ConfigError, DataError
 
 SPACE = "space-MNI152NLin2009aSym"

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.training.losses import (
-    BoundaryLoss,
-    GeneralizedDiceFocalLoss,
-    RegionBoundaryLoss,
-    signed_distance_map,
-)
+from orchestrator.data.distance import signed_distance_map
+from orchestrator.training.losses import BoundaryLoss, GeneralizedDiceFocalLoss, RegionBoundaryLoss
 
 LN3 = math.log(3.0)  # softmax([0, ln 3]) = [0.25, 0.75]
 

@@ -13,13 +13,13 @@ from tiny_plans import quick_tiny_plan
 
 from orchestrator.config import load_curriculum
 from orchestrator.data import augment
-from orchestrator.data.atlas import discover_subjects
 from orchestrator.data.cache import build_cache
 from orchestrator.data.dataset import PatchDataset
-from orchestrator.data.volume import load_subject
+from orchestrator.data.distance import signed_distance_map
+from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.errors import ConfigError
 from orchestrator.training.checkpoints import load_checkpoint
-from orchestrator.training.losses import BoundaryLoss, signed_distance_map
+from orchestrator.training.losses import BoundaryLoss
 from orchestrator.training.step import Objective
 from orchestrator.training.trainer import StageRunner, run_stage
 

@@ -9,10 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.data.atlas import discover_subjects
 from orchestrator.data.slices import SliceStackDataset, slice_stack
+from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.data.synth import synthesize_atlas
-from orchestrator.data.volume import load_subject
 from orchestrator.errors import DataError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord
 from orchestrator.data.slices import SliceStackDataset, predict_volume_slices, slice_stack
 from orchestrator.data.synth import synthesize_atlas
 from orchestrator.errors import ConfigError

@@ -47,7 +47,7 @@ def spatial(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
 
 def _affine(angles: np.ndarray, scales: np.ndarray, image: np.ndarray, label: np.ndarray,
             maps: tuple[np.ndarray, ...]) -> list[np.ndarray]:
-    import torch
+    import torch  # deferred: torch and MONAI (seconds to import) only for the affine branch
     from monai.transforms import Affine
 
     common = {"rotate_params": angles.tolist(), "scale_params": scales.tolist(), "image_only": True}

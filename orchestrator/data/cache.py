@@ -22,7 +22,7 @@ run trusts an .h5 only if the manifest lists it with its exact size and mtime, a
 discovery refuses an incomplete manifest, so no half-built cache is ever trained on.
 
 Point `--data` at the cache folder: `discover_subjects` recognises the manifest and
-`load_subject` / `PatchDataset` read the HDF5 files (`CachedVolume` reads patches).
+`load_subject` / `PatchDataset` read the HDF5 files (`orchestrator.data.cachefile`).
 """
 from __future__ import annotations
 
@@ -38,18 +38,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
-from orchestrator.data.atlas import CACHE_MANIFEST_NAME, SubjectRecord
-from orchestrator.data.cachefile import REBUILD_HINT
+from orchestrator.data.cachefile import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    MANIFEST_NAME,
+    read_manifest,
+)
+from orchestrator.data.distance import signed_distance_map
+from orchestrator.data.records import SubjectRecord
+from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.runs.atomic import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = CACHE_MANIFEST_NAME
-CACHE_FORMAT = "orchestrator-cache"
-CACHE_VERSION = 1
 DEFAULT_CACHE_DIRNAME = ".cache"
 CHUNK_VOX = 32
 MARGIN_VOX = 4
@@ -112,8 +118,6 @@ def build_cache(
     if resample_mm is not None and not (math.isfinite(resample_mm) and resample_mm > 0):
         raise ConfigError(f"resample_mm {resample_mm}; expected a positive voxel size in mm")
     _check_folders(root, out)
-    from orchestrator.data.atlas import discover_subjects
-
     records = discover_subjects(root)
     names = {_file_name(rec): rec for rec in records}
     if len(names) != len(records):
@@ -154,59 +158,11 @@ def build_cache(
     return CacheReport(built, reused, removed, out, round(seconds, 3))
 
 
-def cached_records(cache_dir: Path) -> list[SubjectRecord]:
-    """The subjects of a cache folder, with `cached` set (what `discover_subjects` returns).
-
-    Raises:
-        DataError: the manifest is not JSON or not a complete cache manifest; a listed
-            file is missing or its size differs from the manifest's (truncated).
-    """
-    cache_dir = Path(cache_dir)
-    manifest = _read_manifest(cache_dir / MANIFEST_NAME)
-    where = cache_dir / MANIFEST_NAME
-    if manifest.get("complete") is not True:
-        raise DataError(f"{where}: the cache build was interrupted (complete: false); {REBUILD_HINT}")
-    source_root = Path(str(manifest.get("source_root", "")))
-    records = []
-    for i, entry in enumerate(manifest.get("subjects", [])):
-        try:
-            path = cache_dir / entry["file"]
-            size = int(entry["file_size"])
-            rec = SubjectRecord(str(entry["subject"]), str(entry["session"]),
-                                source_root / entry["image"]["path"],
-                                source_root / entry["mask"]["path"], cached=path)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{where}: malformed subject entry {i} ({type(exc).__name__}: {exc});"
-                            f" expected file, file_size, subject, session, image, mask") from None
-        if not path.is_file():
-            raise DataError(f"{path}: cache file listed in {where.name} not found; {REBUILD_HINT}")
-        if path.stat().st_size != size:
-            raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {size}"
-                            f" (truncated or replaced); {REBUILD_HINT}")
-        records.append(rec)
-    if not records:
-        raise DataError(f"{where}: no subjects listed; expected a cache built from a data tree")
-    return sorted(records)
-
-
-def signed_distance(label: np.ndarray) -> np.ndarray:
-    """The boundary loss's signed distance map of a whole volume (see
-    `orchestrator.training.losses.signed_distance_map`: negative inside, positive outside,
-    all zeros when there is no boundary). Computed on the whole volume, so that cropped
-    patches keep the true distances."""
-    from orchestrator.training.losses import signed_distance_map
-
-    return signed_distance_map(label)
-
-
 # --- building ------------------------------------------------------------------------------
 
 def _build_one(rec: SubjectRecord, path: Path, sources: dict, resample_mm: float | None) -> dict:
     """Preprocess one subject into `path` (atomically); its manifest entry."""
-    import h5py
-    import nibabel as nib
-
-    from orchestrator.data.volume import load_subject
+    import h5py  # deferred: only building a cache needs h5py
 
     vol = load_subject(rec)
     assert vol.label is not None
@@ -226,7 +182,7 @@ def _build_one(rec: SubjectRecord, path: Path, sources: dict, resample_mm: float
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image", data=image.astype(np.float32), chunks=chunks)
             f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks)
-            f.create_dataset("sdm", data=signed_distance(label).astype(np.float16), chunks=chunks)
+            f.create_dataset("sdm", data=signed_distance_map(label).astype(np.float16), chunks=chunks)
             f.create_dataset("lesion_flat", data=lesion_flat)
             f.attrs.update({"affine": affine, "background": float(vol.background),
                             "crop_start_vox": np.asarray(lo),
@@ -259,8 +215,6 @@ def _translation(offset_vox: np.ndarray) -> np.ndarray:
 
 def _resample(image, label, affine, mm: float, background: float):
     """Linear resampling to `mm` isotropic voxels; grid edges stay where they were."""
-    from scipy import ndimage
-
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     shape = np.array(image.shape)
     new_shape = np.maximum(1, np.round(shape * spacing / mm)).astype(int)
@@ -282,8 +236,6 @@ def _sources_to_build(records: list[SubjectRecord], root: Path,
     Raises:
         DataError: as `load_subject`, for the first broken subject.
     """
-    from orchestrator.data.volume import load_subject
-
     todo = {}
     for rec in records:
         key = f"{rec.subject}/{rec.session}"
@@ -359,7 +311,7 @@ def _trusted_entries(out: Path, params: dict) -> dict[str, dict]:
     if not where.exists():
         return {}
     try:
-        manifest = _read_manifest(where)
+        manifest = read_manifest(where)
     except DataError as exc:
         logger.warning("%s; rebuilding the whole cache", exc)
         return {}
@@ -377,20 +329,6 @@ def _trusted_entries(out: Path, params: dict) -> dict[str, dict]:
             pass
         logger.info("%s: cache entry %s does not match its file; rebuilding it", where, entry.get("file"))
     return trusted
-
-
-def _read_manifest(where: Path) -> dict:
-    try:
-        manifest = json.loads(where.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{where}: unreadable cache manifest ({type(exc).__name__}: {exc});"
-                        f" expected the JSON that `orchestrator data cache` writes") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"{where}: not a cache manifest; expected \"format\": \"{CACHE_FORMAT}\"")
-    if manifest.get("version") != CACHE_VERSION or not isinstance(manifest.get("subjects"), list):
-        raise DataError(f"{where}: cache version {manifest.get('version')!r}; expected {CACHE_VERSION}"
-                        f" with a subjects list; {REBUILD_HINT}")
-    return manifest
 
 
 def _write_manifest(out: Path, root: Path, params: dict, entries: dict, complete: bool) -> None:

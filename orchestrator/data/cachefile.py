@@ -1,12 +1,15 @@
-"""Read one preprocessing-cache file (HDF5, written by `orchestrator.data.cache`).
+"""The HDF5 cache layout: read a preprocessing-cache folder (written by `orchestrator.data.cache`).
 
-`load_cached` gives the whole subject as a `Volume` (what `load_subject` returns for a
-cached record); `CachedVolume` reads patches without loading the volume, through a small
-per-process pool of open files (h5py handles are never pickled, and a forked DataLoader
-worker opens its own). Every problem is a one-line `DataError` naming the file.
+Like every layout module it offers `find_records(cache_dir)` (the subjects its manifest,
+`orchestrator-cache.json`, lists) and `load(rec)`, the whole subject as a `Volume` (what
+`load_subject` returns for a cached record). `CachedVolume` reads patches without loading
+the volume, through a small per-process pool of open files (h5py handles are never
+pickled, and a forked DataLoader worker opens its own). Every problem is a one-line
+`DataError` naming the file.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -14,23 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import CACHE_MANIFEST_NAME, SubjectRecord, Volume
 from orchestrator.errors import DataError
 
+MANIFEST_NAME = CACHE_MANIFEST_NAME
+CACHE_FORMAT = "orchestrator-cache"
+CACHE_VERSION = 1
 DATASETS = ("image", "label", "sdm", "lesion_flat")
 MAX_OPEN_FILES = 64  # per process, for patch reads
 REBUILD_HINT = "rerun `orchestrator data cache` on the source folder"
 
 
-def load_cached(rec: SubjectRecord):
+def load(rec: SubjectRecord) -> Volume:
     """The whole cached subject as a `Volume` (what `load_subject` returns for it).
 
     Raises:
         DataError: the file is missing, not HDF5 or truncated, or lacks a dataset or
             attribute, or its label's shape differs from its image's.
     """
-    from orchestrator.data.volume import Volume
-
     assert rec.cached is not None
     with _open(rec.cached) as f:
         image = np.asarray(_read(f, rec.cached, "image"), dtype=np.float32)
@@ -43,11 +47,63 @@ def load_cached(rec: SubjectRecord):
     return Volume(image, label, affine, rec.image, background, rec.subject)
 
 
-def load_sdm(path: Path) -> np.ndarray:
-    """The signed distance map of a cached subject as float32 (`cache.signed_distance`).
+def find_records(cache_dir: Path, require_masks: bool = True) -> list[SubjectRecord]:
+    """The subjects of a cache folder, with `cached` set (what `discover_subjects` returns).
+
+    Every cached subject has its mask, so `require_masks` changes nothing.
 
     Raises:
-        DataError: as `load_cached`.
+        DataError: the manifest is not JSON or not a complete cache manifest; a listed
+            file is missing or its size differs from the manifest's (truncated).
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir / MANIFEST_NAME)
+    where = cache_dir / MANIFEST_NAME
+    if manifest.get("complete") is not True:
+        raise DataError(f"{where}: the cache build was interrupted (complete: false); {REBUILD_HINT}")
+    source_root = Path(str(manifest.get("source_root", "")))
+    records = []
+    for i, entry in enumerate(manifest.get("subjects", [])):
+        try:
+            path = cache_dir / entry["file"]
+            size = int(entry["file_size"])
+            rec = SubjectRecord(str(entry["subject"]), str(entry["session"]),
+                                source_root / entry["image"]["path"],
+                                source_root / entry["mask"]["path"], cached=path)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where}: malformed subject entry {i} ({type(exc).__name__}: {exc});"
+                            f" expected file, file_size, subject, session, image, mask") from None
+        if not path.is_file():
+            raise DataError(f"{path}: cache file listed in {where.name} not found; {REBUILD_HINT}")
+        if path.stat().st_size != size:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {size}"
+                            f" (truncated or replaced); {REBUILD_HINT}")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{where}: no subjects listed; expected a cache built from a data tree")
+    return sorted(records)
+
+
+def read_manifest(where: Path) -> dict:
+    """The manifest at `where`, checked to be a cache manifest of this version."""
+    try:
+        manifest = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{where}: unreadable cache manifest ({type(exc).__name__}: {exc});"
+                        f" expected the JSON that `orchestrator data cache` writes") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise DataError(f"{where}: not a cache manifest; expected \"format\": \"{CACHE_FORMAT}\"")
+    if manifest.get("version") != CACHE_VERSION or not isinstance(manifest.get("subjects"), list):
+        raise DataError(f"{where}: cache version {manifest.get('version')!r}; expected {CACHE_VERSION}"
+                        f" with a subjects list; {REBUILD_HINT}")
+    return manifest
+
+
+def load_sdm(path: Path) -> np.ndarray:
+    """The signed distance map of a cached subject as float32 (`distance.signed_distance_map`).
+
+    Raises:
+        DataError: as `load`.
     """
     with _open(path) as f:
         return np.asarray(_read(f, path, "sdm"), dtype=np.float32)
@@ -131,7 +187,7 @@ def _handle(path: Path):
 
 
 def _open(path: Path):
-    import h5py
+    import h5py  # deferred: only cached data needs h5py
 
     if not Path(path).is_file():
         raise DataError(f"{path}: cache file not found; {REBUILD_HINT}")

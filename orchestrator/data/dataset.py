@@ -18,49 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from orchestrator.data import augment
-from orchestrator.data.atlas import SubjectRecord
-from orchestrator.data.volume import Volume, load_subject
+from orchestrator.data.cachefile import CachedVolume
+from orchestrator.data.distance import signed_distance_map
+from orchestrator.data.records import SubjectRecord, Volume
+from orchestrator.data.sources import load_subject
 from orchestrator.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-
-def split_subjects(
-    records: Sequence[SubjectRecord], val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
-    """Split records into training and validation sets by subject.
-
-    All sessions of one subject land on the same side. The split depends only on the set
-    of records and the seed (not on their order). With two or more subjects each side
-    gets at least one; a single subject goes to training.
-
-    Args:
-        records: the subjects (from `discover_subjects`).
-        val_fraction: share of subjects for validation, in [0, 1).
-        seed: seed of the shuffle.
-
-    Returns:
-        (train, val), each sorted.
-
-    Raises:
-        ConfigError: `val_fraction` outside [0, 1).
-        DataError: `records` is empty.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction {val_fraction}; expected a value in [0, 1)")
-    if not records:
-        raise DataError("split_subjects: no subjects to split; expected at least one record")
-    subjects = sorted({rec.subject for rec in records})
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    n_val = int(round(val_fraction * len(subjects)))
-    if len(subjects) >= 2:
-        n_val = min(max(n_val, 1), len(subjects) - 1)
-    else:
-        n_val = 0
-    val_subjects = {subjects[j] for j in order[:n_val]}
-    train = sorted(rec for rec in records if rec.subject not in val_subjects)
-    val = sorted(rec for rec in records if rec.subject in val_subjects)
-    return train, val
 
 
 def load_validation_volumes(records: Sequence[SubjectRecord]) -> list[Volume]:
@@ -265,8 +229,6 @@ class PatchDataset(SubjectSampledDataset):
 
     def _prepare_record(self, rec: SubjectRecord) -> Any:
         if rec.cached is not None:
-            from orchestrator.data.cachefile import CachedVolume  # h5py only for cached data
-
             return CachedVolume(rec.cached, self.patch_size_vox)
         return _prepare(load_subject(rec), self.patch_size_vox, self.with_sdm)
 
@@ -274,12 +236,10 @@ class PatchDataset(SubjectSampledDataset):
 def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int], with_sdm: bool = False) -> _Prepared:
     """Pad to at least the patch size (centred), index the lesion voxels and, if asked,
     compute the label's signed distance map (on the unpadded volume, padded with 0)."""
-    from orchestrator.data.cache import signed_distance
-
     assert vol.label is not None
     pad = [max(0, p - s) for p, s in zip(patch_size_vox, vol.image.shape)]
     image, label = vol.image, vol.label
-    sdm = signed_distance(label) if with_sdm else None
+    sdm = signed_distance_map(label) if with_sdm else None
     if any(pad):
         widths = [(p // 2, p - p // 2) for p in pad]
         image = np.pad(image, widths, constant_values=vol.background)

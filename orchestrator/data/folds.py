@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError, DataError
 
 
@@ -33,6 +33,44 @@ def make_folds(subjects: Sequence[str], k: int, seed: int = 0) -> list[list[str]
     return [sorted(unique[j] for j in order[i::k]) for i in range(k)]
 
 
+def split_subjects(
+    records: Sequence[SubjectRecord], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
+    """Split records into training and validation sets by subject.
+
+    All sessions of one subject land on the same side. The split depends only on the set
+    of records and the seed (not on their order). With two or more subjects each side
+    gets at least one; a single subject goes to training.
+
+    Args:
+        records: the subjects (from `discover_subjects`).
+        val_fraction: share of subjects for validation, in [0, 1).
+        seed: seed of the shuffle.
+
+    Returns:
+        (train, val), each sorted.
+
+    Raises:
+        ConfigError: `val_fraction` outside [0, 1).
+        DataError: `records` is empty.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction {val_fraction}; expected a value in [0, 1)")
+    if not records:
+        raise DataError("split_subjects: no subjects to split; expected at least one record")
+    subjects = sorted({rec.subject for rec in records})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = int(round(val_fraction * len(subjects)))
+    if len(subjects) >= 2:
+        n_val = min(max(n_val, 1), len(subjects) - 1)
+    else:
+        n_val = 0
+    val_subjects = {subjects[j] for j in order[:n_val]}
+    train = sorted(rec for rec in records if rec.subject not in val_subjects)
+    val = sorted(rec for rec in records if rec.subject in val_subjects)
+    return train, val
+
+
 def split_records(records: Sequence[SubjectRecord], val_subjects: Sequence[str] | None,
                   val_fraction: float, seed: int) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
     """(train, val): a fold's subjects validate when given, else the seeded `val_fraction` split.
@@ -41,8 +79,6 @@ def split_records(records: Sequence[SubjectRecord], val_subjects: Sequence[str] 
         DataError: a fold names subjects the data tree does not have, or leaves no training subject.
     """
     if val_subjects is None:
-        from orchestrator.data.dataset import split_subjects
-
         return split_subjects(records, val_fraction, seed)
     wanted = set(val_subjects)
     missing = wanted - {r.subject for r in records}

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
@@ -64,7 +64,7 @@ def subject_nbytes(records: Sequence[SubjectRecord], patch_vox: Sequence[int],
     header only), padded to the patch size."""
     if all(rec.cached is not None for rec in records[:8]):
         return 0 if transient else CACHED_SUBJECT_BYTES
-    import nibabel as nib
+    import nibabel as nib  # deferred: planning imports this module, nibabel only for raw NIfTI
 
     voxels = 0
     for rec in records[:8]:
@@ -108,7 +108,7 @@ def cache_bound(mem_gb: float, mem_source: str, workers: int, subject_bytes: int
 
 def current_rss_bytes() -> int:
     """This process's resident memory."""
-    import psutil
+    import psutil  # deferred: only the trainer measures its memory
 
     return int(psutil.Process().memory_info().rss)
 

@@ -11,6 +11,8 @@ from a NIfTI scan. A PNG of shape (H, W) becomes `image[:, :, k] = png.T` (X = c
 Y = rows; `slice_stack` transposes back to (H, W)). Colour PNGs are converted to grey
 (Pillow's "L" mode); masks must hold two values, 0 and one other (1 or 255 usually).
 The affine is the identity: PNG slices carry no geometry.
+
+Like every layout module it offers `find_records(root, require_masks)` and `load(rec)`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord, Volume
+from orchestrator.data.zscore import zscore
 from orchestrator.errors import DataError
 
 IMAGES_DIR, MASKS_DIR = "images", "masks"
@@ -32,7 +35,7 @@ def is_png_tree(root: Path) -> bool:
     return images.is_dir() and any(images.glob("*/*.png"))
 
 
-def png_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
+def find_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
     """One record per patient folder; `image` and `mask` are the two slice folders.
 
     Raises:
@@ -59,6 +62,17 @@ def png_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
         raise DataError(f"{root / IMAGES_DIR}: no patient folder holds PNG slices; expected "
                         f"{IMAGES_DIR}/<patient>/<NNN>.png")
     return records
+
+
+def load(rec: SubjectRecord) -> Volume:
+    """One patient's slices as a z-scored Volume (identity affine).
+
+    Raises:
+        DataError: as `read_png_volume`, or an all-zero or constant image.
+    """
+    data, label = read_png_volume(rec.image, rec.mask)
+    image, background = zscore(data, rec.image)
+    return Volume(image, label, np.eye(4), rec.image, background, rec.subject)
 
 
 def read_png_volume(image_dir: Path, mask_dir: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -104,7 +118,7 @@ def _slice_files(folder: Path) -> list[Path]:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError  # Pillow comes with matplotlib
+    from PIL import Image, UnidentifiedImageError  # deferred: only PNG data needs Pillow
 
     try:
         with Image.open(path) as im:

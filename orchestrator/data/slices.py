@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from orchestrator.data import augment
-from orchestrator.data.atlas import SubjectRecord
 from orchestrator.data.dataset import SubjectSampledDataset
-from orchestrator.data.volume import load_subject
+from orchestrator.data.records import SubjectRecord
+from orchestrator.data.sources import load_subject
 from orchestrator.errors import ConfigError
 
 logger = logging.getLogger(__name__)

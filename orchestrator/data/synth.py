@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError
 from orchestrator.runs.atomic import atomic_path
 

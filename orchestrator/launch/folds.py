@@ -37,8 +37,8 @@ def fold_plans(plan: Plan, k: int) -> tuple[dict[str, Any], list[Plan]]:
     Raises:
         ConfigError: the plan has no data directory, or k does not fit the subjects.
     """
-    from orchestrator.data.atlas import discover_subjects
     from orchestrator.data.folds import folds_document, make_folds
+    from orchestrator.data.sources import discover_subjects
 
     if plan.data_dir is None:
         raise ConfigError(f"plan {plan.run}: --folds needs the data (plan with --data DIR)")

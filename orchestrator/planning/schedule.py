@@ -38,7 +38,7 @@ class DatasetSize:
 
     def train_voxels(self, spec: StageSpec) -> tuple[int, int]:
         """(training subjects, their voxels) under the stage's validation split."""
-        from orchestrator.data.dataset import split_subjects
+        from orchestrator.data.folds import split_subjects
 
         train, _val = split_subjects(self.records, spec.val_fraction, spec.seed)
         return len(train), sum(self.voxels[_key(r)] for r in train)
@@ -54,7 +54,7 @@ def measure_dataset(root: Path) -> DatasetSize:
     Raises:
         DataError: as `discover_subjects`, or an image whose header cannot be read.
     """
-    from orchestrator.data.atlas import discover_subjects
+    from orchestrator.data.sources import discover_subjects
 
     records = discover_subjects(Path(root))
     shapes = {_key(r): _shape(r) for r in records}

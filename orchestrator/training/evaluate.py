@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from orchestrator.data.atlas import discover_subjects
-from orchestrator.data.volume import check_orientation, load_subject
+from orchestrator.data.sources import check_orientation, discover_subjects, load_subject
 from orchestrator.runs.atomic import atomic_path, atomic_write_text
 from orchestrator.training.metrics import (
     CONNECTIVITY,

@@ -8,15 +8,13 @@ run. Deep supervision stays MONAI's `DeepSupervisionLoss` wrapper.
 
 `BoundaryLoss` (Kervadec et al., "Boundary loss for highly unbalanced segmentation",
 MIDL 2019) weights the foreground probability with the ground truth's signed distance map
-(`signed_distance_map`, precomputed by the data cache); `RegionBoundaryLoss` moves weight
-from the regional loss to it as training goes on.
+(`orchestrator.data.distance.signed_distance_map`, precomputed by the data cache);
+`RegionBoundaryLoss` moves weight from the regional loss to it as training goes on.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
 
@@ -59,34 +57,6 @@ class GeneralizedDiceFocalLoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
         focal = ((F.logsigmoid(-logits * (onehot * 2 - 1)) * self.gamma).exp() * bce).mean()
         return self.lambda_gdl * gdl + self.lambda_focal * focal
-
-
-def signed_distance_map(mask: np.ndarray) -> np.ndarray:
-    """Signed Euclidean distance to the lesion boundary, in voxels (Kervadec et al., 2019).
-
-    The boundary is taken on the voxel faces between lesion and background: a voxel's
-    value is its centre's distance to the nearest voxel of the other kind, minus half a
-    voxel, negative inside the lesion and positive outside. So no voxel is 0, the voxels
-    next to the boundary are -0.5 (inside) and +0.5 (outside), and 1D [0, 0, 1, 1, 0]
-    gives [1.5, 0.5, -0.5, -0.5, 0.5].
-
-    A mask with no lesion voxel, or with no background voxel, has no boundary: its map is
-    all zeros (as in Kervadec's reference code), so the boundary loss of such a patch is
-    exactly 0 and the regional term alone decides; a constant there would make the loss
-    depend on the patch size. Distances are in voxels (ATLAS is 1 mm isotropic).
-
-    Args:
-        mask: binary (nonzero = lesion) array of any dimension.
-
-    Returns:
-        float32 array of `mask`'s shape.
-    """
-    fg = np.asarray(mask) != 0
-    if fg.all() or not fg.any():
-        return np.zeros(fg.shape, dtype=np.float32)
-    outside = ndimage.distance_transform_edt(~fg)
-    inside = ndimage.distance_transform_edt(fg)
-    return np.where(fg, 0.5 - inside, outside - 0.5).astype(np.float32)
 
 
 class BoundaryLoss(nn.Module):

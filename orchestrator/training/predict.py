@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.data.atlas import SubjectRecord
-from orchestrator.data.volume import Volume, check_orientation, load_subject
+from orchestrator.data.records import SubjectRecord, Volume
+from orchestrator.data.sources import check_orientation, load_subject
 from orchestrator.errors import DataError
 from orchestrator.runs.atomic import atomic_path
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint

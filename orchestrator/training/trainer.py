@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from orchestrator.config import Plan, StagePlan, load_plan
 from orchestrator.data.host_memory import bound_volume_cache
-from orchestrator.data.volume import training_orientation
+from orchestrator.data.sources import training_orientation
 from orchestrator.errors import CheckpointError, StageFailed
 from orchestrator.runs import state as run_state
 from orchestrator.runs.atomic import atomic_write_text
@@ -125,8 +125,8 @@ class StageRunner:
 
     def __init__(self, plan: Plan, stage: str, device: str = "auto") -> None:
         import models
-        from orchestrator.data.atlas import discover_subjects
         from orchestrator.data.folds import split_records
+        from orchestrator.data.sources import discover_subjects
 
         self.plan, self.sp = plan, plan.stage(stage)
         self.dir = stage_dir(plan, stage)

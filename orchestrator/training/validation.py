@@ -49,7 +49,7 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
 def validate(model: nn.Module, records: Sequence[Any],
              predict: Callable[[nn.Module, Any], np.ndarray]) -> dict[str, float]:
     """Mean Dice over the validation subjects (each volume loaded, predicted, dropped)."""
-    from orchestrator.data.volume import load_subject
+    from orchestrator.data.sources import load_subject
 
     was_training = model.training
     model.eval()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import reliability_kit as kit
 
-from orchestrator.data.atlas import discover_subjects
 from orchestrator.data.cache import MANIFEST_NAME, build_cache
-from orchestrator.data.cachefile import load_cached, load_sdm
+from orchestrator.data.cachefile import load, load_sdm
+from orchestrator.data.sources import discover_subjects
 from orchestrator.errors import DataError
 
 WRITES = {"*.h5": 6, MANIFEST_NAME: 1}
@@ -34,7 +34,7 @@ def _contents(cache: Path) -> dict[str, tuple[np.ndarray, ...]]:
     """What training reads from the cache, per subject; DataError if it refuses the folder."""
     out = {}
     for rec in discover_subjects(cache):
-        vol = load_cached(rec)
+        vol = load(rec)
         out[rec.subject] = (vol.image, vol.label, vol.affine, load_sdm(rec.cached))
     return out
 

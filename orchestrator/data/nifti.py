@@ -1,6 +1,6 @@
-"""Find the subjects of an ATLAS R2.0 tree: T1w images paired with their lesion masks.
+"""The NIfTI layout of an ATLAS R2.0 tree: T1w images paired with their lesion masks.
 
-Two layouts are recognised anywhere under the root folder:
+Two arrangements are recognised anywhere under the root folder:
 
 - BIDS, as ATLAS R2.0 ships it::
 
@@ -17,57 +17,37 @@ Two layouts are recognised anywhere under the root folder:
 Images and masks are paired by their BIDS `sub-` and `ses-` entities; where several masks
 share them, the one closest to the image in the tree wins (same folder, then `../Masks`).
 
-A folder of PNG slices (`images/<patient>/<NNN>.png` + `masks/<patient>/<NNN>.png`, see
-`orchestrator.data.pngslices`) gives one record per patient whose `image` and `mask` are
-the two slice folders.
-
-A preprocessing cache folder (`orchestrator data cache`, see `orchestrator.data.cache`) is
-recognised by its manifest, `orchestrator-cache.json`: its records carry the HDF5 file in
-`cached`, and `load_subject` reads that instead of the NIfTI files.
+Like every layout module it offers `find_records(root, require_masks)` and `load(rec)`;
+`orchestrator.data.sources` picks the layout of a folder. Every problem with a file
+becomes a one-line `DataError` naming the file, the property that is wrong and what was
+expected, so that `data check` can list all broken files of a dataset and training stops
+with a clear message instead of a NumPy traceback.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from orchestrator.data.records import SubjectRecord, Volume
+from orchestrator.data.zscore import zscore
 from orchestrator.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("_T1w.nii.gz", "_T1w.nii")
 MASK_SUFFIXES = ("_label-L_desc-T1lesion_mask.nii.gz", "_label-L_desc-T1lesion_mask.nii")
-CACHE_MANIFEST_NAME = "orchestrator-cache.json"
+AFFINE_TOLERANCE_MM = 1e-3
 SEARCHED_PATTERNS = (
     "Training/R0NN/sub-*/ses-*/anat/*_T1w.nii[.gz]",
     "Training/Images/*_T1w.nii[.gz]",
     "any other */*_T1w.nii[.gz]",
 )
 _ENTITIES = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?")
-
-
-@dataclass(frozen=True, order=True)
-class SubjectRecord:
-    """One T1w scan and, for training data, its lesion mask.
-
-    Attributes:
-        subject: BIDS subject id, e.g. "sub-r001s001".
-        session: BIDS session id, e.g. "ses-1" ("" when the file name has none).
-        image: the T1w NIfTI file.
-        mask: the binary lesion mask (None for `Testing/` scans).
-        cached: the subject's preprocessed HDF5 file when the record comes from a cache
-            folder (then `image` and `mask` name the sources it was built from, which need
-            not exist on this machine); None for plain NIfTI data.
-    """
-
-    subject: str
-    session: str
-    image: Path
-    mask: Path | None = None
-    cached: Path | None = None
-
 
 def mask_name_for(image: Path) -> str:
     """The file name ATLAS gives the lesion mask of `image`."""
@@ -77,13 +57,11 @@ def mask_name_for(image: Path) -> str:
     raise ValueError(f"{image}: not a T1w image name (expected a *_T1w.nii[.gz] suffix)")
 
 
-def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
-    """List every T1w scan under `root` with its lesion mask, sorted by subject and session.
+def find_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
+    """Every T1w scan under `root` with its lesion mask, sorted by subject and session.
 
     Args:
-        root: a folder holding an ATLAS R2.0 tree (BIDS or flattened) anywhere below it,
-            or a preprocessing cache folder (one holding `orchestrator-cache.json`), whose
-            records are returned with `cached` set.
+        root: an existing folder holding an ATLAS R2.0 tree (BIDS or flattened) anywhere below it.
         require_masks: training use. Every image outside a `Testing/` folder must have a
             mask; `Testing/` images (which ATLAS ships without masks) are left out. With
             False, every image is listed and `mask` is None where there is none.
@@ -92,26 +70,12 @@ def discover_subjects(root: Path, require_masks: bool = True) -> list[SubjectRec
         The records, sorted by (subject, session, image path).
 
     Raises:
-        DataError: `root` is missing or not a folder; no T1w image was found (the message
-            lists the patterns searched); with `require_masks`, an image has no mask (the
-            message names the image and the expected mask file); a subject and session
-            appears twice; two masks are equally close to one image; a cache folder's
-            manifest is unreadable, incomplete or lists a missing or truncated file.
+        DataError: no T1w image was found (the message lists the patterns searched); with
+            `require_masks`, an image has no mask (the message names the image and the
+            expected mask file); a subject and session appears twice; two masks are equally
+            close to one image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(
-            f"{root}: dataset folder not found; expected a folder holding an ATLAS R2.0 tree"
-            " (Training/R0NN/sub-*/ses-*/anat/ or Training/Images + Training/Masks)"
-        )
-    if (root / CACHE_MANIFEST_NAME).is_file():
-        from orchestrator.data.cache import cached_records  # numpy; only for cache folders
-
-        return cached_records(root)
-    from orchestrator.data.pngslices import is_png_tree, png_records
-
-    if is_png_tree(root):
-        return png_records(root, require_masks)
     images, masks = _scan(root)
     if not images:
         raise DataError(
@@ -207,3 +171,99 @@ def _closest_mask(image: Path, candidates: list[Path]) -> Path | None:
 def _in_testing(image: Path, root: Path) -> bool:
     parts = image.relative_to(root).parts[:-1]
     return any(part.lower() == "testing" for part in parts) or root.name.lower() == "testing"
+
+def load(rec: SubjectRecord) -> Volume:
+    """Read, validate and normalise one subject's NIfTI image and (optional) mask.
+
+    Raises:
+        DataError: a file is missing, unreadable or truncated; the image is not 3D; it holds
+            NaN/Inf voxels or only zeros; the mask's shape or affine differs from the image's
+            (tolerance 1e-3); the mask holds values other than 0 and 1.
+    """
+    data, affine = _read_nifti(rec.image)
+    data = _as_3d(data, rec.image, "image")
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        raise DataError(f"{rec.image}: {bad} NaN/Inf voxels; expected finite intensities")
+    image, background = zscore(data, rec.image)
+    label = None if rec.mask is None else _read_mask(rec.mask, data.shape, affine, rec.image)
+    return Volume(image, label, affine, rec.image, background, rec.subject)
+
+
+
+def orientation(path: Path) -> str:
+    """The voxel axes' directions of a NIfTI file as axis codes ("RAS", "LPS", ...), from
+    the header only.
+
+    Raises:
+        DataError: the file is missing or its header unreadable.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; expected a NIfTI file (.nii or .nii.gz)")
+    try:
+        affine = nib.load(path).affine
+    except Exception as exc:  # nibabel raises many unrelated types for a broken header
+        raise _unreadable(path, exc) from None
+    return "".join(nib.aff2axcodes(affine))
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel array and affine of a NIfTI file, every failure as one DataError line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; expected a NIfTI file (.nii or .nii.gz)")
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel, gzip and zlib raise many unrelated types
+        raise _unreadable(path, exc) from None
+    if not np.issubdtype(data.dtype, np.integer) and not np.issubdtype(data.dtype, np.floating):
+        raise DataError(f"{path}: data type {data.dtype}; expected integer or float voxels")
+    return data, affine
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DataError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {reason});"
+                     " expected a complete .nii/.nii.gz file")
+
+
+def _as_3d(data: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """`data` as (X, Y, Z); trailing singleton dimensions (X, Y, Z, 1) are dropped."""
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(
+            f"{path}: {len(shape)}D {what} of shape {shape}; expected a 3D volume (X, Y, Z)"
+        )
+    return data
+
+
+def _read_mask(path: Path, shape: tuple[int, ...], affine: np.ndarray, image: Path) -> np.ndarray:
+    """The mask as uint8 {0, 1}, checked against the image's grid."""
+    data, mask_affine = _read_nifti(path)
+    data = _as_3d(data, path, "mask")
+    if data.shape != shape:
+        raise DataError(
+            f"{path}: mask shape {data.shape} differs from image {image.name} shape {shape};"
+            " expected the same voxel grid"
+        )
+    diff = float(np.abs(mask_affine - affine).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        raise DataError(
+            f"{path}: mask affine differs from image {image.name} affine by up to {diff:.4g}"
+            f" (tolerance {AFFINE_TOLERANCE_MM:g}); expected the same voxel-to-world affine"
+        )
+    non_binary = (data != 0) & (data != 1)
+    if non_binary.any():
+        values = np.unique(data[non_binary])
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise DataError(
+            f"{path}: non-binary mask, {int(np.count_nonzero(non_binary))} voxels hold values"
+            f" {shown}; expected only 0 and 1"
+        )
+    return data.astype(np.uint8)
