@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import REPO_ROOT, Plan
-from orchestrator.runs.atomic import atomic_write_text
 
 
 @dataclass(frozen=True)

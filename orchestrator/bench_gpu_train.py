@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.bench_gpu_plan import need_plan
 from orchestrator.bench_gpu_run import GpuBench, Skipped
 from orchestrator.config import Plan, load_plan, plan_to_yaml
-from orchestrator.runs.atomic import atomic_write_text
 
 OOM_SHARE = 0.5  # of the planned step's live tensors: the budget of the oom section
 

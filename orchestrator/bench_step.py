@@ -126,8 +126,8 @@ def _unplanned_plan(root: Path, input_vox: int, batch_size: int):  # noqa: ANN20
     import torch
 
     import models
+    from orchestrator.atomic import atomic_write_text
     from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
-    from orchestrator.runs.atomic import atomic_write_text
 
     _, stages = load_curriculum(DEFAULT_CURRICULUM)
     spec = next(s for s, _ in stages if s.name == STAGE)

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.config import DEFAULT_TIME_MIN, Plan
+from orchestrator.planning.resources import describe, stage_resources
 
 
 def _size(s: Any) -> str:
@@ -129,8 +130,6 @@ def submitted(console: Console, plan: Plan, jobs: list[Any], executor: str, dry_
                   str(p["cpus_per_task"]), f"{p['mem_gb']:g}", str(p.get("gpus_per_node", 0)))
     console.print(t)
     if dry_run:  # where every resource of every job came from
-        from orchestrator.launch.resources import describe, stage_resources
-
         for j in jobs:
             console.print(f"  {j.stage}: {describe(stage_resources(plan, plan.stage(j.stage)))}",
                           highlight=False)

@@ -11,13 +11,13 @@ import psutil
 import pytest
 from tiny_plans import quick_tiny_plan
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import plan_to_yaml
 from orchestrator.data.host_memory import ATLAS_VOXELS, GIB, cache_bound, job_mem_gb, raw_data_notice
 from orchestrator.data.records import SubjectRecord
 from orchestrator.data.synth import synthesize_atlas
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, plan_stage
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training.step import estimation_step
 
 ATLAS_SHAPE = (197, 233, 189)

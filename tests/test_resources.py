@@ -7,13 +7,13 @@ import pytest
 from conftest import make_tiny_plan
 from typer.testing import CliRunner
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.cli import app
 from orchestrator.config import DEFAULT_TIME_MIN, load_plan, plan_to_yaml
 from orchestrator.errors import ConfigError
-from orchestrator.launch.resources import stage_resources
 from orchestrator.launch.submit import job_parameters
+from orchestrator.planning.resources import stage_resources
 from orchestrator.planning.schedule import job_time_min
-from orchestrator.runs.atomic import atomic_write_text
 
 S1, S4 = "stage1_basic_cnn", "stage4_hybrid_full"
 PROFILE = f"""name: site

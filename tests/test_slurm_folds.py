@@ -13,13 +13,13 @@ from conftest import REPO
 from tiny_plans import quick_tiny_plan
 from typer.testing import CliRunner
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.cli import app
 from orchestrator.config import Plan, plan_to_yaml
 from orchestrator.data.folds import make_folds
 from orchestrator.errors import ConfigError
 from orchestrator.launch.folds import submit_folds
 from orchestrator.launch.sacct import sacct_states
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.runs.state import read_state
 from orchestrator.runs.status import collect_status
 

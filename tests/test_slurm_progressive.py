@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO
 from tiny_plans import quick_tiny_plan
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import plan_to_yaml
 from orchestrator.launch.sacct import sacct_states
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.runs.state import read_state
 from orchestrator.runs.status import collect_status
 

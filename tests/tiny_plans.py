@@ -13,8 +13,8 @@ from typing import Any
 
 from conftest import REPO, TINY_CURRICULUM
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
-from orchestrator.runs.atomic import atomic_write_text
 
 
 def quick_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", cluster: str = "local",

@@ -42,6 +42,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from orchestrator.atomic import atomic_path, atomic_write_text
 from orchestrator.data.cachefile import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -52,7 +53,6 @@ from orchestrator.data.distance import signed_distance_map
 from orchestrator.data.records import SubjectRecord
 from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.errors import ConfigError, DataError
-from orchestrator.runs.atomic import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

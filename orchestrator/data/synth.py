@@ -23,9 +23,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from orchestrator.atomic import atomic_path
 from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError
-from orchestrator.runs.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

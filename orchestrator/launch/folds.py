@@ -18,13 +18,13 @@ from typing import Any
 
 import submitit
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, load_plan, plan_to_yaml
 from orchestrator.errors import ConfigError, SubmissionError
 from orchestrator.launch.job import StageJob
 from orchestrator.launch.snapshot import snapshot_code
 from orchestrator.launch.submit import ExecutorKind, Submitted, job_parameters, logs_dir, submit_plan
 from orchestrator.runs import state as run_state
-from orchestrator.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 FOLDS_FILE = "folds.json"

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.runs.atomic import atomic_write_text
+from orchestrator.atomic import atomic_write_text
 
 SACCT_MIN_INTERVAL_S = 5.0  # `status` (and every `--watch`) asks sacct at most this often
 SACCT_CACHE = ".sacct-cache.json"  # in the runs folder: shared by every `status` reading it

@@ -18,8 +18,8 @@ import submitit
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import SubmissionError
 from orchestrator.launch.job import StageJob
-from orchestrator.launch.resources import stage_resources
 from orchestrator.launch.snapshot import code_dir, setup_lines, snapshot_code
+from orchestrator.planning.resources import stage_resources
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)

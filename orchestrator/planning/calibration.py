@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import StageSpec
 from orchestrator.errors import ConfigError
-from orchestrator.runs.atomic import atomic_write_text
 
 ENV_VAR = "ORCHESTRATOR_CALIBRATION"
 VERSION = 1

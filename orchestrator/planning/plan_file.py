@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import (
     ENV_CLUSTER,
     ClusterProfile,
@@ -32,7 +33,6 @@ from orchestrator.planning.schedule import (
     job_time_min,
     measure_dataset,
 )
-from orchestrator.runs.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 HOST_SHARE = 0.8  # of available RAM, when planning for the CPU without --target-mem

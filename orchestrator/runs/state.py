@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.errors import ConfigError, SubmissionError
-from orchestrator.runs.atomic import atomic_write_text
 
 STATE_FILE = "state.json"
 FOLDS_DIR = "folds"  # runs/<run>/folds/fold<i>/: the sub-runs of a cross-validation

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from orchestrator.atomic import atomic_torch_save
 from orchestrator.errors import CheckpointError
-from orchestrator.runs.atomic import atomic_torch_save
 
 FORMAT_VERSION = 2  # 2: RNG states as tensors and lists (1 kept numpy's array and tuples)
 PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)

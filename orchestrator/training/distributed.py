@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.metrics_log import MetricsLog

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from nibabel.affines import voxel_sizes
 
+from orchestrator.atomic import atomic_path, atomic_write_text
 from orchestrator.data.sources import check_orientation, discover_subjects, load_subject
-from orchestrator.runs.atomic import atomic_path, atomic_write_text
 from orchestrator.training.metrics import (
     CONNECTIVITY,
     COUNT_KEYS,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.runs.atomic import atomic_write_text
+from orchestrator.atomic import atomic_write_text
 
 GIB = 1024**3
 

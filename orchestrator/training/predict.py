@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.atomic import atomic_path
 from orchestrator.data.records import SubjectRecord, Volume
 from orchestrator.data.sources import check_orientation, load_subject
 from orchestrator.errors import DataError
-from orchestrator.runs.atomic import atomic_path
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.validation import volume_predictor

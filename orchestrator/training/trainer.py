@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, StagePlan, load_plan
 from orchestrator.data.host_memory import bound_volume_cache
 from orchestrator.data.sources import training_orientation
 from orchestrator.errors import CheckpointError, StageFailed
 from orchestrator.runs import state as run_state
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.display import StepDisplay

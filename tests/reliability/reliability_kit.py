@@ -133,7 +133,7 @@ def arm(point: KillPoint | None) -> None:
     """In the child: make the `point.nth` atomic write of `point.name` kill the process."""
     if point is None:
         return
-    from orchestrator.runs import atomic
+    from orchestrator import atomic
 
     real_write, real_path = atomic.atomic_write, atomic.atomic_path
     seen = [0]

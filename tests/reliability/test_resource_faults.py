@@ -14,8 +14,8 @@ import reliability_kit as kit
 import torch
 from tiny_plans import quick_tiny_plan, start_stage_with_workers
 
+from orchestrator import atomic
 from orchestrator.errors import CheckpointError
-from orchestrator.runs import atomic
 from orchestrator.runs.state import read_state
 from orchestrator.training import memory_guard
 from orchestrator.training.checkpoints import load_checkpoint

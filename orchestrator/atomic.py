@@ -1,5 +1,8 @@
 """Atomic file writes: temp file in the same folder + fsync + rename.
 
+A bottom-layer utility (it imports nothing of the orchestrator): data, planning, training,
+runs and launch all write through it.
+
 A reader (a requeued job, `status`, the next stage) sees either the old file or the
 complete new one, never a truncated one, even if the writer is killed mid-write.
 """
@@ -57,6 +60,6 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:
     """torch.save through a temporary file, so a killed job never leaves a truncated .pt."""
-    import torch
+    import torch  # deferred: the planner and `status` write files without importing torch
 
     atomic_write(path, lambda fh: torch.save(obj, fh))
