@@ -98,15 +98,29 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def replaced(text: str, old: str, new: str, count: int = -1) -> str:
+    """`text.replace(old, new, count)` for a test's hand edit of a file; fails when `old`
+    is not there (an edit that changes nothing would silently test less)."""
+    assert old in text, f"{old!r} not in the text to edit"
+    return text.replace(old, new, count)
+
+
 def make_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", curriculum: Path = TINY_CURRICULUM,
-                   cluster: str = "local"):
-    """Plan the tiny curriculum on the CPU and write runs_dir/run/plan.yaml."""
+                   cluster: str = "local", stage_updates: dict | None = None):
+    """Plan the tiny curriculum on the CPU and write runs_dir/run/plan.yaml; `stage_updates`
+    change every planned stage's spec afterwards (e.g. {"max_epochs": 3})."""
     from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
     from orchestrator.training.step import estimation_step
 
     req = PlanRequest(curriculum=curriculum, target_mem_gb=2.0, device="cpu", cluster=cluster,
                       data_dir=data, run=run, runs_dir=runs_dir)
     plan = make_plan(req, estimation_step)
+    if stage_updates:
+        bad = set(stage_updates) - set(plan.stages[0].spec.model_fields)
+        assert not bad, f"stage_updates: {sorted(bad)} are not StageSpec fields"
+        stages = [sp.model_copy(update={"spec": sp.spec.model_copy(update=stage_updates)})
+                  for sp in plan.stages]
+        plan = plan.model_copy(update={"stages": stages})
     return plan, write_plan(plan)
 
 

@@ -41,7 +41,7 @@ def test_overrides_apply_to_every_stage_and_merge_model_keys() -> None:
 @pytest.mark.parametrize("name", ["local", "generic-slurm"])
 def test_cluster_profiles_load(name: str) -> None:
     prof, path = resolve_cluster(name)
-    assert isinstance(prof, ClusterProfile) and path.exists()
+    assert prof.name == name and path.is_file() and path.name == f"{name}.yaml"
 
 
 def test_unknown_stage_key_names_file_and_suggests() -> None:

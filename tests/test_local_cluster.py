@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(60)]
 
@@ -27,8 +28,7 @@ def make_executor(folder: Path) -> submitit.AutoExecutor:
 
 def sacct_rows(job_ids: list[str], timeout_s: float = 15) -> dict[str, dict[str, str]]:
     """State, Start and End per job once every job has an End in sacct (it lags ~1 s)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def finished() -> dict[str, dict[str, str]] | None:
         out = subprocess.run(
             ["sacct", "-j", ",".join(job_ids), "-n", "-X", "-o", "JobID,State,Start,End", "-P"],
             capture_output=True, text=True, timeout=10, check=True,
@@ -37,13 +37,10 @@ def sacct_rows(job_ids: list[str], timeout_s: float = 15) -> dict[str, dict[str,
         for line in out.splitlines():
             job_id, state, start, end = line.split("|")
             rows[job_id] = {"State": state, "Start": start, "End": end}
-        if set(job_ids) <= set(rows) and all(
-            rows[j]["End"] not in ("", "Unknown") for j in job_ids
-        ):
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"sacct: {job_ids} not finished within {timeout_s} s:\n{out}")
-        time.sleep(0.5)
+        done = set(job_ids) <= set(rows) and all(rows[j]["End"] not in ("", "Unknown") for j in job_ids)
+        return rows if done else None
+
+    return wait_for(finished, timeout_s, f"sacct to show {job_ids} finished")
 
 
 def test_submit_returns_result(slurm_folder: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CURRICULUM
+from conftest import TINY_CURRICULUM, replaced
 from tiny_plans import quick_tiny_plan
 
 from orchestrator.config import load_curriculum
@@ -145,8 +145,8 @@ def test_finetune_from_a_checkpoint_with_the_encoder_frozen(tmp_path: Path, tiny
 
 
 def test_init_checkpoint_beside_init_from_is_a_config_error(tmp_path: Path) -> None:
-    text = TINY_CURRICULUM.read_text().replace("overrides:\n", "overrides:\n  init_checkpoint: x.pt\n", 1)
-    text = text.replace("../../stages/", str(TINY_CURRICULUM.parents[2] / "stages") + "/")
+    text = replaced(TINY_CURRICULUM.read_text(), "overrides:\n", "overrides:\n  init_checkpoint: x.pt\n", 1)
+    text = replaced(text, "../../stages/", str(TINY_CURRICULUM.parents[2] / "stages") + "/")
     bad = tmp_path / "cur.yaml"
     bad.write_text(text)
     with pytest.raises(ConfigError, match=r"stages\.1: stage 'stage2_cnn_attention' has "

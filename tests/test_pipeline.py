@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, make_tiny_plan
+from conftest import REPO, make_tiny_plan, replaced
 
 from orchestrator.launch.submit import submit_plan
 from orchestrator.runs.status import collect_status
@@ -36,7 +36,7 @@ def test_local_executor_runs_the_chain_with_handoffs(tmp_path: Path, tiny_data: 
 def test_failed_stage_cancels_the_rest_and_status_names_it(tmp_path: Path, tiny_data: Path) -> None:
     plan, plan_path = make_tiny_plan(tmp_path / "runs", tiny_data)
     # break stage 1's data after planning: the job fails on the node, not at submission
-    plan_path.write_text(plan_path.read_text().replace(str(tiny_data), str(tmp_path / "gone")))
+    plan_path.write_text(replaced(plan_path.read_text(), str(tiny_data), str(tmp_path / "gone")))
     (tmp_path / "gone").mkdir()
     import pytest
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replaced
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -262,7 +263,7 @@ def test_cli_nothing_fits_exits_2_naming_the_smallest_budget(tmp_path) -> None:
     import sys
 
     # the tiny curriculum without stages 2-4 (planning them to their smallest takes 25 s)
-    tiny = (REPO / "tests" / "data" / "tiny.yaml").read_text().replace("../../", f"{REPO}/")
+    tiny = replaced((REPO / "tests" / "data" / "tiny.yaml").read_text(), "../../", f"{REPO}/")
     curriculum = tmp_path / "stage1_and_lcnn.yaml"
     curriculum.write_text("\n".join(line for line in tiny.splitlines()  # their files, overrides
                                     if not re.search(r"stage[234]_|cardinality", line)))

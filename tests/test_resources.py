@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_plan
+from conftest import make_tiny_plan, replaced
 from typer.testing import CliRunner
 
 from orchestrator.atomic import atomic_write_text
@@ -83,7 +83,7 @@ def test_dry_run_prints_where_each_value_came_from(tmp_path: Path, tiny_data: Pa
 
 
 def test_profile_stage_entry_must_name_a_stage(tmp_path: Path, tiny_data: Path) -> None:
-    prof = _profile(tmp_path, PROFILE.replace(S4, "stage9"))
+    prof = _profile(tmp_path, replaced(PROFILE, S4, "stage9"))
     with pytest.raises(ConfigError, match=r"site\.yaml: stages\.stage9: no stage 'stage9' in the "
                                           r"curriculum; expected one of stage1_basic_cnn"):
         make_tiny_plan(tmp_path / "runs", tiny_data, cluster=str(prof))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from tiny_plans import quick_tiny_plan
+from waiting import wait_for
 
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.launch.submit import submit_plan
@@ -21,13 +21,11 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 
 def _wait_done(job_id: str, timeout_s: float = 240) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended() -> str | None:
         state = (sacct_states([job_id]) or {}).get(job_id)
-        if state in TERMINAL:
-            return state
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} not finished after {timeout_s} s")
+        return state if state in TERMINAL else None
+
+    return wait_for(ended, timeout_s, f"job {job_id} to finish", every_s=1)
 
 
 def test_two_task_ddp_stage_keeps_ranks_equal(tmp_path: Path, tiny_data: Path) -> None:

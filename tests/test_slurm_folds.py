@@ -5,13 +5,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 from tiny_plans import quick_tiny_plan
 from typer.testing import CliRunner
+from waiting import wait_for
 
 from orchestrator.atomic import atomic_write_text
 from orchestrator.cli import app
@@ -98,13 +98,11 @@ def test_resume_resubmits_only_the_unfinished_fold(tmp_path: Path, template: Pla
 
 
 def _wait_done(ids: list[str], timeout_s: float = 240) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended() -> dict[str, str] | None:
         states = sacct_states(ids) or {}
-        if all(states.get(i) in TERMINAL for i in ids):
-            return states
-        time.sleep(1)
-    raise AssertionError(f"array tasks not finished after {timeout_s} s: {sacct_states(ids)}")
+        return states if all(states.get(i) in TERMINAL for i in ids) else None
+
+    return wait_for(ended, timeout_s, f"array tasks {ids} to finish", every_s=1)
 
 
 @pytest.mark.slurm
@@ -117,10 +115,9 @@ def test_two_folds_run_as_chained_job_arrays(tmp_path: Path, template: Plan) -> 
                           timeout=10).stdout
     if "JobState=PENDING" in show:  # SLURM forgets a dependency once it is satisfied
         assert f"aftercorr:{first}" in show, show
-    deadline = time.monotonic() + 10  # a waiting array shows in sacct as 12_[0-1]
-    while time.monotonic() < deadline and f"{second}_1" not in (sacct_states([f"{second}_1"]) or {}):
-        time.sleep(0.5)
-    assert (sacct_states([f"{second}_1"]) or {}).get(f"{second}_1") == "PENDING"
+    task = f"{second}_1"  # a waiting array shows in sacct as 12_[0-1]
+    state = wait_for(lambda: (sacct_states([task]) or {}).get(task), 10, f"sacct to list {task}")
+    assert state == "PENDING"
     ids = [f"{a}_{k}" for a in (first, second) for k in (0, 1)]
     states = _wait_done(ids)
     assert states == dict.fromkeys(ids, "COMPLETED"), states

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, make_tiny_plan
+from waiting import wait_for
 
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.launch.submit import submit_plan
@@ -19,13 +19,12 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 
 def _wait_all(job_ids: list[str], timeout_s: float = 480) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ended() -> dict[str, str] | None:
         states = sacct_states(job_ids) or {}
-        if len(states) == len(job_ids) and all(s in TERMINAL for s in states.values()):
-            return states
-        time.sleep(2)
-    raise AssertionError(f"jobs not finished after {timeout_s} s: {sacct_states(job_ids)}")
+        done = len(states) == len(job_ids) and all(s in TERMINAL for s in states.values())
+        return states if done else None
+
+    return wait_for(ended, timeout_s, f"jobs {job_ids} to finish", every_s=2)
 
 
 def test_slurm_chain_afterok_completes_and_status_agrees(tmp_path: Path, tiny_data: Path) -> None:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 from tiny_plans import quick_tiny_plan
+from waiting import wait_for
 
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import plan_to_yaml
@@ -32,13 +32,7 @@ def _sbatch(tmp_path: Path, run: str) -> str:
 
 
 def _wait(cond, what: str, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(cond, timeout_s, what)
 
 
 def _ended(job: str) -> str | None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, make_tiny_plan
 from tiny_plans import quick_tiny_plan
+from waiting import wait_for
 
 from orchestrator.config import plan_to_yaml
 from orchestrator.launch.sacct import sacct_states
@@ -20,26 +20,15 @@ from orchestrator.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slurm
 S1 = "stage1_basic_cnn"
-LONGER = {"max_epochs: 1": "max_epochs: 3", "iterations_per_epoch: 2": "iterations_per_epoch: 20"}
+LONGER = {"max_epochs": 3, "iterations_per_epoch": 20}
 
 
 def _longer_plan(root: Path, data: Path, run: str = "r"):
-    plan, path = make_tiny_plan(root, data, run=run)
-    text = path.read_text()
-    for a, b in LONGER.items():
-        text = text.replace(a, b)
-    path.write_text(text)
-    return plan, path
+    return make_tiny_plan(root, data, run=run, stage_updates=LONGER)
 
 
 def _wait(cond, what: str, timeout_s: float = 240, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(cond, timeout_s, what, every_s)
 
 
 def _stage(plan, name=S1) -> dict:

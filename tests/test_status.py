@@ -5,6 +5,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -38,16 +39,18 @@ def test_status_over_many_runs_reads_each_state(many_runs) -> None:
     assert [s["state"] for s in failed["stages"][:2]] == ["COMPLETED", "FAILED"]
 
 
-def test_elapsed_and_eta_from_the_attempt_and_the_last_epoch() -> None:
+def test_elapsed_and_eta_from_the_attempt_and_the_last_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.runs import status
     from orchestrator.runs.status import _timing
 
     def iso(t: float) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
-    now = time.time()
+    now = 1_800_000_000.0  # a fixed clock: elapsed is exact, not "about 100 s"
+    monkeypatch.setattr(status, "time", SimpleNamespace(time=lambda: now))
     running = {"started": iso(now - 100), "epoch": 3, "epoch_s": 20.0}
     elapsed, eta = _timing(running, "RUNNING", 10)
-    assert 99 <= elapsed <= 103 and eta == 7 * 20.0  # 7 epochs left at 20 s each
+    assert elapsed == 100.0 and eta == 7 * 20.0  # 7 epochs left at 20 s each
     done = {"started": iso(now - 500), "ended": iso(now - 200), "epoch": 10, "epoch_s": 20.0}
     assert _timing(done, "COMPLETED", 10) == (300.0, None)
     assert _timing({}, "PENDING", 10) == (None, None)

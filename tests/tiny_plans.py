@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from conftest import REPO, TINY_CURRICULUM
+from waiting import wait_for
 
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
@@ -64,10 +64,6 @@ def start_stage_with_workers(plan: Plan, path: Path, stage: str,
                              "--stage", stage], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     last = plan.run_dir / stage / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not (last.exists() and children(proc.pid)) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    workers = children(proc.pid)
-    assert workers, "no DataLoader worker started"
+    workers = wait_for(lambda: last.exists() and children(proc.pid), 120,
+                       f"{last} and a DataLoader worker", every_s=0.1, proc=proc)
     return proc, workers

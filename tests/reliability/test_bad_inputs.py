@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import reliability_kit as kit
 import torch
-from conftest import REPO
+from conftest import REPO, replaced
 from tiny_plans import one_stage_curriculum, quick_tiny_plan
 
 from orchestrator.training.checkpoints import load_checkpoint, save_checkpoint
@@ -120,7 +120,7 @@ def _curriculum(tmp: Path, stage1_extra: str = "", text: str | None = None) -> P
     """The one-stage tiny curriculum (planning it takes seconds), `stage1_extra` added to
     its stage entry, or `text` instead of it."""
     path = one_stage_curriculum(tmp, "cur")
-    body = path.read_text().replace("stage1_basic_cnn.yaml\n", f"stage1_basic_cnn.yaml\n{stage1_extra}")
+    body = replaced(path.read_text(), "stage1_basic_cnn.yaml\n", f"stage1_basic_cnn.yaml\n{stage1_extra}")
     path.write_text(text if text is not None else body)
     return path
 
@@ -146,7 +146,7 @@ PLAN_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
 def _profile(tmp: Path) -> Path:
     text = (REPO / "envs" / "clusters" / "generic-slurm.yaml").read_text()
     path = tmp / "cl.yaml"
-    path.write_text(text.replace("\npartition:", "\npartiton:"))
+    path.write_text(replaced(text, "\npartition:", "\npartiton:"))
     return path
 
 
@@ -263,7 +263,7 @@ def test_a_run_that_does_not_exist(command: str, tmp_path: Path, tiny_data: Path
 
 def test_hand_edited_invalid_plan(tmp_path: Path, tiny_data: Path, capsys) -> None:
     plan, path = quick_tiny_plan(tmp_path / "runs", tiny_data, "edited")
-    path.write_text(path.read_text().replace("batch_size: 2", "batch_size: -2", 1))
+    path.write_text(replaced(path.read_text(), "batch_size: 2", "batch_size: -2", 1))
     _answered(["run-stage", "--plan", str(path), "--stage", S1], [plan.run_dir],
               r"plan\.yaml: .*batch_size.*greater than 0", capsys)
 

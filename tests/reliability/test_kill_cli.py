@@ -14,6 +14,7 @@ import pytest
 import reliability_kit as kit
 from conftest import REPO
 from tiny_plans import quick_tiny_plan
+from waiting import wait_for
 
 from orchestrator.training.checkpoints import load_checkpoint
 
@@ -32,10 +33,7 @@ def _status(runs: Path, run: str, capsys) -> dict:  # noqa: ANN001
 
 def _kill_when(proc: subprocess.Popen, ready, delay_s: float) -> None:
     """SIGKILL `proc` `delay_s` after `ready()` became true."""
-    deadline = time.monotonic() + 120
-    while not ready() and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    wait_for(ready, 120, "the stage to be ready to kill", every_s=0.05, proc=proc)
     time.sleep(delay_s)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -6,7 +6,7 @@ import errno
 import json
 import os
 import signal
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,12 +103,12 @@ def test_a_killed_loader_worker_is_a_clear_error_not_a_hang(tmp_path: Path, tiny
     proc, workers = start_stage_with_workers(plan, path, S1, env=kit.ONE_THREAD)
     last = plan.run_dir / S1 / "checkpoints" / "last.pt"
     os.kill(workers[0], signal.SIGKILL)
-    t0 = time.monotonic()
     try:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the stage hung after its worker died") from None
     finally:
         proc.kill()
-    assert time.monotonic() - t0 < 30, "the stage hung after its worker died"
     assert proc.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
