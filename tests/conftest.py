@@ -116,7 +116,7 @@ def make_tiny_plan(runs_dir: Path, data: Path, run: str = "tiny", curriculum: Pa
                       data_dir=data, run=run, runs_dir=runs_dir)
     plan = make_plan(req, estimation_step)
     if stage_updates:
-        bad = set(stage_updates) - set(plan.stages[0].spec.model_fields)
+        bad = set(stage_updates) - set(type(plan.stages[0].spec).model_fields)
         assert not bad, f"stage_updates: {sorted(bad)} are not StageSpec fields"
         stages = [sp.model_copy(update={"spec": sp.spec.model_copy(update=stage_updates)})
                   for sp in plan.stages]
