@@ -11,6 +11,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or "ruff"
-    res = subprocess.run([ruff, "check", "orchestrator", "models", "tests"], cwd=REPO,
+    res = subprocess.run([ruff, "check", "orchestrator", "models", "tests", "tools"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
