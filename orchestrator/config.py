@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError
+from orchestrator.knobs import TrainingKnobs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
@@ -35,8 +36,9 @@ class PlannerLimits(_Strict):
     min_batch_size: int = Field(2, gt=0, description="Batch size the plan tries to keep.")
 
 
-class StageSpec(_Strict):
-    """One stage of the curriculum (a file under stages/)."""
+class StageSpec(TrainingKnobs):
+    """One stage of the curriculum (a file under stages/); the loss, augmentation and
+    schedule knobs come from `TrainingKnobs` (knobs.py)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Stage id, used in paths.")
     kind: Literal["seg3d", "lcnn"] = "seg3d"
@@ -60,7 +62,6 @@ class StageSpec(_Strict):
     augment: bool = True
     num_workers: int | None = Field(None, ge=0, description="None: from SLURM_CPUS_PER_TASK.")
     checkpoint_every_steps: int = Field(50, gt=0, description="Write last.pt this often.")
-    early_stop_patience_epochs: int | None = Field(None, gt=0)
     seed: int = 0
     boundary_weight_start: float = Field(0.01, ge=0, le=1, description=(
         "3D: weight a of the boundary loss at epoch 0; the loss is (1 - a) x (GDL + Focal) "
@@ -257,7 +258,7 @@ def _format_error(path: Path | str, err: ValidationError, fields: set[str]) -> s
     return "; ".join(lines)
 
 
-def parse_model(cls: type[_Strict], data: Any, source: Path | str) -> Any:
+def parse_model(cls: type[BaseModel], data: Any, source: Path | str) -> Any:
     """Validate `data` as `cls`; a failure becomes one ConfigError line naming `source`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
@@ -297,6 +298,12 @@ def check_model_options(spec: StageSpec, source: Path | str) -> None:
     for key in kwargs:
         if key not in params:
             raise ConfigError(unknown_key(source, f"model.{key}", key, valid))
+    weights = spec.deep_supervision_weights
+    param = params.get("deep_supervision_heads")
+    heads = kwargs.get("deep_supervision_heads", param.default if param else None)
+    if weights is not None and heads is not None and len(weights) != heads + 1:
+        raise ConfigError(f"{source}: deep_supervision_weights: {len(weights)} values; expected "
+                          f"{heads + 1} (the full-resolution output and {heads} auxiliary heads)")
 
 
 def load_stage(path: Path, overrides: dict[str, Any] | None = None) -> StageSpec:

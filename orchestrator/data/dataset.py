@@ -86,7 +86,7 @@ class SubjectSampledDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[SubjectRecord], samples_per_epoch: int,
-                 lesion_fraction: float, seed: int, augment: bool,
+                 lesion_fraction: float, seed: int, augment: float,
                  max_cached_volumes: int | None) -> None:
         if not records:
             raise DataError(f"{type(self).__name__}: no training subjects; expected at least one record")
@@ -103,7 +103,7 @@ class SubjectSampledDataset(Dataset):
         self.samples_per_epoch = int(samples_per_epoch)
         self.lesion_fraction = float(lesion_fraction)
         self.seed = int(seed)
-        self.augment = augment
+        self.augment = float(augment)  # the augmentation's strength; 0 (False): none
         self.max_cached_volumes = max_cached_volumes
         self.epoch = 0
         self._order = np.random.default_rng([self.seed]).permutation(len(self.records))
@@ -163,8 +163,9 @@ class PatchDataset(SubjectSampledDataset):
     bounds that memory (about 43 MB per ATLAS subject) at the cost of re-reading.
     Records from a cache folder (`rec.cached` set) are not loaded: only their lesion
     voxel list is kept, and each patch is read from the HDF5 file (a few ms).
-    With `augment`, `augment.spatial` (flips, sometimes a small rotation/scaling) and
-    `augment.intensity` (scale/shift, sometimes gamma and noise) change each patch.
+    With `augment` (True, or a strength: `augment_strength`), `augment.spatial` (flips,
+    sometimes a small rotation/scaling) and `augment.intensity` (scale/shift, sometimes
+    gamma and noise) change each patch.
 
     Note: the epoch lives in the instance. Call `set_epoch` before iterating; DataLoader
     workers see it only if they are started after the call (persistent_workers=False).
@@ -182,7 +183,7 @@ class PatchDataset(SubjectSampledDataset):
         samples_per_epoch: int,
         lesion_fraction: float = 1 / 3,
         seed: int = 0,
-        augment: bool = False,
+        augment: float = False,
         max_cached_volumes: int | None = None,
         with_sdm: bool = False,
     ) -> None:
@@ -200,8 +201,8 @@ class PatchDataset(SubjectSampledDataset):
         names = ("image", "label", "sdm") if self.with_sdm else ("image", "label")
         image, label, *sdm = vol.crop(start, self.patch_size_vox, names=names)
         if self.augment:
-            image, label, *sdm = augment.spatial(rng, image, label, *sdm)
-            image = augment.intensity(rng, image)
+            image, label, *sdm = augment.spatial(rng, image, label, *sdm, strength=self.augment)
+            image = augment.intensity(rng, image, strength=self.augment)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),

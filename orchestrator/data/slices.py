@@ -102,7 +102,7 @@ class SliceStackDataset(SubjectSampledDataset):
         samples_per_epoch: int,
         lesion_fraction: float = 0.5,
         seed: int = 0,
-        augment: bool = False,
+        augment: float = False,
         max_cached_volumes: int | None = None,
     ) -> None:
         """Check the arguments; nothing is loaded yet.
@@ -126,7 +126,7 @@ class SliceStackDataset(SubjectSampledDataset):
         image = vol.image[_stack_indices(z, half_width, vol.image.shape[0])]
         label = vol.label[z]
         if self.augment:
-            image, label = _augment_stack(rng, image, label)
+            image, label = _augment_stack(rng, image, label, self.augment)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
@@ -241,9 +241,10 @@ def _window(n: int, size: int) -> tuple[slice, slice]:
     return slice(0, n), slice(start, start + n)
 
 
-def _augment_stack(rng: np.random.Generator, image: np.ndarray, label: np.ndarray):
+def _augment_stack(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+                   strength: float = 1.0):
     """A left-right flip (W, symmetric about the midline), then `augment.intensity`."""
     if rng.random() < 0.5:
         image = image[..., ::-1]
         label = label[..., ::-1]
-    return augment.intensity(rng, image), label
+    return augment.intensity(rng, image, strength=strength), label

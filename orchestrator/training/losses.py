@@ -23,16 +23,20 @@ class GeneralizedDiceFocalLoss(nn.Module):
 
     Args:
         gamma: focal exponent.
+        alpha: weight of each class's positive voxels in the focal term (1 - alpha its
+            negatives'), as MONAI's `FocalLoss(alpha=...)`; None: no weighting.
         lambda_gdl, lambda_focal: weights of the two terms.
         smooth_nr, smooth_dr: added to the Dice numerator and denominator.
     """
 
     def __init__(self, gamma: float = 2.0, lambda_gdl: float = 1.0, lambda_focal: float = 1.0,
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, alpha: float | None = None) -> None:
         super().__init__()
         if lambda_gdl < 0 or lambda_focal < 0:
             raise ValueError("lambda_gdl and lambda_focal must be >= 0")
-        self.gamma, self.lambda_gdl, self.lambda_focal = gamma, lambda_gdl, lambda_focal
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha {alpha}; expected a weight in [0, 1] or None")
+        self.gamma, self.alpha, self.lambda_gdl, self.lambda_focal = gamma, alpha, lambda_gdl, lambda_focal
         self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,7 +59,10 @@ class GeneralizedDiceFocalLoss(nn.Module):
         # MONAI's GeneralizedDiceFocalLoss builds its FocalLoss without use_softmax, so the
         # focal term is the per-class sigmoid one: BCE with logits times (1 - p_t)^gamma.
         bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-        focal = ((F.logsigmoid(-logits * (onehot * 2 - 1)) * self.gamma).exp() * bce).mean()
+        focal = (F.logsigmoid(-logits * (onehot * 2 - 1)) * self.gamma).exp() * bce
+        if self.alpha is not None:
+            focal = (onehot * self.alpha + (1 - onehot) * (1 - self.alpha)) * focal
+        focal = focal.mean()
         return self.lambda_gdl * gdl + self.lambda_focal * focal
 
 

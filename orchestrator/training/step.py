@@ -36,7 +36,8 @@ class Objective:
     """Forward pass and loss of one batch of a stage.
 
     3D family: (1 - a) x (Generalized Dice + Focal) + a x Boundary, the regional term
-    through MONAI's DeepSupervisionLoss when the model returns auxiliary outputs, the
+    through MONAI's DeepSupervisionLoss when the model returns auxiliary outputs
+    (`deep_supervision_weights`, else 1, 0.5, 0.25, ...; focal `focal_gamma`, `focal_alpha`), the
     boundary term (Kervadec) on the full-resolution output with the patch's signed
     distance map; a ramps from `boundary_weight_start` to `boundary_weight_end` over
     `boundary_ramp_epochs` (`RegionBoundaryLoss`). LCNN: Dice + cross-entropy on the
@@ -47,8 +48,9 @@ class Objective:
     def __init__(self, spec: StageSpec) -> None:
         self.lcnn = spec.kind == "lcnn"
         base: nn.Module = (DiceCELoss(to_onehot_y=True, softmax=True) if self.lcnn
-                           else GeneralizedDiceFocalLoss())
-        self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp")
+                           else GeneralizedDiceFocalLoss(spec.focal_gamma, alpha=spec.focal_alpha))
+        weights = list(spec.deep_supervision_weights) if spec.deep_supervision_weights else None
+        self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp", weights=weights)
         self.region_boundary: RegionBoundaryLoss | None = None
         if not self.lcnn and (spec.boundary_weight_start or spec.boundary_weight_end):
             self.region_boundary = RegionBoundaryLoss(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -32,6 +31,7 @@ from orchestrator.training import checkpoints as ck
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.display import StepDisplay
 from orchestrator.training.interrupt import leave_signals_to_the_trainer
+from orchestrator.training.lr_schedule import lr_factor
 from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
 from orchestrator.training.recovery import loader_failure, refuse_lost_progress, remove_stale_temp_files
@@ -87,24 +87,14 @@ def _batches(loader: DataLoader, stage: str) -> Iterator[dict[str, torch.Tensor]
         yield batch
 
 
-def _lr_lambda(sp: StagePlan):  # noqa: ANN202
-    total = sp.spec.max_epochs * sp.spec.iterations_per_epoch
-    warm = sp.spec.warmup_epochs * sp.spec.iterations_per_epoch
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return f
-
-
 def _training_dataset(sp: StagePlan, records: list, step_batch: int,
                       with_sdm: bool) -> torch.utils.data.Dataset:
     """3D patches for the 3D family (with their signed distance maps for the boundary loss),
     2T+1 slice stacks for LCNN; both pure in (seed, epoch, i)."""
     spec = sp.spec
     common = {"samples_per_epoch": spec.iterations_per_epoch * step_batch,
-              "lesion_fraction": spec.lesion_fraction, "seed": spec.seed, "augment": spec.augment}
+              "lesion_fraction": spec.lesion_fraction, "seed": spec.seed,
+              "augment": spec.augment_strength if spec.augment else 0.0}
     if sp.kind == "lcnn":
         from orchestrator.data.slices import SliceStackDataset
 
@@ -151,7 +141,8 @@ class StageRunner:
                 p.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.sp))
+        handed_off = bool(self.sp.init_from or spec.init_checkpoint)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(spec, handed_off))
         self.amp_dtype = self.train_step.amp_dtype
         self.scaler = self.train_step.scaler
         self.predict = volume_predictor(spec.kind, self.sp.model_kwargs(), self.sp.input_size_vox,
