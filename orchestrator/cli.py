@@ -281,20 +281,35 @@ def doctor(cluster: Cluster = None, data: DataDir = None) -> None:
         raise typer.Exit(2)
 
 
-Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
+Checkpoint = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="A stage's best.pt or final.pt (or give --run).")]
+ModelOfRun = Annotated[Optional[str], typer.Option(
+    "--run", help="Use the run's model, runs/RUN/best.pt: its best epoch over all stages.")]
 OnDevice = Annotated[str, typer.Option(
     "--device", help="auto | cuda | cpu. auto: the GPU where there is one, else the CPU.")]
 
 
+def _model_file(checkpoint: Path | None, run: str | None, runs_dir: Path) -> Path:
+    """--checkpoint, or the run's model for --run (exactly one of them)."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.training.run_model import run_model_path
+
+    if (checkpoint is None) == (run is None):
+        raise ConfigError("--checkpoint/--run: expected one of them (a checkpoint file, or a run "
+                          "whose model, runs/RUN/best.pt, to use)")
+    return checkpoint if checkpoint is not None else run_model_path(runs_dir, str(run))
+
+
 @app.command()
-def evaluate(checkpoint: Checkpoint,
-             data: Annotated[Path, typer.Option("--data", help="Labelled data tree (or cache).")],
+def evaluate(data: Annotated[Path, typer.Option("--data", help="Labelled data tree (or cache).")],
+             checkpoint: Checkpoint = None, run: ModelOfRun = None, runs_dir: RunsDir = Path("runs"),
              out_dir: Annotated[Optional[Path], typer.Option(
-                 "--out", help="Default: the stage folder's eval/.")] = None,
+                 "--out", help="Default: the checkpoint's stage (or run) folder's eval/.")] = None,
              device: OnDevice = "auto", json_out: Json = False) -> None:
     """Whole-volume inference over a labelled dataset: report.json, subjects.csv, overlays."""
     from orchestrator.training.evaluate import evaluate_checkpoint
 
+    checkpoint = _model_file(checkpoint, run, runs_dir)
     with render.counter(err, "evaluating subjects", 0) as tick:
         report = evaluate_checkpoint(checkpoint, data, out_dir, device=device, progress=tick)
     if json_out:
@@ -305,15 +320,15 @@ def evaluate(checkpoint: Checkpoint,
 
 
 @app.command()
-def predict(checkpoint: Checkpoint,
-            input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
+def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
+            checkpoint: Checkpoint = None, run: ModelOfRun = None, runs_dir: RunsDir = Path("runs"),
             out_path: Annotated[Optional[Path], typer.Option(
                 "--out", help="File (one input) or folder; default: beside the input.")] = None,
             device: OnDevice = "auto") -> None:
     """Write lesion masks (NIfTI, the input's affine and header) for new images."""
     from orchestrator.training.predict import predict_paths
 
-    for path in predict_paths(checkpoint, input_path, out_path, device=device):
+    for path in predict_paths(_model_file(checkpoint, run, runs_dir), input_path, out_path, device=device):
         out.print(str(path))
 
 

@@ -55,5 +55,7 @@ def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Con
         dice = s["best_dice"]
         out.print(f"  {s['name']}: best val Dice {dice:.3f}" if isinstance(dice, float)
                   else f"  {s['name']}: {s['state']}")
+    for line in render.run_model_lines(doc["runs"][0]):
+        out.print(line, highlight=False, soft_wrap=True)
     out.print(f"inspect: orchestrator status {plan.run} --runs-dir {plan.runs_dir}")
     return doc

@@ -145,8 +145,10 @@ def status_table(doc: dict[str, Any], run: str | None) -> Table:
         for r in doc["runs"]:
             done = sum(s["state"] == "COMPLETED" for s in r["stages"])
             dices = [s["best_dice"] for s in r["stages"] if isinstance(s["best_dice"], (int, float))]
-            t.add_row(r["run"], r["state"], r["executor"] or "-", f"{done}/{len(r['stages'])}",
-                      f"{max(dices):.3f}" if dices else "-")
+            model = r.get("model") or {}
+            best = f"{model['dice']:.3f} ({model['stage']})" if model else \
+                (f"{max(dices):.3f}" if dices else "-")
+            t.add_row(r["run"], r["state"], r["executor"] or "-", f"{done}/{len(r['stages'])}", best)
         return t
     r = doc["runs"][0]
     t = Table(title=f"{r['run']}: {r['state']}")
@@ -156,10 +158,35 @@ def status_table(doc: dict[str, Any], run: str | None) -> Table:
     for s in r["stages"]:
         t.add_row(s["name"], str(s["job_id"] or "-"), s["state"], s["slurm_state"] or "-",
                   f"{s['attempts']} ({s['requeues']} requeued)", f"{s['epoch']}/{s['max_epochs']}",
-                  f"{s['best_dice']:.3f}" if isinstance(s["best_dice"], (int, float)) else "-",
-                  f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",
+                  _stage_dice(s), f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",
                   _duration(s.get("elapsed_s")), _duration(s.get("eta_s")))
     return t
+
+
+def _stage_dice(s: dict[str, Any]) -> str:
+    """The stage's best Dice; marked when it ended below the run's model it started from."""
+    if not isinstance(s["best_dice"], (int, float)):
+        return "-"
+    return f"{s['best_dice']:.3f}" + (" [yellow]< run[/]" if s.get("below_run_model") else "")
+
+
+def run_model_lines(r: dict[str, Any]) -> list[str]:
+    """The run's model, and every stage that ended worse than the run it started from."""
+    lines = []
+    model = r.get("model")
+    if model:
+        lines.append(f"run model: {model['stage']} epoch {model['epoch']}, val Dice "
+                     f"{model['dice']:.3f} ({model['path']})")
+    for fold, m in sorted((r.get("fold_models") or {}).items()):
+        if m:
+            lines.append(f"fold{fold} model: {m['stage']} epoch {m['epoch']}, val Dice {m['dice']:.3f}")
+    for s in r["stages"]:
+        if s.get("below_run_model"):
+            before = s["run_model_before"]
+            lines.append(f"[yellow]{s['name']} ended below the run's model it started from[/]: "
+                         f"best Dice {s['best_dice']:.3f} < {before['dice']:.3f} ({before['stage']} "
+                         f"epoch {before['epoch']}); the run's model stays the better one")
+    return lines
 
 
 def _duration(seconds: float | None) -> str:
@@ -182,6 +209,8 @@ def status(console: Console, doc: dict[str, Any], run: str | None) -> None:
     if doc["slurm"] != "ok":
         console.print(f"SLURM: {doc['slurm']}")
     for r in doc["runs"] if run else []:
+        for line in run_model_lines(r):
+            console.print(line, highlight=False, soft_wrap=True)
         for s in r["stages"]:
             if s["state"] == "FAILED":
                 console.print(f"[red]{s['name']} failed[/]: {s['error'] or 'no final.pt'} (log: {s['log']})")

@@ -92,6 +92,27 @@ def update_run(run_dir: Path, **fields: Any) -> None:
     _mutate(run_dir, lambda state: state.update(fields))
 
 
+def offer_run_model(run_dir: Path, record: dict[str, Any], write: Callable[[], None]) -> bool:
+    """Make `record` ({"stage", "epoch", "dice", ...}) the run's model if its Dice beats the
+    one in state.json's "model": under the lock, `write()` (the checkpoint) first, then the
+    record, so two writers cannot interleave and the record never names a file not written.
+
+    Returns:
+        Whether it was better (and written).
+    """
+    taken = []
+
+    def change(state: dict[str, Any]) -> None:
+        held = state.get("model") or {}
+        if not record["dice"] > held.get("dice", float("-inf")):
+            return
+        write()
+        state["model"] = {**record, "updated": now_iso()}
+        taken.append(True)
+    _mutate(Path(run_dir), change)
+    return bool(taken)
+
+
 def claim_run(run_dir: Path, **fields: Any) -> None:
     """Record a run's submission (`fields`: executor, submitted, ...), once: under the lock,
     so of two `submit`s of one run, started at the same moment or not, the second is refused.

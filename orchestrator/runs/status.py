@@ -72,6 +72,10 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
     if gone and st == run_state.RUNNING:  # killed without a word (kill -9, OOM killer, reboot)
         st = run_state.INTERRUPTED
     elapsed_s, eta_s = _timing(entry, st, plan_stage["max_epochs"])
+    before = entry.get("run_model_before") or {}
+    best = entry.get("best_dice")
+    below = (st == run_state.COMPLETED and isinstance(best, (int, float))
+             and isinstance(before.get("dice"), (int, float)) and best < before["dice"])
     return {"name": name, "job_id": entry.get("job_id"), "state": st, "slurm_state": slurm_state,
             "elapsed_s": elapsed_s, "eta_s": eta_s,
             "attempts": entry.get("attempts", 0), "requeues": entry.get("requeues", 0),
@@ -82,6 +86,8 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
                                             "ended without a word; resume continues from last.pt"
                                             if gone and st == run_state.INTERRUPTED else None),
             "log": entry.get("stderr"),
+            # the run's model when the stage started; below: it ended with a lower best Dice
+            "run_model_before": before or None, "below_run_model": below,
             "final": str(final) if complete else None}
 
 
@@ -170,8 +176,9 @@ def collect_status(runs_dir: Path, run: str | None = None,
             rows += part
         main = parts[0][2]
         doc = {"run": rd.name, "state": _run_state(rows), "executor": main.get("executor"),
-               "stages": rows}
+               "stages": rows, "model": main.get("model")}  # runs/<run>/best.pt
         if len(parts) > 1:
             doc["folds"] = len(parts) - 1
+            doc["fold_models"] = {f: st.get("model") for f, _, st in parts if f is not None}
         runs.append(doc)
     return {"runs": runs, "slurm": "unavailable: showing the on-disk state" if slurm is None else "ok"}

@@ -35,6 +35,7 @@ from orchestrator.training.lr_schedule import lr_factor
 from orchestrator.training.memory_guard import OomFallback, limit_gpu_memory
 from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
 from orchestrator.training.recovery import loader_failure, refuse_lost_progress, remove_stale_temp_files
+from orchestrator.training.run_model import RunModel
 from orchestrator.training.step import TrainStep
 from orchestrator.training.validation import validate, volume_predictor
 
@@ -149,6 +150,8 @@ class StageRunner:
                                         self.device, self.amp_dtype)
         self.progress = Progress()
         self.log = MetricsLog(self.dir)
+        # the run's model (runs/<run>/best.pt): the 3D chain's best epoch over all stages
+        self.run_model = RunModel(plan.run_dir) if self.is_writer and self.sp.kind == "seg3d" else None
         # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
         # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
         limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
@@ -186,6 +189,8 @@ class StageRunner:
         how = self._handoff() if (self.sp.init_from or self.sp.spec.init_checkpoint) else \
             "fresh start (no last.pt, no init_from)"
         self._write_split()
+        if self.run_model is not None:  # status marks a stage that ends below this
+            self.record(run_model_before=self.run_model.record)
         if self.is_writer and self.log.rows:  # rows of an attempt whose last.pt is gone
             self.log.truncate_after(0)
         if fresh:
@@ -358,9 +363,12 @@ class StageRunner:
         if improved:
             pr.best_dice = row["val_dice"]
         self.log.write_row(row)
-        self.save_last()
-        if improved:
+        if improved:  # before last.pt: a kill in between trains and validates the epoch again
             ck.save_checkpoint(self.ckpt_dir / "best.pt", self.payload(full=False))
+            if self.run_model is not None:
+                self.run_model.offer(self.sp.name, pr.epoch, pr.best_dice,
+                                     lambda: self.payload(full=False))
+        self.save_last()
         return row
 
 
