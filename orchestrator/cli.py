@@ -332,6 +332,21 @@ def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii
         out.print(str(path))
 
 
+@app.command()
+def report(run: Annotated[str, typer.Argument(help="Run name.")], runs_dir: RunsDir = Path("runs"),
+           device: OnDevice = "auto", json_out: Json = False) -> None:
+    """Write runs/RUN/report.png: Dice and loss across stages with the hand-offs, memory
+    plan vs measured, the run's model on a validation slice."""
+    from orchestrator.runs.status import run_plan_path
+    from orchestrator.training.run_report import write_report
+
+    rep = write_report(run_plan_path(runs_dir, run).parent, device)
+    if json_out:
+        _emit_json({"path": str(rep.path), "panels": sorted(rep.axes), **rep.data})
+        return
+    out.print(str(rep.path))
+
+
 @data_app.command("synth")
 def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the tree into.")],
                subjects: Annotated[int, typer.Option("--subjects", min=1, help="How many subjects.")] = 4,

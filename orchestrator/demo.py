@@ -17,6 +17,7 @@ from orchestrator.data.synth import synthesize_atlas
 from orchestrator.launch.submit import submit_plan
 from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
 from orchestrator.runs.status import collect_status
+from orchestrator.training.run_report import write_report
 from orchestrator.training.step import estimation_step
 
 DEMO_CURRICULUM = REPO_ROOT / "stages" / "demo.yaml"
@@ -57,5 +58,6 @@ def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Con
                   else f"  {s['name']}: {s['state']}")
     for line in render.run_model_lines(doc["runs"][0]):
         out.print(line, highlight=False, soft_wrap=True)
+    out.print(f"report: {write_report(plan.run_dir, 'cpu').path}")
     out.print(f"inspect: orchestrator status {plan.run} --runs-dir {plan.runs_dir}")
     return doc

@@ -21,6 +21,7 @@ from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.runs.status import collect_status
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.run_model import RunModel, run_model_path
+from orchestrator.training.run_report import build_report
 from orchestrator.training.trainer import run_stage
 
 S1, S2 = "stage1_basic_cnn", "stage2_cnn_attention"
@@ -151,3 +152,40 @@ def test_status_marks_a_stage_that_ended_below_the_run(two_stages: Path, tmp_pat
     doc = json.loads(CliRunner().invoke(app, ["status", "tiny", "--runs-dir", str(runs), "--json"]).stdout)
     assert doc["runs"][0]["model"]["dice"] == model["dice"]
 
+
+def test_report_draws_curves_handoffs_memory_and_the_models_overlay(two_stages: Path) -> None:
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    res = CliRunner().invoke(app, ["report", "tiny", "--runs-dir", str(two_stages.parent),
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["path"] == str(two_stages / "report.png")
+    assert (two_stages / "report.png").read_bytes()[:4] == b"\x89PNG"
+    rep = build_report(two_stages, "cpu")
+    assert sorted(rep.axes) == ["curves", "memory", "overlay"]
+    curves = rep.axes["curves"]
+    dice = {ln.get_label(): ln for ln in curves.get_lines() if ln.get_label().endswith("val Dice")}
+    assert sorted(dice) == [f"{S1} val Dice", f"{S2} val Dice"]
+    for stage, first_x in ((S1, 1), (S2, 3)):  # stage 2 goes on where stage 1 ended
+        epochs = _dices(two_stages, stage)
+        assert list(dice[f"{stage} val Dice"].get_xdata()) == [first_x, first_x + 1]
+        assert list(dice[f"{stage} val Dice"].get_ydata()) == [d for _, d in epochs]
+    handoffs = [ln for ln in curves.get_lines() if ln.get_linestyle() == ":"]
+    assert [list(ln.get_xdata()) for ln in handoffs] == [[2, 2]]  # one hand-off, after epoch 2
+    twin = [ax for ax in rep.figure.axes if ax is not curves and ax.get_shared_x_axes().joined(ax, curves)]
+    losses = [ln.get_label() for ax in twin for ln in ax.get_lines()]
+    assert losses == [f"{S1} train loss", f"{S2} train loss"]
+    model = run_state.read_state(two_stages)["model"]
+    star = next(ln for ln in curves.get_lines() if ln.get_label() == "run's model")
+    offset = 0 if model["stage"] == S1 else 2
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (offset + model["epoch"], model["dice"])
+    bars = rep.axes["memory"].patches
+    assert [b.get_height() for b in bars[:5]] == PREDICTED_GB  # predicted, then measured
+    measured = [b.get_height() for b in bars[5:]]
+    assert measured[0] > 0 and measured[1] > 0 and measured[2:] == [0.0, 0.0, 0.0]  # not run
+    (image,) = rep.axes["overlay"].get_images()
+    assert image.get_array().shape == (32, 32)
+    split = json.loads((two_stages / model["stage"] / "split.json").read_text())
+    assert rep.data["overlay"]["subject"] == split["val"][0]
