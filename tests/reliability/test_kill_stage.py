@@ -2,6 +2,7 @@
 trustworthy and the resumed stage ends exactly where an uninterrupted one does."""
 from __future__ import annotations
 
+import csv
 import random
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path):
     kit.run_child(kit.noop, ())  # the fork server's imports are not part of a run's time
     t0 = time.monotonic()
     assert kit.run_stage_child(path, S1) == 0
-    return _final_weights(plan.run_dir), time.monotonic() - t0
+    return _final_weights(plan.run_dir), time.monotonic() - t0, plan.run_dir
 
 
 @pytest.mark.slow
@@ -45,7 +46,7 @@ def test_stage_survives_kills_at_random_moments(tmp_path: Path, tiny_data: Path,
     loads, state.json parses and claims nothing that is not on disk, metrics.csv has each
     epoch once, and progress never goes back; the run is then resumed, killed again, and
     each chain that reaches the end must equal the uninterrupted run bit for bit."""
-    want, run_s = reference
+    want, run_s, _ = reference
     rng = random.Random(kit.SEED)
     chains = kills = children = 0
     plan, path = quick_tiny_plan(tmp_path / "c0", tiny_data, "k", stage_updates=SHORT)
@@ -87,10 +88,16 @@ def _check_complete(run_dir: Path, want: dict[str, torch.Tensor]) -> None:
 
 def test_kill_between_final_pt_and_its_state_record(tmp_path: Path, tiny_data: Path, reference) -> None:
     """Killed after final.pt was written, inside the write of state.json that records the
-    stage COMPLETED (the 6th of a fresh run of SHORT): run again, the stage is complete
+    stage COMPLETED (the last of a fresh run of SHORT): run again, the stage is complete
     and state.json says so (it said RUNNING)."""
     plan, path = quick_tiny_plan(tmp_path, tiny_data, "end", stage_updates=SHORT)
-    assert kit.run_stage_child(path, S1, kit.KillPoint("state.json", 6, "before_rename")) == -9
+    # state.json's writes: the run's model at the start, RUNNING, the first last.pt, each
+    # epoch, each epoch that became the run's model (as in the uninterrupted run), COMPLETED
+    with open(reference[2] / S1 / "metrics.csv", newline="") as fh:
+        dices = [float(r["val_dice"]) for r in csv.DictReader(fh)]
+    improved = sum(d > max([-1.0, *dices[:i]]) for i, d in enumerate(dices))
+    last = 3 + SHORT["max_epochs"] + improved + 1
+    assert kit.run_stage_child(path, S1, kit.KillPoint("state.json", last, "before_rename")) == -9
     kit.TALLY["kills"] += 1
     assert (plan.run_dir / S1 / "checkpoints" / "final.pt").exists()
     assert kit.check_stage_after_kill(plan.run_dir, S1, {})["epoch"] == 3
