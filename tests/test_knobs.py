@@ -16,8 +16,8 @@ from tiny_plans import quick_tiny_plan
 import models
 from orchestrator.config import load_curriculum, load_stage
 from orchestrator.data import augment
-from orchestrator.data.atlas import discover_subjects
 from orchestrator.data.dataset import PatchDataset
+from orchestrator.data.sources import discover_subjects
 from orchestrator.errors import ConfigError
 from orchestrator.training.losses import GeneralizedDiceFocalLoss
 from orchestrator.training.lr_schedule import lr_factor

@@ -14,10 +14,10 @@ import torch
 from conftest import REPO
 from tiny_plans import quick_tiny_plan
 
+from orchestrator.atomic import atomic_write_text
 from orchestrator.config import plan_to_yaml
 from orchestrator.errors import ConfigError
 from orchestrator.runs import state as run_state
-from orchestrator.runs.atomic import atomic_write_text
 from orchestrator.runs.status import collect_status
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.run_model import RunModel, run_model_path

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.atomic import atomic_write
 from orchestrator.config import Plan, load_plan
 from orchestrator.runs import state as run_state
-from orchestrator.runs.atomic import atomic_write
 from orchestrator.training.run_model import RUN_MODEL_FILE
 
 REPORT_FILE = "report.png"
@@ -91,8 +91,7 @@ def memory_data(plan: Plan) -> list[dict[str, Any]]:
 def overlay_data(plan: Plan, model_record: dict[str, Any], device: str) -> dict[str, Any] | None:
     """The run's model on its stage's first validation subject: the axial slice with the
     most true lesion (the most predicted where the truth has none)."""
-    from orchestrator.data.atlas import discover_subjects
-    from orchestrator.data.volume import load_subject
+    from orchestrator.data.sources import discover_subjects, load_subject
     from orchestrator.training.predict import load_inference_model
     from orchestrator.training.validation import dice_score
 
