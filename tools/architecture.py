@@ -34,6 +34,8 @@ def layer(module: str) -> str:
     top = parts[1]
     if top in APP or top.startswith("bench"):
         return "app"
+    if top == "knobs":  # the training fields StageSpec inherits: part of the schema
+        return "config"
     return top
 
 
