@@ -49,7 +49,7 @@ def test_evaluate_writes_report_csv_overlays_predictions(setup: tuple[Path, Path
         assert all(name in row for row in report["subjects"])
     rows = list(csv.DictReader((out / "subjects.csv").open()))
     assert [r["subject"] for r in rows] == ["sub-r001s001", "sub-r001s002"]
-    assert {"dice", "hd95_mm", "lesion_f1", "volume_diff_mm3"} <= set(rows[0])
+    assert {"dice", "iou", "hd95_mm", "lesion_f1", "volume_diff_mm3", "abs_volume_diff_vox"} <= set(rows[0])
     for row in report["subjects"]:
         sid = f"{row['subject']}_{row['session']}"
         assert (out / "overlays" / f"{sid}.png").read_bytes()[:4] == b"\x89PNG"

@@ -25,6 +25,8 @@ def test_voxel_metrics_by_hand() -> None:
     assert m["sensitivity"] == pytest.approx(2 / 3)
     assert m["specificity"] == pytest.approx(4 / 5)
     assert m["precision"] == pytest.approx(2 / 3)
+    assert m["iou"] == pytest.approx(2 / 4)  # |P & T| 2, |P | T| 4
+    assert m["abs_volume_diff_vox"] == 0  # 3 voxels each
     assert metrics.dice_score is validation.dice_score  # one Dice in the project
 
 
@@ -42,6 +44,9 @@ def test_lesion_f1_count_and_volume_two_blobs() -> None:
     assert m["lesion_count_diff"] == 0
     assert (m["volume_true_mm3"], m["volume_pred_mm3"]) == (32.0, 18.0)  # 2 mm^3 voxels
     assert (m["volume_diff_mm3"], m["abs_volume_diff_mm3"]) == (-14.0, 14.0)
+    assert m["abs_volume_diff_vox"] == 7  # 16 true voxels, 9 predicted: ATLAS counts voxels
+    assert m["iou"] == pytest.approx(4 / 21)  # A & pred 4 voxels; union 16 + 9 - 4
+    assert m["dice"] == pytest.approx(2 * 4 / 25)
     only_a = np.zeros_like(truth)
     only_a[1:3, 1:3, 1:3] = 1
     m = segmentation_metrics(only_a, truth)
@@ -64,7 +69,7 @@ def test_hd95_known_geometry() -> None:
 def test_both_empty() -> None:
     empty = np.zeros((4, 5, 6), np.uint8)
     m = segmentation_metrics(empty, empty)
-    for key in ("dice", "sensitivity", "specificity", "precision", "lesion_f1"):
+    for key in ("dice", "iou", "sensitivity", "specificity", "precision", "lesion_f1"):
         assert m[key] == 1.0, key
     assert m["hd95_mm"] == 0.0 and m["lesion_count_diff"] == 0 and m["volume_diff_mm3"] == 0.0
 
@@ -77,6 +82,7 @@ def test_one_side_empty_is_finite() -> None:
     assert (missed["dice"], missed["sensitivity"], missed["precision"], missed["lesion_f1"]) == (0, 0, 1, 0)
     assert missed["hd95_mm"] == pytest.approx(diagonal)
     assert missed["lesion_count_diff"] == 1 and missed["volume_diff_mm3"] == -4.0
+    assert missed["iou"] == 0.0 and missed["abs_volume_diff_vox"] == 2
     invented = segmentation_metrics(lesion, empty)
     assert (invented["dice"], invented["sensitivity"]) == (0, 1)
     assert (invented["precision"], invented["lesion_f1"]) == (0, 0)
@@ -90,3 +96,12 @@ def test_rejects_mismatched_shapes() -> None:
         segmentation_metrics(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
     with pytest.raises(ValueError, match="spacing_mm"):
         segmentation_metrics(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), spacing_mm=(1, 0, 1))
+
+
+def test_iou_is_dice_over_two_minus_dice() -> None:
+    """IoU = D / (2 - D) for any pair of masks: the two reports agree."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((6, 7, 8)) > 0.6, rng.random((6, 7, 8)) > 0.5
+    d = validation.dice_score(a, b)
+    assert validation.iou_score(a, b) == pytest.approx(d / (2 - d))
+    assert validation.iou_score(a, a) == 1.0

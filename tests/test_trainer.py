@@ -25,9 +25,11 @@ def test_stage_writes_checkpoints_metrics_and_state(tmp_path: Path, tiny_data: P
     for name in ("last.pt", "best.pt", "final.pt"):
         assert (sd / "checkpoints" / name).exists()
     rows = (sd / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,train_loss,lr,val_dice") and len(rows) == 2
-    val_dice = float(rows[1].split(",")[3])  # one epoch: the best is its validation Dice
+    assert rows[0].startswith("epoch,train_loss,lr,val_dice,val_iou") and len(rows) == 2
+    row = dict(zip(rows[0].split(","), rows[1].split(",")))
+    val_dice, iou = float(row["val_dice"]), float(row["val_iou"])  # one epoch: the best is its Dice
     assert 0.0 <= val_dice <= 1.0 and res["best_dice"] == pytest.approx(val_dice, abs=1e-4)
+    assert 0.0 <= iou <= val_dice  # IoU <= Dice on every subject, so on their means too
     st = read_state(plan.run_dir)["stages"]["stage1_basic_cnn"]
     assert st["state"] == "COMPLETED" and st["attempts"] == 1 and st["epoch"] == 1
     assert json.loads((sd / "memory_usage.json").read_text())["epochs"][0]["peak_mem_gb"] > 0

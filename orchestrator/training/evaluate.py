@@ -41,11 +41,14 @@ logger = logging.getLogger(__name__)
 
 CONVENTIONS = {
     "connectivity": CONNECTIVITY,
-    "lesion_f1": "ATLAS R2.0 challenge: a true lesion overlapped by the prediction is TP, else FN; "
+    "iou": "Jaccard index |P & T| / |P | T| of the foreground (MONAI compute_iou)",
+    "lesion_f1": "ATLAS R2.0 challenge (npnl/atlas2_grand_challenge isles/scoring.py): "
+                 "a true lesion overlapped by the prediction is TP, else FN; "
                  "a predicted component touching no true lesion is FP; F1 = TP / (TP + (FP + FN) / 2)",
     "empty_masks": "Dice, lesion F1 and 0/0 ratios (sensitivity, specificity, precision) are 1.0; "
                    "HD95 is 0.0 when both masks are empty, the image diagonal in mm when one is",
     "volume_diff_mm3": "predicted minus true volume (signed)",
+    "abs_volume_diff_vox": "ATLAS R2.0 challenge volume difference: |predicted - true| in voxels",
     "std": "population standard deviation (ddof=0)",
 }
 STAT_NAMES = ("mean", "median", "std", "min", "max")

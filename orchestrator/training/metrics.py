@@ -1,12 +1,16 @@
 """Per-subject segmentation metrics of a binary lesion mask, all finite for empty masks.
 
-Voxel-wise: Dice (`validation.dice_score`), sensitivity, specificity, precision. Surface:
-the 95th-percentile Hausdorff distance (MONAI). Lesion-wise, as the ATLAS R2.0 challenge
-scores them (npnl/atlas2_grand_challenge, isles/scoring.py): 3D connected components with
-26-connectivity; a true lesion is detected (TP) when a predicted voxel overlaps it, missed
-(FN) otherwise; a predicted component touching no true lesion is a false positive (FP);
-lesion F1 = TP / (TP + (FP + FN) / 2). Plus the simple lesion count difference and the
-volume difference in mm^3.
+Voxel-wise: Dice (`validation.dice_score`), IoU (Jaccard, `validation.iou_score`, MONAI's
+`compute_iou`), sensitivity, specificity, precision. Surface: the 95th-percentile Hausdorff
+distance (MONAI). Lesion-wise, as the ATLAS R2.0 challenge scores them
+(github.com/npnl/atlas2_grand_challenge, isles/scoring.py, `compute_lesion_f1_score`, the
+ISLES'22 definition by E. de la Rosa): 3D connected components with 26-connectivity; a true
+lesion is detected (TP) when a predicted voxel overlaps it, missed (FN) otherwise; a
+predicted component touching no true lesion is a false positive (FP);
+lesion F1 = TP / (TP + (FP + FN) / 2). Plus the absolute lesion count difference
+(`compute_absolute_lesion_count_difference`) and the volume difference: the challenge's
+`volume_difference` is |sum(pred) - sum(truth)| in voxels (`abs_volume_diff_vox`; ATLAS
+R2.0 is 1 mm isotropic, so voxels are mm^3 there), ours also in mm^3 from the voxel size.
 
 Empty masks, so that every subject gives a number and means stay defined:
 - a ratio whose denominator is 0 (sensitivity without true lesion, precision without
@@ -26,14 +30,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from orchestrator.training.validation import dice_score
+from orchestrator.training.validation import dice_score, iou_score
 
 CONNECTIVITY = 26
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 # The keys `segmentation_metrics` returns; the first group is what reports summarise.
-SUMMARY_METRICS = ("dice", "sensitivity", "specificity", "precision", "hd95_mm", "lesion_f1",
-                   "lesion_count_diff", "volume_diff_mm3", "abs_volume_diff_mm3")
+SUMMARY_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm", "lesion_f1",
+                   "lesion_count_diff", "volume_diff_mm3", "abs_volume_diff_mm3", "abs_volume_diff_vox")
 COUNT_KEYS = ("lesions_true", "lesions_pred", "lesions_detected", "lesions_missed",
               "lesions_false_positive", "volume_true_mm3", "volume_pred_mm3")
 
@@ -48,9 +52,10 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray,
         spacing_mm: voxel size along each axis, in mm.
 
     Returns:
-        {"dice", "sensitivity", "specificity", "precision", "hd95_mm", "lesion_f1",
+        {"dice", "iou", "sensitivity", "specificity", "precision", "hd95_mm", "lesion_f1",
         "lesion_count_diff" (|lesions_pred - lesions_true|), "volume_diff_mm3" (predicted
-        minus true, signed), "abs_volume_diff_mm3", "lesions_true", "lesions_pred",
+        minus true, signed), "abs_volume_diff_mm3", "abs_volume_diff_vox" (ATLAS's
+        volume difference), "lesions_true", "lesions_pred",
         "lesions_detected", "lesions_missed", "lesions_false_positive", "volume_true_mm3",
         "volume_pred_mm3"}: floats and ints, never NaN.
 
@@ -74,6 +79,7 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray,
     vol_true, vol_pred = (tp + fn) * voxel_mm3, (tp + fp) * voxel_mm3
     return {
         "dice": dice_score(p, t),
+        "iou": iou_score(p, t),
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "precision": _ratio(tp, tp + fp),
@@ -82,6 +88,7 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray,
         "lesion_count_diff": abs(lesions["lesions_pred"] - lesions["lesions_true"]),
         "volume_diff_mm3": vol_pred - vol_true,
         "abs_volume_diff_mm3": abs(vol_pred - vol_true),
+        "abs_volume_diff_vox": abs(fp - fn),
         **lesions,
         "volume_true_mm3": vol_true,
         "volume_pred_mm3": vol_pred,

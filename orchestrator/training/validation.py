@@ -1,4 +1,4 @@
-"""Validation on whole volumes: sliding-window inference (MONAI) and Dice."""
+"""Validation on whole volumes: sliding-window inference (MONAI), Dice and IoU."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -17,6 +17,21 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
     p, t = pred.astype(bool), truth.astype(bool)
     denom = p.sum() + t.sum()
     return 1.0 if denom == 0 else float(2 * np.logical_and(p, t).sum() / denom)
+
+
+def iou_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground IoU (Jaccard) through MONAI's `compute_iou`; 1.0 when both are empty."""
+    from monai.metrics import compute_iou
+
+    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
+    if not p.any() and not t.any():
+        return 1.0  # as for Dice; MONAI would give NaN with its default ignore_empty
+
+    def onehot(m: np.ndarray) -> torch.Tensor:  # (1, 2, ...): background, foreground
+        return torch.from_numpy(np.stack([~m, m])[None])
+
+    iou = compute_iou(onehot(p), onehot(t), include_background=False, ignore_empty=False)
+    return float(iou.reshape(-1)[0])
 
 
 @torch.no_grad()
@@ -48,15 +63,20 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
 
 def validate(model: nn.Module, records: Sequence[Any],
              predict: Callable[[nn.Module, Any], np.ndarray]) -> dict[str, float]:
-    """Mean Dice over the validation subjects (each volume loaded, predicted, dropped)."""
+    """Mean Dice and IoU over the validation subjects (each volume loaded, predicted, dropped)."""
     from orchestrator.data.sources import load_subject
 
     was_training = model.training
     model.eval()
-    scores = []
+    scores, ious = [], []
     for rec in records:
         vol = load_subject(rec)
-        scores.append(dice_score(predict(model, vol), vol.label))
+        pred = predict(model, vol)
+        scores.append(dice_score(pred, vol.label))
+        ious.append(iou_score(pred, vol.label))
     model.train(was_training)
-    return {"val_dice": round(float(np.mean(scores)), 6) if scores else float("nan"),
-            "val_subjects": len(scores)}
+    return {"val_dice": _mean(scores), "val_iou": _mean(ious), "val_subjects": len(scores)}
+
+
+def _mean(values: list[float]) -> float:
+    return round(float(np.mean(values)), 6) if values else float("nan")
