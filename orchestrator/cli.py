@@ -54,19 +54,19 @@ def _emit_json(doc: object) -> None:
 
 def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | None,
           data: Path | None, run: str | None, runs_dir: Path, quiet: bool):
-    from orchestrator.planning.plan_file import PlanRequest, make_plan, parse_target_mem, write_plan
-    from orchestrator.training.step import estimation_step
+    from orchestrator import api
+    from orchestrator.planning.plan_file import parse_target_mem
 
     if device not in ("auto", "cuda", "cpu"):
         raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
-    req = PlanRequest(curriculum=curriculum, target_mem_gb=parse_target_mem(target_mem),
-                      device=device, cluster=cluster, data_dir=data, run=run, runs_dir=runs_dir)
+    target_gb = parse_target_mem(target_mem)
     with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
-        plan = make_plan(req, estimation_step,
-                         progress=(lambda name: status.update(f"planning {name}...")) if status else None,
-                         notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
-                                                       soft_wrap=True))
-    return plan, write_plan(plan)
+        plan = api.plan(target_gb, device=device, curriculum=curriculum,  # type: ignore[arg-type]
+                        cluster=cluster, data=data, run=run, runs_dir=runs_dir,
+                        progress=(lambda name: status.update(f"planning {name}...")) if status else None,
+                        notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
+                                                      soft_wrap=True))
+    return plan, api.plan_path(plan)
 
 
 @app.command()
@@ -128,8 +128,6 @@ def submit(plan_path: PlanPath = None,
                "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
                "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
-    from orchestrator.launch.submit import submit_plan
-
     if executor not in ("slurm", "local", "debug"):
         raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
     if plan_path is None:
@@ -145,7 +143,10 @@ def submit(plan_path: PlanPath = None,
         for f in doc["folds"]:
             out.print(f"fold {f['fold']} validates on {', '.join(f['val_subjects'])}", highlight=False)
         return
-    jobs = submit_plan(p, plan_path, executor, include_lcnn=lcnn, dry_run=dry_run)  # type: ignore[arg-type]
+    from orchestrator import api
+
+    jobs = api.submit(plan_path, executor=executor, lcnn=lcnn, dry_run=dry_run,  # type: ignore[arg-type]
+                      allow_fresh_start=allow_fresh_start)
     render.submitted(out, p, jobs, executor, dry_run)
 
 
@@ -207,17 +208,16 @@ def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs
            runs_dir: RunsDir = Path("runs"), json_out: Json = False,
            watch: Annotated[bool, typer.Option("--watch", help="Refresh in place.")] = False) -> None:
     """Every run, or one run's stages: job id, state, attempts, epoch, best Dice, memory."""
-    from orchestrator.launch.sacct import rate_limited_sacct
-    from orchestrator.runs.status import collect_status
+    from orchestrator.api import status_document
 
-    sacct = rate_limited_sacct(runs_dir)  # one batched sacct call per refresh, at most every 5 s
+    # one batched sacct call per refresh, at most every 5 s per runs folder
     if json_out:
-        _emit_json(collect_status(runs_dir, run, sacct))
+        _emit_json(status_document(run, runs_dir=runs_dir))
         return
     if not watch:
-        render.status(out, collect_status(runs_dir, run, sacct), run)
+        render.status(out, status_document(run, runs_dir=runs_dir), run)
         return
-    render.watch(out, lambda: collect_status(runs_dir, run, sacct), run)
+    render.watch(out, lambda: status_document(run, runs_dir=runs_dir), run)
 
 
 @app.command()

@@ -49,6 +49,7 @@ class PlanRequest:
     run: str | None = None
     runs_dir: Path = Path("runs")
     calibrate: bool = True  # apply ratios from earlier `plan --verify` runs on this hardware
+    dataset: DatasetSize | None = None  # the data planned for, instead of measuring data_dir
 
 
 def parse_target_mem(text: str | None) -> float | None:
@@ -137,7 +138,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     cluster.check_stage_names(str(cluster_path), [s.name for s, _ in stages])
     if req.data_dir is not None and not Path(req.data_dir).is_dir():
         raise ConfigError(f"--data: {req.data_dir} is not a directory")
-    ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else None
+    ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else req.dataset
     p = probe()
     choice = choose_budget(req, p, cluster)
     device, budget_gb, source = choice.device, choice.budget_gb, choice.budget_source
@@ -155,7 +156,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
-        said_raw = _raw_data_notice(ds, planned, cluster.cpus_per_task)
+        said_raw = _raw_data_notice(ds, planned, cluster.cpus_per_task) if req.data_dir else None
         if said_raw and notice:
             notice(said_raw)
     assumptions = {"budget_source": source, "device_source": choice.device_source,
