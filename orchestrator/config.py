@@ -41,28 +41,36 @@ class StageSpec(TrainingKnobs):
     schedule knobs come from `TrainingKnobs` (knobs.py)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Stage id, used in paths.")
-    kind: Literal["seg3d", "lcnn"] = "seg3d"
+    kind: Literal["seg3d", "lcnn"] = Field("seg3d", description=(
+        "seg3d: a 3D model of the curriculum's family; lcnn: the 2D LCNN on slice stacks."))
     model: dict[str, Any] = Field(description="arch plus the model constructor's options.")
     input_size_vox: tuple[int, ...] = Field(description="Patch size (3 sides; 2 for LCNN).")
-    base_filters: int = Field(16, gt=0)
+    base_filters: int = Field(16, gt=0, description="Channels of the first level; the planner "
+                              "may lower it to fit (down to planner.min_base_filters).")
     batch_size: int = Field(2, gt=0, description="Starting batch size; the planner adjusts it.")
-    max_epochs: int = Field(100, gt=0)
-    iterations_per_epoch: int = Field(250, gt=0)
-    val_every_epochs: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
-    grad_clip_norm: float | None = Field(12.0, gt=0)
+    max_epochs: int = Field(100, gt=0, description=(
+        "Epochs of the stage; unset, `plan --data` derives it from the dataset."))
+    iterations_per_epoch: int = Field(250, gt=0, description=(
+        "Optimizer steps per epoch; unset, `plan --data` derives it from the dataset."))
+    val_every_epochs: int = Field(1, gt=0, description="Validate on whole volumes every N epochs.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW (cosine schedule).")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW's decoupled weight decay.")
+    warmup_epochs: int = Field(0, ge=0, description="Linear learning-rate warm-up before the cosine.")
+    grad_clip_norm: float | None = Field(12.0, gt=0, description=(
+        "Clip the gradients' global L2 norm to this; None: no clipping."))
     amp: bool = Field(True, description="Mixed precision (bf16 where supported).")
     amp_dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description=(
         "With amp: auto takes bf16 where the device has it and fp16 (with a GradScaler) "
         "elsewhere; bf16 or fp16 asks for one."))
-    lesion_fraction: float = Field(1 / 3, ge=0, le=1)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    augment: bool = True
+    lesion_fraction: float = Field(1 / 3, ge=0, le=1, description=(
+        "Share of training patches centred on a lesion voxel (the rest anywhere in the volume)."))
+    val_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Share of subjects held out for validation (split by subject, seeded)."))
+    augment: bool = Field(True, description=(
+        "Flips, small rotations and scaling, intensity scale/shift, gamma and noise."))
     num_workers: int | None = Field(None, ge=0, description="None: from SLURM_CPUS_PER_TASK.")
     checkpoint_every_steps: int = Field(50, gt=0, description="Write last.pt this often.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the split, the sampler, augmentation and initialisation.")
     boundary_weight_start: float = Field(0.01, ge=0, le=1, description=(
         "3D: weight a of the boundary loss at epoch 0; the loss is (1 - a) x (GDL + Focal) "
         "+ a x Boundary."))
@@ -81,7 +89,8 @@ class StageSpec(TrainingKnobs):
         "`encoder_parameters()`); None trains everything."))
     alignment_weight: float = Field(0.1, ge=0, description="LCNN: weight of the alignment loss.")
     alignment_warmup_epochs: int = Field(3, ge=0, description="LCNN: epochs to reach that weight.")
-    planner: PlannerLimits = PlannerLimits()
+    planner: PlannerLimits = Field(PlannerLimits(), description=(
+        "How far the planner may move this stage (see PlannerLimits)."))
 
     @model_validator(mode="after")
     def _check(self) -> StageSpec:
@@ -96,31 +105,35 @@ class StageSpec(TrainingKnobs):
 class CurriculumEntry(_Strict):
     file: str = Field(description="Stage YAML, relative to the curriculum file.")
     init_from: str | None = Field("previous", description="'previous', a stage name or null.")
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "Stage fields set for this stage only, over the stage YAML (model keys merge)."))
 
 
 class Curriculum(_Strict):
     """Order of the stages and their hand-off (stages/progressive.yaml)."""
 
-    name: str
-    stages: list[CurriculumEntry] = Field(min_length=1)
-    lcnn: list[CurriculumEntry] = Field(default_factory=list)
+    name: str = Field(description="The curriculum's name.")
+    stages: list[CurriculumEntry] = Field(min_length=1, description=(
+        "The 3D stages in order; each starts from its init_from stage's final.pt."))
+    lcnn: list[CurriculumEntry] = Field(default_factory=list, description=(
+        "LCNN runs, submitted beside the chain (`--no-lcnn` leaves them out)."))
     overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every stage.")
-    handoff_noise_std: float = Field(1e-3, ge=0)
+    handoff_noise_std: float = Field(1e-3, ge=0, description=(
+        "Std of the noise added to widened (Net2Net) channels so copies can diverge."))
 
 
 class StageResources(_Strict):
     """One stage's own job resources in a cluster profile (`stages: {NAME: {...}}`); what it
     leaves out comes from the profile's top level."""
 
-    partition: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    gres: str | None = None
-    gpus_per_node: int | None = Field(None, ge=0)
-    cpus_per_task: int | None = Field(None, gt=0)
-    mem_gb: float | None = Field(None, gt=0)
-    time_min: int | None = Field(None, gt=0)
+    partition: str | None = Field(None, description="sbatch --partition for this stage.")
+    qos: str | None = Field(None, description="sbatch --qos for this stage.")
+    constraint: str | None = Field(None, description="sbatch --constraint for this stage.")
+    gres: str | None = Field(None, description="sbatch --gres for this stage, e.g. gpu:a100:1.")
+    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node for this stage.")
+    cpus_per_task: int | None = Field(None, gt=0, description="CPUs per task for this stage.")
+    mem_gb: float | None = Field(None, gt=0, description="Host memory per node for this stage.")
+    time_min: int | None = Field(None, gt=0, description="Time limit of this stage's job.")
 
 
 DEFAULT_TIME_MIN = 60  # a stage's time limit when neither the profile nor the plan gives one
@@ -129,20 +142,22 @@ DEFAULT_TIME_MIN = 60  # a stage's time limit when neither the profile nor the p
 class ClusterProfile(_Strict):
     """Where and how jobs run (envs/clusters/*.yaml)."""
 
-    name: str
-    executor: Literal["slurm", "local", "debug"] = "slurm"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    gpus_per_node: int = Field(0, ge=0)
-    gres: str | None = None
+    name: str = Field(description="The profile's name (shown by plan and status).")
+    executor: Literal["slurm", "local", "debug"] = Field("slurm", description=(
+        "slurm: sbatch through submitit; local: processes on this machine; debug: in-process."))
+    partition: str | None = Field(None, description="sbatch --partition; None: the site's default.")
+    account: str | None = Field(None, description="sbatch --account (many sites require one).")
+    qos: str | None = Field(None, description="sbatch --qos, e.g. normal or preemptible.")
+    constraint: str | None = Field(None, description="sbatch --constraint: a node feature, e.g. a100.")
+    gpus_per_node: int = Field(0, ge=0, description=(
+        "--gpus-per-node; with none here, plan on a login node plans for this GPU."))
+    gres: str | None = Field(None, description="--gres (e.g. gpu:a100:1), for sites without --gpus.")
     gpu_mem_gb: float | None = Field(None, gt=0, description="Plan for this GPU from a login node.")
-    cpus_per_task: int = Field(2, gt=0)
+    cpus_per_task: int = Field(2, gt=0, description="CPUs per task: the loader's workers + 1.")
     tasks_per_node: int = Field(1, gt=0, description="More than 1 task runs DistributedDataParallel "
                                 "(one task per GPU; gloo on CPU). The plan's batch is per task.")
     nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes).")
-    mem_gb: float = Field(8, gt=0)
+    mem_gb: float = Field(8, gt=0, description="Host memory per node; bounds the loader's caches.")
     time_min: int | None = Field(None, gt=0, description=(
         "Time limit of each stage's job; unset: the plan's estimate from `plan --verify` "
         f"(steps x measured step time, with margin), else {DEFAULT_TIME_MIN} min."))
@@ -150,9 +165,11 @@ class ClusterProfile(_Strict):
         "Per-stage resources by stage name, over the values above (e.g. a longer time or a "
         "bigger GPU for stage 4)."))
     setup: list[str] = Field(default_factory=list, description="Shell lines run before a job.")
-    preempt_signal: str = "USR2"
-    signal_grace_s: int = Field(120, ge=0)
-    max_requeues: int = Field(3, ge=0)
+    preempt_signal: str = Field("USR2", description=(
+        "Signal SLURM sends before the time limit or on preemption; the stage stops and requeues."))
+    signal_grace_s: int = Field(120, ge=0, description=(
+        "How long before the time limit the signal comes (sbatch --signal)."))
+    max_requeues: int = Field(3, ge=0, description="Requeues (time limit, preemption) before FAILED.")
 
     def check_stage_names(self, where: str, stage_names: list[str]) -> None:
         """Every `stages:` entry must name a stage of the curriculum.
