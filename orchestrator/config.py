@@ -89,6 +89,11 @@ class StageSpec(TrainingKnobs):
         "`encoder_parameters()`); None trains everything."))
     alignment_weight: float = Field(0.1, ge=0, description="LCNN: weight of the alignment loss.")
     alignment_warmup_epochs: int = Field(3, ge=0, description="LCNN: epochs to reach that weight.")
+    tensorboard: bool = Field(True, description=(
+        "Write TensorBoard event files (runs/<run>/tensorboard/); false: none for this stage."))
+    tensorboard_images_every_epochs: int = Field(5, ge=0, description=(
+        "TensorBoard: a validation overlay image every N epochs (when it validates) and at the "
+        "last; 0: none."))
     planner: PlannerLimits = Field(PlannerLimits(), description=(
         "How far the planner may move this stage (see PlannerLimits)."))
 
@@ -170,6 +175,8 @@ class ClusterProfile(_Strict):
     signal_grace_s: int = Field(120, ge=0, description=(
         "How long before the time limit the signal comes (sbatch --signal)."))
     max_requeues: int = Field(3, ge=0, description="Requeues (time limit, preemption) before FAILED.")
+    tensorboard: bool = Field(True, description=(
+        "Write TensorBoard event files for every stage run under this profile; false: none."))
 
     def check_stage_names(self, where: str, stage_names: list[str]) -> None:
         """Every `stages:` entry must name a stage of the curriculum.

@@ -37,6 +37,7 @@ from orchestrator.training.metrics_log import MetricsLog, peak_memory_gb
 from orchestrator.training.recovery import loader_failure, refuse_lost_progress, remove_stale_temp_files
 from orchestrator.training.run_model import RunModel
 from orchestrator.training.step import TrainStep
+from orchestrator.training.tensorboard_log import close_board, log_epoch, wrap_batches
 from orchestrator.training.validation import validate, volume_predictor
 
 logger = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class StageRunner:
         self.model.train()
         if self.display:
             self.display.epoch(pr.epoch, pr.step_in_epoch)
-        for batch in _batches(loader, self.sp.name):
+        for batch in wrap_batches(self, _batches(loader, self.sp.name)):  # timed for TensorBoard
             if (max_steps is not None and pr.global_step >= max_steps) or (stop and stop()):
                 return False
             self.oom.step(self._one_step, batch)  # = self._one_step(batch) on the CPU
@@ -363,6 +364,7 @@ class StageRunner:
         if improved:
             pr.best_dice = row["val_dice"]
         self.log.write_row(row)
+        log_epoch(self, row)  # TensorBoard: runs/<run>/tensorboard/ (training/tensorboard_log.py)
         if improved:  # before last.pt: a kill in between trains and validates the epoch again
             ck.save_checkpoint(self.ckpt_dir / "best.pt", self.payload(full=False))
             if self.run_model is not None:
@@ -449,6 +451,7 @@ def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
                         spec.early_stop_patience_epochs)
             break
     runner.save_final(final)
+    close_board(runner)
     runner.record(state=run_state.COMPLETED, ended=run_state.now_iso(),
                   final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
     return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
