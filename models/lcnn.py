@@ -11,6 +11,10 @@ Train with Dice + cross-entropy on the logits plus
 :func:`models.sean.alignment_loss` on ``aux`` (``forward(x, return_aux=True)``); the
 alignment net receives its gradient through the non-detached aligned slices.
 
+The seed repository's constructor works as written: ``LCNN(num_channels=1,
+num_classes=2, T=1)`` is ``LCNN(in_slices=3)`` (T slices either side of the centre, one
+grey channel each).
+
 Example:
     >>> model = LCNN(in_slices=5)
     >>> logits, aux = model(torch.zeros(1, 5, 64, 64), return_aux=True)
@@ -40,6 +44,8 @@ class LCNN(nn.Module):
         global_weight: weight of the global path's logits.
         local_weight: weight of the local path's logits.
         checkpointing: gradient checkpointing in both paths (saves activation memory).
+        num_channels: the seed's name: channels per slice; only 1 (grey slices).
+        T: the seed's name: slices either side of the centre; in_slices = 2T+1.
 
     Attributes:
         required_multiple: H and W must be multiples of this (32, the global trunk's stride).
@@ -47,14 +53,17 @@ class LCNN(nn.Module):
 
     def __init__(
         self,
-        in_slices: int = 5,
+        in_slices: int | None = None,
         num_classes: int = 2,
         base_filters: int = 32,
         global_weight: float = 0.3,
         local_weight: float = 0.7,
         checkpointing: bool = False,
+        num_channels: int | None = None,
+        T: int | None = None,  # noqa: N803 - the seed's argument name
     ) -> None:
         super().__init__()
+        in_slices = _seed_in_slices(in_slices, num_channels, T)
         if in_slices < 1 or in_slices % 2 == 0:
             raise ValueError(f"LCNN: in_slices must be odd (2T+1) and >= 1, got {in_slices}")
         if num_classes < 1 or base_filters < 1:
@@ -132,3 +141,16 @@ class LCNN(nn.Module):
             return logits
         aux = {**aux, "local_logits": local_logits, "global_logits": global_logits}
         return logits, aux
+
+
+def _seed_in_slices(in_slices: int | None, num_channels: int | None, T: int | None) -> int:  # noqa: N803
+    """in_slices from ours (default 5) or the seed's (num_channels=1, T): 2T+1."""
+    if num_channels not in (None, 1):
+        raise ValueError(f"LCNN: num_channels must be 1 (grey slices), got {num_channels}")
+    if T is None:
+        return 5 if in_slices is None else in_slices
+    if T < 0:
+        raise ValueError(f"LCNN: T must be >= 0 (slices either side of the centre), got {T}")
+    if in_slices is not None and in_slices != 2 * T + 1:
+        raise ValueError(f"LCNN: in_slices {in_slices} and T {T} disagree; expected in_slices = 2T+1")
+    return 2 * T + 1

@@ -94,6 +94,21 @@ class StageSpec(TrainingKnobs):
     tensorboard_images_every_epochs: int = Field(5, ge=0, description=(
         "TensorBoard: a validation overlay image every N epochs (when it validates) and at the "
         "last; 0: none."))
+    fit_input_to_data: bool = Field(True, description=(
+        "LCNN, with `plan --data`: input_size_vox grows to hold the data's largest axial slice, "
+        "padded up to the network's multiple, and the planner never shrinks it below that "
+        "(no tissue is cropped away); false keeps input_size_vox (a centre crop)."))
+    normalization: Literal["zscore", "dataset"] = Field("zscore", description=(
+        "Image intensities: zscore, per volume over the nonzero voxels; dataset, (x - "
+        "intensity_mean) / intensity_std with PNG slices scaled to [0, 1] first (the LCNN "
+        "seed's 0.2162 / 0.1841); not with the HDF5 cache, which is z-scored already."))
+    intensity_mean: float | None = Field(None, description="normalization dataset: the mean.")
+    intensity_std: float | None = Field(None, gt=0, description="normalization dataset: the std.")
+    dice_include_background: bool = Field(True, description=(
+        "LCNN: the Dice term averages over every class; false leaves the background out."))
+    class_weights: list[float] | None = Field(None, description=(
+        "LCNN: weight of each class in the cross-entropy (one per class, background first); "
+        "None: equal."))
     planner: PlannerLimits = Field(PlannerLimits(), description=(
         "How far the planner may move this stage (see PlannerLimits)."))
 
@@ -104,6 +119,16 @@ class StageSpec(TrainingKnobs):
             raise ValueError(f"input_size_vox needs {want} sides for a {self.kind} stage")
         if "arch" not in self.model:
             raise ValueError("model needs an 'arch' key (e.g. arch: resunet3d)")
+        if self.normalization == "dataset" and (self.intensity_mean is None or self.intensity_std is None):
+            raise ValueError("normalization dataset needs intensity_mean and intensity_std")
+        if self.kind != "lcnn" and (self.class_weights is not None or not self.dice_include_background):
+            raise ValueError("class_weights and dice_include_background are LCNN settings; the 3D "
+                             "stages' loss is Generalized Dice + Focal + Boundary")
+        classes = int(self.model.get("num_classes", 2))
+        if self.class_weights is not None and (len(self.class_weights) != classes
+                                               or min(self.class_weights) < 0):
+            raise ValueError(f"class_weights needs {classes} weights >= 0 (one per class), "
+                             f"got {self.class_weights}")
         return self
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from orchestrator.data import augment
 from orchestrator.data.cachefile import CachedVolume
 from orchestrator.data.distance import signed_distance_map
+from orchestrator.data.intensity import load_normalised
 from orchestrator.data.records import SubjectRecord, Volume
 from orchestrator.data.sources import load_subject
 from orchestrator.errors import ConfigError, DataError
@@ -128,6 +129,8 @@ class SubjectSampledDataset(Dataset):
             raise IndexError(f"sample {i} out of range [0, {self.samples_per_epoch})")
         return np.random.default_rng([self.seed, self.epoch, int(i)])
 
+    normalization: Any = None  # data.intensity.Normalization of the stage; None: z-score
+
     def _prepare_record(self, rec: SubjectRecord) -> Any:
         raise NotImplementedError
 
@@ -231,7 +234,7 @@ class PatchDataset(SubjectSampledDataset):
     def _prepare_record(self, rec: SubjectRecord) -> Any:
         if rec.cached is not None:
             return CachedVolume(rec.cached, self.patch_size_vox)
-        return _prepare(load_subject(rec), self.patch_size_vox, self.with_sdm)
+        return _prepare(load_normalised(rec, self.normalization), self.patch_size_vox, self.with_sdm)
 
 
 def _prepare(vol: Volume, patch_size_vox: tuple[int, int, int], with_sdm: bool = False) -> _Prepared:

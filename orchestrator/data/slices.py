@@ -23,8 +23,8 @@ from torch import nn
 
 from orchestrator.data import augment
 from orchestrator.data.dataset import SubjectSampledDataset
+from orchestrator.data.intensity import load_normalised
 from orchestrator.data.records import SubjectRecord
-from orchestrator.data.sources import load_subject
 from orchestrator.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class SliceStackDataset(SubjectSampledDataset):
         return int(rng.integers(vol.image.shape[0]))
 
     def _prepare_record(self, rec: SubjectRecord) -> _Slices:
-        vol = load_subject(rec)
+        vol = load_normalised(rec, self.normalization)
         assert vol.label is not None  # checked in __init__
         image = crop_or_pad_hw(vol.image.transpose(2, 1, 0), self.size_hw, vol.background)
         label = crop_or_pad_hw(vol.label.transpose(2, 1, 0), self.size_hw, 0)

@@ -33,6 +33,7 @@ from orchestrator.planning.schedule import (
     job_time_min,
     measure_dataset,
 )
+from orchestrator.planning.slice_size import fit_slice_to_data
 
 logger = logging.getLogger(__name__)
 HOST_SHARE = 0.8  # of available RAM, when planning for the CPU without --target-mem
@@ -139,6 +140,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     if req.data_dir is not None and not Path(req.data_dir).is_dir():
         raise ConfigError(f"--data: {req.data_dir} is not a directory")
     ds = measure_dataset(Path(req.data_dir)) if req.data_dir is not None else req.dataset
+    fitted = [(fit_slice_to_data(s, ds.largest_shape_vox if ds else None), init) for s, init in stages]
+    stages, slice_reasons = [(s, init) for (s, _), init in fitted], {s.name: r for (s, r), _ in fitted if r}
     p = probe()
     choice = choose_budget(req, p, cluster)
     device, budget_gb, source = choice.device, choice.budget_gb, choice.budget_source
@@ -154,6 +157,8 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         budget.val_volume_vox = tuple(ds.largest_shape_vox)
     caps = {s.name: batch_cap(s, ds) for s, _ in stages} if ds else None
     planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
+    planned = [sp.model_copy(update={"reasons": [slice_reasons[sp.name], *sp.reasons]})
+               if sp.name in slice_reasons else sp for sp in planned]
     if ds is not None:
         planned = [_with_schedule(sp, ds) for sp in planned]
         said_raw = _raw_data_notice(ds, planned, cluster.cpus_per_task) if req.data_dir else None

@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 
 from orchestrator.atomic import atomic_path, atomic_write_text
-from orchestrator.data.sources import check_orientation, discover_subjects, load_subject
+from orchestrator.data.intensity import Normalization, load_normalised
+from orchestrator.data.sources import check_orientation, discover_subjects
+from orchestrator.errors import DataError
 from orchestrator.training.metrics import (
     CONNECTIVITY,
     COUNT_KEYS,
@@ -63,7 +65,8 @@ def default_eval_dir(checkpoint: Path) -> Path:
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None = None,
                         device: str = "auto",
-                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                        progress: Callable[[int, int], None] | None = None,
+                        subjects: Sequence[str] | None = None) -> dict[str, Any]:
     """Predict every labelled subject of `data_dir` with `checkpoint` and score it.
 
     Args:
@@ -72,6 +75,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
         out_dir: where the results go; default `default_eval_dir(checkpoint)`.
         device: where the model runs: auto (the GPU where there is one), cuda or cpu.
         progress: called with (subjects done, subjects) after each subject.
+        subjects: only these subject ids (a fold's validation subjects); None: all.
 
     Returns:
         The report written to out_dir/report.json, plus "out_dir".
@@ -85,13 +89,19 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
     out = Path(out_dir) if out_dir is not None else default_eval_dir(checkpoint)
     runner = load_inference_model(checkpoint, device)
     records = discover_subjects(Path(data_dir))
+    if subjects is not None:
+        records = [r for r in records if r.subject in set(subjects)]
+        if not records:
+            raise DataError(f"{data_dir}: none of the subjects {list(subjects)[:3]} is there; "
+                            "expected the data the run was trained on")
     for rec in records:  # before anything is written
         check_orientation(rec, runner.checkpoint.get("orientation"), runner.path)
+    norm = Normalization.from_dict(runner.checkpoint.get("normalization"))
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for k, rec in enumerate(records):
         sid = f"{rec.subject}_{rec.session}" if rec.session else rec.subject
-        vol = load_subject(rec)
+        vol = load_normalised(rec, norm)  # as the checkpoint's stage trained
         pred = runner(vol)
         spacing = tuple(float(s) for s in voxel_sizes(vol.affine))
         values = segmentation_metrics(pred, vol.label, spacing)

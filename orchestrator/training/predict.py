@@ -1,6 +1,7 @@
 """Lesion masks for new T1w scans from a trained checkpoint (`orchestrator predict`).
 
-The image is validated and normalised exactly as in training (`load_subject`), labelled
+The image is validated and normalised exactly as in training (`load_subject`, or the
+dataset mean/std the checkpoint's stage used: `data/intensity.py`), labelled
 whole (3D: sliding window with the checkpoint's patch; LCNN: slice by slice), and the
 uint8 mask is written with the input's affine and header, so it overlays the input in
 any viewer.
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from orchestrator.atomic import atomic_path
+from orchestrator.data.intensity import Normalization, load_normalised
 from orchestrator.data.records import SubjectRecord, Volume
-from orchestrator.data.sources import check_orientation, load_subject
+from orchestrator.data.sources import check_orientation
 from orchestrator.errors import DataError
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
 from orchestrator.training.devices import resolve_device
@@ -118,12 +120,13 @@ def output_path(image: Path, input: Path, out: Path | None) -> Path:
     return out / name
 
 
-def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
+def predict_paths(checkpoint: Path | InferenceModel, input: Path, out: Path | None = None,
                   device: str | torch.device = "auto") -> list[Path]:
     """Label one T1w image, or every image in a folder, with a trained checkpoint.
 
     Args:
-        checkpoint: a `best.pt`/`final.pt`/`last.pt` of a stage.
+        checkpoint: a `best.pt`/`final.pt`/`last.pt` of a stage, or a loaded model
+            (`load_inference_model`, `crossval.load_fold_ensemble`).
         input: a .nii/.nii.gz image, or a folder of them (not searched recursively).
         out: for a file input, the output file; for a folder, the output folder. Default:
             `<input stem>_pred.nii.gz` beside each input image.
@@ -140,13 +143,14 @@ def predict_paths(checkpoint: Path, input: Path, out: Path | None = None,
     """
     input, out = Path(input), None if out is None else Path(out)
     images = [SubjectRecord(image_stem(p), "", p, None) for p in list_inputs(input)]
-    runner = load_inference_model(checkpoint, device)
+    runner = (checkpoint if isinstance(checkpoint, InferenceModel)  # e.g. a K-fold ensemble
+              else load_inference_model(checkpoint, device))
     for rec in images:  # before anything is written
         check_orientation(rec, runner.checkpoint.get("orientation"), runner.path)
     written = []
     for rec in images:
         image = rec.image
-        vol = load_subject(rec)
+        vol = load_normalised(rec, Normalization.from_dict(runner.checkpoint.get("normalization")))
         target = output_path(image, input, out)
         write_mask(runner(vol), image, target)
         logger.info("%s -> %s", image, target)

@@ -32,6 +32,29 @@ def amp_dtype_for(device_type: str, amp: bool, prefer: str = "auto") -> torch.dt
     return torch.bfloat16
 
 
+def lcnn_dice_ce(spec: StageSpec) -> nn.Module:
+    """LCNN's Dice + cross-entropy: the Dice term over every class or the foreground only
+    (`dice_include_background`), the cross-entropy weighted per class (`class_weights`;
+    MONAI's own `weight` would weight the Dice term too)."""
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=spec.dice_include_background)
+    if spec.class_weights is not None:
+        loss.cross_entropy = WeightedCrossEntropy(spec.class_weights)
+    return loss
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with class weights made on the logits' device at each call (so one
+    loss serves the CPU, a GPU and the planner's fake tensors)."""
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor(self.weights, device=logits.device, dtype=logits.dtype)
+        return nn.functional.cross_entropy(logits, target, weight=w)
+
+
 class Objective:
     """Forward pass and loss of one batch of a stage.
 
@@ -47,7 +70,7 @@ class Objective:
 
     def __init__(self, spec: StageSpec) -> None:
         self.lcnn = spec.kind == "lcnn"
-        base: nn.Module = (DiceCELoss(to_onehot_y=True, softmax=True) if self.lcnn
+        base: nn.Module = (lcnn_dice_ce(spec) if self.lcnn
                            else GeneralizedDiceFocalLoss(spec.focal_gamma, alpha=spec.focal_alpha))
         weights = list(spec.deep_supervision_weights) if spec.deep_supervision_weights else None
         self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp", weights=weights)

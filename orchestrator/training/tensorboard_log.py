@@ -180,10 +180,9 @@ def log_epoch(runner: Any, row: dict[str, Any]) -> None:
 def validation_overlay(runner: Any) -> np.ndarray:
     """(H, W, 3) uint8: an axial slice of the first validation subject through its largest
     lesion (the middle slice without one), truth green, prediction red, overlap yellow."""
-    from orchestrator.data.volume import load_subject
     from orchestrator.training.metrics import largest_lesion_centroid
 
-    vol = load_subject(runner.val_recs[0])
+    vol = runner.load(runner.val_recs[0])
     was_training = runner.model.training
     runner.model.eval()
     pred = runner.predict(runner.model, vol)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, StagePlan, load_plan
 from orchestrator.data.host_memory import bound_volume_cache
+from orchestrator.data.intensity import Normalization, load_normalised
 from orchestrator.data.sources import training_orientation
 from orchestrator.errors import CheckpointError, StageFailed
 from orchestrator.runs import state as run_state
@@ -138,6 +139,8 @@ class StageRunner:
         self.step_batch = self.sp.batch_size * spec.grad_accum_steps
         self.dataset = _training_dataset(self.sp, self.train_recs, self.step_batch,
                                          self.train_step.needs_sdm)
+        self.normalization = Normalization.of_stage(spec)  # z-score or the dataset's mean/std
+        self.dataset.normalization = self.normalization
         if spec.freeze == "encoder":
             for p in self.model.encoder_parameters():
                 p.requires_grad_(False)
@@ -246,6 +249,10 @@ class StageRunner:
         return (f"hand-off from {report['from']} ({src}), max output diff "
                 f"{report['max_output_diff']:.2e}")
 
+    def load(self, rec: Any) -> Any:
+        """A subject loaded and normalised as this stage trains on it."""
+        return load_normalised(rec, self.normalization)
+
     def model_input_channels(self) -> int:
         model = self.sp.spec.model
         return int(model.get("in_slices", 5) if self.sp.kind == "lcnn" else model.get("in_channels", 1))
@@ -260,7 +267,8 @@ class StageRunner:
                              "model_kwargs": self.sp.model_kwargs(),
                              "input_size_vox": list(self.sp.input_size_vox),
                              "model": self.model.state_dict(), "best_dice": self.progress.best_dice,
-                             "orientation": self.orientation}
+                             "orientation": self.orientation,
+                             "normalization": self.normalization.as_dict()}
         if full:
             p.update(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                      scaler=self.scaler.state_dict(), progress=self.progress.__dict__.copy(),
@@ -354,7 +362,7 @@ class StageRunner:
         row: dict[str, Any] = {"epoch": pr.epoch + 1, "train_loss": round(mean_loss, 6),
                                "lr": self.sched.get_last_lr()[0]}
         if (pr.epoch + 1) % spec.val_every_epochs == 0 or pr.epoch + 1 == spec.max_epochs:
-            row.update(validate(self.model, self.val_recs, self.predict))
+            row.update(validate(self.model, self.val_recs, self.predict, self.load))
         row["seconds"] = round(seconds, 2)
         row.update(peak_memory_gb(self.device))
         pr.epoch += 1

@@ -62,15 +62,17 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
 
 
 def validate(model: nn.Module, records: Sequence[Any],
-             predict: Callable[[nn.Module, Any], np.ndarray]) -> dict[str, float]:
+             predict: Callable[[nn.Module, Any], np.ndarray],
+             load: Callable[[Any], Any] | None = None) -> dict[str, float]:
     """Mean Dice and IoU over the validation subjects (each volume loaded, predicted, dropped)."""
     from orchestrator.data.sources import load_subject
 
+    load = load or load_subject  # the stage's normalisation (data/intensity.py)
     was_training = model.training
     model.eval()
     scores, ious = [], []
     for rec in records:
-        vol = load_subject(rec)
+        vol = load(rec)
         pred = predict(model, vol)
         scores.append(dice_score(pred, vol.label))
         ious.append(iou_score(pred, vol.label))
