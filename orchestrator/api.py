@@ -55,6 +55,7 @@ class RunRow(TypedDict, total=False):
     executor: str | None
     stages: list[StageRow]
     folds: int
+    cv: dict[str, Any]  # K-fold run: per stage {"best_dice": {mean, std, n}, "completed", "folds"}
 
 
 def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",

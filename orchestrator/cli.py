@@ -281,39 +281,51 @@ def doctor(cluster: Cluster = None, data: DataDir = None) -> None:
         raise typer.Exit(2)
 
 
-Checkpoint = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", help="A stage's best.pt or final.pt (or give --run).")]
-ModelOfRun = Annotated[Optional[str], typer.Option(
-    "--run", help="Use the run's model, runs/RUN/best.pt: its best epoch over all stages.")]
 OnDevice = Annotated[str, typer.Option(
     "--device", help="auto | cuda | cpu. auto: the GPU where there is one, else the CPU.")]
 
 
-def _model_file(checkpoint: Path | None, run: str | None, runs_dir: Path) -> Path:
-    """--checkpoint, or the run's model for --run (exactly one of them)."""
-    from orchestrator.errors import ConfigError
-    from orchestrator.training.run_model import run_model_path
+RunOption = Annotated[Optional[str], typer.Option(
+    "--run", help="A run instead of --checkpoint: its best.pt; a K-fold run: every fold's model "
+    "(evaluate: each on its validation subjects, mean ± std; predict: their ensemble).")]
 
+
+def _one_source(checkpoint: Path | None, run: str | None) -> None:
     if (checkpoint is None) == (run is None):
-        raise ConfigError("--checkpoint/--run: expected one of them (a checkpoint file, or a run "
-                          "whose model, runs/RUN/best.pt, to use)")
-    return checkpoint if checkpoint is not None else run_model_path(runs_dir, str(run))
+        raise typer.BadParameter("give --checkpoint CKPT or --run RUN (one of them)",
+                                 param_hint="--checkpoint/--run")
 
 
 @app.command()
-def evaluate(data: Annotated[Path, typer.Option("--data", help="Labelled data tree (or cache).")],
-             checkpoint: Checkpoint = None, run: ModelOfRun = None, runs_dir: RunsDir = Path("runs"),
+def evaluate(checkpoint: Annotated[Optional[Path], typer.Option(
+                 "--checkpoint", help="A stage's best.pt or final.pt.")] = None,
+             data: Annotated[Optional[Path], typer.Option(
+                 "--data", help="Labelled data tree (or cache); with --run, default: the run's.")] = None,
              out_dir: Annotated[Optional[Path], typer.Option(
-                 "--out", help="Default: the checkpoint's stage (or run) folder's eval/.")] = None,
-             device: OnDevice = "auto", json_out: Json = False) -> None:
+                 "--out", help="Default: the stage folder's eval/ (--run: runs/<run>/eval/).")] = None,
+             device: OnDevice = "auto", json_out: Json = False, run: RunOption = None,
+             runs_dir: RunsDir = Path("runs")) -> None:
     """Whole-volume inference over a labelled dataset: report.json, subjects.csv, overlays."""
     from orchestrator.training.evaluate import evaluate_checkpoint
 
-    checkpoint = _model_file(checkpoint, run, runs_dir)
-    with render.counter(err, "evaluating subjects", 0) as tick:
-        report = evaluate_checkpoint(checkpoint, data, out_dir, device=device, progress=tick)
+    _one_source(checkpoint, run)
+    if checkpoint is not None and data is None:
+        raise typer.BadParameter("--checkpoint needs --data DIR", param_hint="--data")
+    with render.counter(err, "evaluating", 0) as tick:
+        if run is not None:
+            from orchestrator.runs.status import run_plan_path
+            from orchestrator.training.crossval import evaluate_run
+
+            run_dir = run_plan_path(runs_dir, run).parent
+            report = evaluate_run(run_dir, data, out_dir, device=device, progress=tick)
+        else:
+            report = evaluate_checkpoint(checkpoint, data, out_dir, device=device, progress=tick)
     if json_out:
         _emit_json(report)
+        return
+    if "summary" in report:  # a K-fold run: each fold on its own validation subjects
+        render.cv_table(out, report)
+        out.print(f"report: {report['out_dir']}/cv_report.json")
         return
     render.metrics_table(out, report["metrics"])
     out.print(f"report: {report['out_dir']}/report.json")
@@ -321,14 +333,22 @@ def evaluate(data: Annotated[Path, typer.Option("--data", help="Labelled data tr
 
 @app.command()
 def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
-            checkpoint: Checkpoint = None, run: ModelOfRun = None, runs_dir: RunsDir = Path("runs"),
+            checkpoint: Annotated[Optional[Path], typer.Option(
+                "--checkpoint", help="A stage's best.pt or final.pt.")] = None,
             out_path: Annotated[Optional[Path], typer.Option(
                 "--out", help="File (one input) or folder; default: beside the input.")] = None,
-            device: OnDevice = "auto") -> None:
+            device: OnDevice = "auto", run: RunOption = None, runs_dir: RunsDir = Path("runs")) -> None:
     """Write lesion masks (NIfTI, the input's affine and header) for new images."""
     from orchestrator.training.predict import predict_paths
 
-    for path in predict_paths(_model_file(checkpoint, run, runs_dir), input_path, out_path, device=device):
+    _one_source(checkpoint, run)
+    model: Any = checkpoint
+    if run is not None:
+        from orchestrator.runs.status import run_plan_path
+        from orchestrator.training.crossval import run_model
+
+        model = run_model(run_plan_path(runs_dir, run).parent, device)
+    for path in predict_paths(model, input_path, out_path, device=device):
         out.print(str(path))
 
 

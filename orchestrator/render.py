@@ -13,6 +13,7 @@ from rich.table import Table
 
 from orchestrator.config import DEFAULT_TIME_MIN, Plan
 from orchestrator.planning.resources import describe, stage_resources
+from orchestrator.runs.cv_summary import format_mean_std
 
 
 def _size(s: Any) -> str:
@@ -211,6 +212,9 @@ def status(console: Console, doc: dict[str, Any], run: str | None) -> None:
     for r in doc["runs"] if run else []:
         for line in run_model_lines(r):
             console.print(line, highlight=False, soft_wrap=True)
+        for stage, cv in r.get("cv", {}).items():  # a K-fold run: over the folds
+            console.print(f"{stage}: best Dice {format_mean_std(cv['best_dice'])}, "
+                          f"{cv['completed']}/{cv['folds']} folds complete", highlight=False)
         for s in r["stages"]:
             if s["state"] == "FAILED":
                 console.print(f"[red]{s['name']} failed[/]: {s['error'] or 'no final.pt'} (log: {s['log']})")
@@ -250,6 +254,20 @@ def metrics_table(console: Console, metrics: dict[str, dict[str, float]]) -> Non
     for name, stats in metrics.items():
         keys = ("mean", "median", "std", "min", "max")
         t.add_row(name, *(f"{stats.get(k, float('nan')):.4g}" for k in keys))
+    console.print(t)
+
+
+def cv_table(console: Console, report: dict[str, Any]) -> None:
+    """`evaluate --run` on a K-fold run: each fold's mean, and mean ± std over the folds."""
+    folds = report["folds"]
+    t = Table(title=f"{report['run']}: {len(folds)} folds, each on its own validation subjects")
+    t.add_column("metric")
+    for f in folds:
+        t.add_column(f"fold {f['fold']}", justify="right")
+    t.add_column("mean ± std", justify="right")
+    for name, summary in report["summary"].items():
+        spread = "-" if summary["mean"] is None else f"{summary['mean']:.4g} ± {summary['std']:.2g}"
+        t.add_row(name, *(f"{f['metrics'][name]['mean']:.4g}" for f in folds), spread)
     console.print(t)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from orchestrator.runs import state as run_state
+from orchestrator.runs.cv_summary import stage_summary
 
 SlurmQuery = Callable[[list[str]], "dict[str, str] | None"]
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED"}
@@ -180,5 +181,6 @@ def collect_status(runs_dir: Path, run: str | None = None,
         if len(parts) > 1:
             doc["folds"] = len(parts) - 1
             doc["fold_models"] = {f: st.get("model") for f, _, st in parts if f is not None}
+            doc["cv"] = stage_summary(rows)  # per stage: best Dice mean ± std over the folds
         runs.append(doc)
     return {"runs": runs, "slurm": "unavailable: showing the on-disk state" if slurm is None else "ok"}
