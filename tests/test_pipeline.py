@@ -31,6 +31,13 @@ def test_local_executor_runs_the_chain_with_handoffs(tmp_path: Path, tiny_data: 
     assert run["state"] == "COMPLETED"
     assert [s["state"] for s in run["stages"]] == ["COMPLETED"] * 4 + ["NOT_SUBMITTED"]  # --no-lcnn
     assert all(s["attempts"] == 1 and s["epoch"] == 1 for s in run["stages"][:4])
+    # `tensorboard --logdir runs/`: the 4 stages (4 processes) in sequence on one step axis
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(plan.run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("stage/index")] == [(2, 1), (4, 2), (6, 3), (8, 4)]
+    assert [e.step for e in acc.Scalars("val/dice")] == [2, 4, 6, 8]
 
 
 def test_failed_stage_cancels_the_rest_and_status_names_it(tmp_path: Path, tiny_data: Path) -> None:
