@@ -31,7 +31,7 @@ def atlas_like_dataset(n_subjects: int, shape_vox: tuple[int, int, int] = ATLAS_
     Raises:
         ConfigError: `n_subjects` is below 1.
     """
-    from orchestrator.data.atlas import SubjectRecord
+    from orchestrator.data.records import SubjectRecord
     from orchestrator.errors import ConfigError
     from orchestrator.planning.schedule import DatasetSize
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from orchestrator import config as c
-from orchestrator.runs.atomic import atomic_write_text
+from orchestrator.atomic import atomic_write_text
 
 DOC_PATH = c.REPO_ROOT / "docs" / "configuration.md"
 
