@@ -12,7 +12,7 @@ from PIL import Image
 
 from orchestrator.config import StageSpec, parse_model
 from orchestrator.data.intensity import Normalization, load_normalised
-from orchestrator.data.pngslices import png_records
+from orchestrator.data.pngslices import find_records
 from orchestrator.errors import ConfigError
 from orchestrator.planning.slice_size import fit_slice_to_data
 from orchestrator.training.checkpoints import load_checkpoint
@@ -91,7 +91,7 @@ def test_slice_size_pads_to_the_multiple_and_never_shrinks() -> None:
 
 def test_dataset_normalisation_is_the_seeds(tmp_path: Path) -> None:
     data = _png_tree(tmp_path / "png", patients=1, slices=2, size_hw=(64, 64))
-    rec = png_records(data)[0]
+    rec = find_records(data)[0]
     raw = np.asarray(Image.open(data / "images" / "patient0" / "001.png"), dtype=np.float32)
     vol = load_normalised(rec, Normalization("dataset", SEED_MEAN, SEED_STD))
     np.testing.assert_allclose(vol.image[:, :, 1], ((raw / 255 - SEED_MEAN) / SEED_STD).T, rtol=1e-6)
