@@ -291,9 +291,11 @@ RunOption = Annotated[Optional[str], typer.Option(
 
 
 def _one_source(checkpoint: Path | None, run: str | None) -> None:
+    from orchestrator.errors import ConfigError
+
     if (checkpoint is None) == (run is None):
-        raise typer.BadParameter("give --checkpoint CKPT or --run RUN (one of them)",
-                                 param_hint="--checkpoint/--run")
+        raise ConfigError("--checkpoint/--run: expected one of them (a checkpoint file, or a run "
+                          "whose model, runs/RUN/best.pt, to use)")
 
 
 @app.command()

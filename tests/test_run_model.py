@@ -20,7 +20,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.status import collect_status
 from orchestrator.training.checkpoints import load_checkpoint
-from orchestrator.training.run_model import RunModel, run_model_path
+from orchestrator.training.run_model import RunModel, run_model_file
 from orchestrator.training.run_report import build_report
 from orchestrator.training.trainer import run_stage
 
@@ -113,22 +113,15 @@ def test_evaluate_and_predict_take_the_run(two_stages: Path, tiny_data: Path, tm
 
 
 def test_run_option_errors(tmp_path: Path) -> None:
-    from orchestrator.cli import _model_file
+    from orchestrator.cli import _one_source
 
     with pytest.raises(ConfigError, match="--checkpoint/--run: expected one of them"):
-        _model_file(None, None, tmp_path)
+        _one_source(None, None)
     with pytest.raises(ConfigError, match="--checkpoint/--run: expected one of them"):
-        _model_file(tmp_path / "x.pt", "r", tmp_path)
+        _one_source(tmp_path / "x.pt", "r")
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "plan.yaml").write_text("run: r\n")
     with pytest.raises(ConfigError, match=r"--run r: .*best\.pt does not exist yet"):
-        run_model_path(tmp_path, "r")
-    for i in (0, 1):  # a cross-validation run: one model per fold
-        (tmp_path / "r" / "folds" / f"fold{i}").mkdir(parents=True)
-        (tmp_path / "r" / "folds" / f"fold{i}" / "plan.yaml").write_text("run: x\n")
-    with pytest.raises(ConfigError, match=r"each fold has its own model: expected one of "
-                                          r"r/folds/fold0, r/folds/fold1"):
-        run_model_path(tmp_path, "r")
+        run_model_file(tmp_path / "r")
 
 
 def test_status_marks_a_stage_that_ended_below_the_run(two_stages: Path, tmp_path: Path) -> None:

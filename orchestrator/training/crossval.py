@@ -26,6 +26,7 @@ from orchestrator.runs.cv_summary import metric_summary
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.predict import InferenceModel
+from orchestrator.training.run_model import run_model_file
 from orchestrator.training.validation import volume_predictor
 
 logger = logging.getLogger(__name__)
@@ -163,18 +164,14 @@ def run_model(run_dir: Path, device: str | torch.device = "auto") -> InferenceMo
     run's best.pt (the best validation checkpoint over its stages).
 
     Raises:
-        CheckpointError: the run has neither.
+        ConfigError: the run has no model yet; CheckpointError: a fold has none.
     """
     from orchestrator.training.predict import load_inference_model
 
     run_dir = Path(run_dir)
     if run_state.fold_run_dirs(run_dir):
         return load_fold_ensemble(run_dir, device)
-    best = run_dir / "best.pt"
-    if not best.exists():
-        raise CheckpointError(f"{best}: not found; expected a run whose stages trained (or give "
-                              "--checkpoint a stage's best.pt)")
-    return load_inference_model(best, device)
+    return load_inference_model(run_model_file(run_dir), device)
 
 
 def evaluate_run(run_dir: Path, data_dir: Path | None = None, out_dir: Path | None = None,

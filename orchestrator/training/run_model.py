@@ -8,7 +8,7 @@ where it left them; a kill between the file and the record is repaired from the 
 header when the next stage starts. LCNN runs (2D, beside the chain) do not take part.
 A cross-validation fold is a run of its own (`runs/<run>/folds/fold<i>/best.pt`).
 
-`evaluate --run RUN` and `predict --run RUN` take this file (`run_model_path`).
+`evaluate --run RUN` and `predict --run RUN` take this file (`run_model_file`).
 """
 from __future__ import annotations
 
@@ -74,24 +74,16 @@ class RunModel:
         return taken
 
 
-def run_model_path(runs_dir: Path, run: str) -> Path:
-    """runs_dir/run/best.pt of an existing run.
+def run_model_file(run_dir: Path) -> Path:
+    """run_dir/best.pt, the model of a run that is not a cross-validation run (those have
+    one per fold: training/crossval.py).
 
     Raises:
-        ConfigError: no such run; a cross-validation run (its folds each have a model: the
-            message names them); or no stage of the run has validated yet.
+        ConfigError: no stage of the run has validated yet.
     """
-    from orchestrator.runs.status import run_plan_path
-
-    run_dir = run_plan_path(Path(runs_dir), run).parent
-    path = run_dir / RUN_MODEL_FILE
+    path = Path(run_dir) / RUN_MODEL_FILE
     if path.exists():
         return path
-    folds = run_state.fold_run_dirs(run_dir)
-    if folds:
-        names = ", ".join(f"{run}/{run_state.FOLDS_DIR}/{f.name}" for f in folds)
-        raise ConfigError(f"--run {run}: a cross-validation run; each fold has its own model: "
-                          f"expected one of {names}")
-    raise ConfigError(f"--run {run}: {path} does not exist yet; expected a run with at least one "
-                      "validated epoch of a 3D stage (see `orchestrator status "
-                      f"{run} --runs-dir {runs_dir}`)")
+    raise ConfigError(f"--run {Path(run_dir).name}: {path} does not exist yet; expected a run with "
+                      "at least one validated epoch of a 3D stage (see `orchestrator status "
+                      f"{Path(run_dir).name}`)")
