@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -74,8 +76,8 @@ def test_predict_run_is_the_mean_of_the_folds_softmax(cv_run: Path, tiny_data: P
                                                       tmp_path: Path) -> None:
     ensemble = load_fold_ensemble(cv_run, "cpu")
     members = list(ensemble.model.members)
-    assert len(members) == 2 and ensemble.checkpoint["folds"] == [  # stage 1: the one trained
-        str(cv_run / "folds" / f"fold{k}" / S1 / "checkpoints" / "best.pt") for k in (0, 1)]
+    assert len(members) == 2 and ensemble.checkpoint["folds"] == [  # each fold's run model
+        str(cv_run / "folds" / f"fold{k}" / "best.pt") for k in (0, 1)]
     assert [str(p) for p in fold_models(cv_run)] == ensemble.checkpoint["folds"]
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -107,5 +109,8 @@ def test_errors_name_what_is_missing(tmp_path: Path, cv_run: Path) -> None:
         fold_models(cv_run, stage="stage2_cnn_attention")
     with pytest.raises(ConfigError, match="no stage 'stage9'"):
         fold_models(cv_run, stage="stage9")
-    res = CliRunner().invoke(app, ["predict", "--input", "x.nii.gz"])
-    assert res.exit_code == 2 and "--checkpoint CKPT or --run RUN" in res.output
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--input", "x.nii.gz"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("error: --checkpoint/--run: expected one of them (a checkpoint "
+                                  "file, or a run whose model, runs/RUN/best.pt, to use)")
