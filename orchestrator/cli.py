@@ -18,7 +18,7 @@ from rich.console import Console
 
 from orchestrator import render
 from orchestrator.config import DEFAULT_CURRICULUM, load_plan
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 
 app = typer.Typer(help="Plan, submit and watch progressive 3D stroke-lesion training on SLURM.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -374,13 +374,25 @@ def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wr
                subjects: Annotated[int, typer.Option("--subjects", min=1, help="How many subjects.")] = 4,
                shape: Annotated[tuple[int, int, int], typer.Option(
                    "--shape", help="Volume size X Y Z (1 mm voxels).")] = (197, 233, 189),
-               seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0) -> None:
-    """Write an ATLAS R2.0-style tree of brain-like phantoms with lesions."""
-    from orchestrator.data.synth import synthesize_atlas
-
+               seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+               anatomy: Annotated[str, typer.Option(
+                   "--anatomy", help="phantom (drawn heads, --shape) | mni152 (the real MNI152 "
+                   "2009 template at 2 mm, 98x116x94, fetched from PyPI on first use)")]
+               = "phantom") -> None:
+    """Write an ATLAS R2.0-style tree of synthetic subjects with stroke-like lesions."""
+    if anatomy not in ("phantom", "mni152"):
+        raise ConfigError(f"data synth: --anatomy {anatomy!r}; expected phantom or mni152")
     with render.counter(err, "synthesising subjects", subjects) as tick:
-        recs = synthesize_atlas(out_dir, subjects, shape, seed, progress=tick)
-    out.print(f"wrote {len(recs)} subjects ({'x'.join(map(str, shape))}) under {out_dir}")
+        if anatomy == "mni152":
+            from orchestrator.data.mni152 import MNI152_SHAPE_VOX, synthesize_mni152
+
+            recs = synthesize_mni152(out_dir, subjects, seed, progress=tick)
+            shape = MNI152_SHAPE_VOX
+        else:
+            from orchestrator.data.synth import synthesize_atlas
+
+            recs = synthesize_atlas(out_dir, subjects, shape, seed, progress=tick)
+    out.print(f"wrote {len(recs)} {anatomy} subjects ({'x'.join(map(str, shape))}) under {out_dir}")
 
 
 @data_app.command("check")

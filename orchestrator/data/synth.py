@@ -95,20 +95,29 @@ def synthesize_atlas(
     out_dir = Path(out_dir)
     records = []
     for k in range(subjects):
-        site, index = divmod(k, SUBJECTS_PER_SITE)
-        subject = f"sub-r{site + 1:03d}s{index + 1:03d}"
-        anat = out_dir / "Training" / f"R{site + 1:03d}" / subject / "ses-1" / "anat"
-        stem = f"{subject}_ses-1_{SPACE}"
-        image_path = anat / f"{stem}_T1w.nii.gz"
-        mask_path = anat / f"{stem}_label-L_desc-T1lesion_mask.nii.gz"
         phantom = synthesize_subject(shape, seed=(seed, k))
-        _save_nifti(phantom.mask, phantom.affine, mask_path)
-        _save_nifti(phantom.image, phantom.affine, image_path)
-        records.append(SubjectRecord(subject, "ses-1", image_path, mask_path))
-        logger.debug("wrote %s (%d lesion voxels)", image_path, int(phantom.mask.sum()))
+        records.append(write_subject(out_dir, k, phantom.image, phantom.mask, phantom.affine))
         if progress is not None:
             progress(k + 1, subjects)
     return sorted(records)
+
+
+def write_subject(out_dir: Path, k: int, image: np.ndarray, mask: np.ndarray,
+                  affine: np.ndarray) -> SubjectRecord:
+    """Write subject number `k` (0-based) of a synthetic tree: mask first, then image.
+
+    `Training/R{site}/sub-r{site}s{index}/ses-1/anat/`, three subjects per site folder.
+    """
+    site, index = divmod(k, SUBJECTS_PER_SITE)
+    subject = f"sub-r{site + 1:03d}s{index + 1:03d}"
+    anat = Path(out_dir) / "Training" / f"R{site + 1:03d}" / subject / "ses-1" / "anat"
+    stem = f"{subject}_ses-1_{SPACE}"
+    image_path = anat / f"{stem}_T1w.nii.gz"
+    mask_path = anat / f"{stem}_label-L_desc-T1lesion_mask.nii.gz"
+    _save_nifti(mask, affine, mask_path)
+    _save_nifti(image, affine, image_path)
+    logger.debug("wrote %s (%d lesion voxels)", image_path, int(mask.sum()))
+    return SubjectRecord(subject, "ses-1", image_path, mask_path)
 
 
 def synthesize_subject(shape_vox: Sequence[int], seed: int | Sequence[int] = 0) -> Phantom:
