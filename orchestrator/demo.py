@@ -13,6 +13,7 @@ from rich.live import Live
 
 from orchestrator import render
 from orchestrator.config import REPO_ROOT
+from orchestrator.data.mni152 import MNI152_SHAPE_VOX
 from orchestrator.data.synth import synthesize_atlas
 from orchestrator.launch.submit import submit_plan
 from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
@@ -25,16 +26,37 @@ DEMO_SHAPE_VOX = (64, 64, 64)
 DEMO_BUDGET_GB = 3.0
 
 
+def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0) -> str:
+    """Brain-anatomy subjects (MNI152 template) in `data_dir` unless it holds subjects
+    already; the phantoms, with a one-line notice, where the template cannot be had.
+    Returns what the folder holds, e.g. "mni152 98x116x94"."""
+    from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
+
+    images = sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
+    if not images:
+        try:
+            with render.counter(err, "synthesising brain-anatomy subjects", subjects) as tick:
+                synthesize_mni152(data_dir, subjects, seed=seed, progress=tick)
+        except TemplateUnavailable as why:
+            err.print(f"[yellow]notice:[/] phantoms instead of MNI152 anatomy ({why})",
+                      highlight=False, soft_wrap=True)
+            with render.counter(err, "synthesising phantoms", subjects) as tick:
+                synthesize_atlas(data_dir, subjects, DEMO_SHAPE_VOX, seed=seed, progress=tick)
+        images = sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
+    import nibabel as nib
+
+    shape = tuple(nib.load(str(images[0])).shape)
+    kind = "mni152" if shape == MNI152_SHAPE_VOX else "phantoms"
+    return f"{kind} {'x'.join(map(str, shape))}"
+
+
 def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Console) -> dict:
     """Run the whole pipeline; returns the run's status document."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
-    if not any(data_dir.glob("Training/*/sub-*")):
-        with render.counter(err, "synthesising phantoms", subjects) as tick:
-            synthesize_atlas(data_dir, subjects, DEMO_SHAPE_VOX, seed=0, progress=tick)
-    out.print(f"[bold]1/3 data[/]: {subjects} synthetic subjects "
-              f"({'x'.join(map(str, DEMO_SHAPE_VOX))}) in {data_dir}")
+    what = synthetic_data(data_dir, subjects, err)
+    out.print(f"[bold]1/3 data[/]: {subjects} synthetic subjects ({what}) in {data_dir}")
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     req = PlanRequest(curriculum=DEMO_CURRICULUM, target_mem_gb=DEMO_BUDGET_GB, device="cpu",
                       cluster="local", data_dir=data_dir, run=run, runs_dir=out_dir / "runs")
@@ -54,7 +76,9 @@ def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Con
     out.print(f"[green]demo finished in {minutes:.1f} min[/]: run {plan.run_dir}")
     for s in doc["runs"][0]["stages"]:
         dice = s["best_dice"]
-        out.print(f"  {s['name']}: best val Dice {dice:.3f}" if isinstance(dice, float)
+        start = render.handoff_dice(s.get("handoff"))
+        start = f", epoch-0 Dice after the hand-off {start}" if start != "-" else ""
+        out.print(f"  {s['name']}: best val Dice {dice:.3f}{start}" if isinstance(dice, float)
                   else f"  {s['name']}: {s['state']}")
     for line in render.run_model_lines(doc["runs"][0]):
         out.print(line, highlight=False, soft_wrap=True)

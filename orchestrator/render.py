@@ -153,13 +153,14 @@ def status_table(doc: dict[str, Any], run: str | None) -> Table:
         return t
     r = doc["runs"][0]
     t = Table(title=f"{r['run']}: {r['state']}")
-    for col in ("stage", "job", "state", "SLURM", "attempts", "epoch", "best Dice", "peak GB",
-                "elapsed", "ETA"):
+    for col in ("stage", "job", "state", "SLURM", "attempts", "epoch", "start Dice", "best Dice",
+                "peak GB", "elapsed", "ETA"):
         t.add_column(col)
     for s in r["stages"]:
         t.add_row(s["name"], str(s["job_id"] or "-"), s["state"], s["slurm_state"] or "-",
                   f"{s['attempts']} ({s['requeues']} requeued)", f"{s['epoch']}/{s['max_epochs']}",
-                  _stage_dice(s), f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",
+                  handoff_dice(s.get("handoff")), _stage_dice(s),
+                  f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",
                   _duration(s.get("elapsed_s")), _duration(s.get("eta_s")))
     return t
 
@@ -188,6 +189,16 @@ def run_model_lines(r: dict[str, Any]) -> list[str]:
                          f"best Dice {s['best_dice']:.3f} < {before['dice']:.3f} ({before['stage']} "
                          f"epoch {before['epoch']}); the run's model stays the better one")
     return lines
+
+
+def handoff_dice(handoff: dict[str, Any] | None) -> str:
+    """"0.612 (prev 0.690)": a stage's epoch-0 validation Dice after its hand-off, next to
+    the previous stage's final one; "-" for a stage that did not start from a hand-off."""
+    if not handoff or not isinstance(handoff.get("epoch0_dice"), (int, float)):
+        return "-"
+    prev = handoff.get("previous_final_dice")
+    return f"{handoff['epoch0_dice']:.3f} (prev {prev:.3f})" if isinstance(prev, (int, float)) \
+        else f"{handoff['epoch0_dice']:.3f}"
 
 
 def _duration(seconds: float | None) -> str:

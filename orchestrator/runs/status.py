@@ -83,6 +83,7 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
             "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
+            "handoff": entry.get("handoff"),  # epoch-0 Dice vs the previous stage's final
             "error": entry.get("error") or (f"process {entry.get('pid')} on {entry.get('host')} "
                                             "ended without a word; resume continues from last.pt"
                                             if gone and st == run_state.INTERRUPTED else None),

@@ -47,8 +47,10 @@ class MetricsLog:
         self.rows.append(row)
         self._flush()
 
-    def val_dices(self) -> list[float]:
-        return [float(r["val_dice"]) for r in self.rows if r.get("val_dice") not in (None, "")]
+    def val_dices(self, with_start: bool = False) -> list[float]:
+        """Validation Dice per trained epoch (with_start: also the epoch-0 row of a hand-off)."""
+        return [float(r["val_dice"]) for r in self.rows if r.get("val_dice") not in (None, "")
+                and (with_start or int(r["epoch"]) > 0)]
 
     def _flush(self) -> None:
         fields: list[str] = []

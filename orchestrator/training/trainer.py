@@ -196,7 +196,9 @@ class StageRunner:
         if self.run_model is not None:  # status marks a stage that ends below this
             self.record(run_model_before=self.run_model.record)
         if self.is_writer and self.log.rows:  # rows of an attempt whose last.pt is gone
-            self.log.truncate_after(0)
+            self.log.truncate_after(-1)
+        if self.is_writer and self.sp.init_from:
+            how += self._validate_handoff()
         if fresh:
             if self.is_writer:  # a kill before the next last.pt must not resume the old one
                 last.unlink(missing_ok=True)
@@ -252,6 +254,27 @@ class StageRunner:
     def load(self, rec: Any) -> Any:
         """A subject loaded and normalised as this stage trains on it."""
         return load_normalised(rec, self.normalization)
+
+    def _validate_handoff(self) -> str:
+        """Validate the handed-off model before its first step: metrics.csv's epoch-0 row,
+        next to the previous stage's final validation Dice in handoff.json and state.json.
+        The stage's best.pt starts as this model, so a stage never ends below its start."""
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": 0, **validate(self.model, self.val_recs, self.predict, self.load)}
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        self.log.write_row(row)
+        dice = row["val_dice"]
+        prev = previous_final_dice(stage_dir(self.plan, str(self.sp.init_from)))
+        report_path = self.dir / "handoff.json"
+        report = json.loads(report_path.read_text())
+        report.update(previous_final_dice=prev, epoch0_val_dice=dice)
+        atomic_write_text(report_path, json.dumps(report, indent=2))
+        self.record(handoff={"from": self.sp.init_from, "previous_final_dice": prev,
+                             "epoch0_dice": dice})
+        if isinstance(dice, float) and dice > self.progress.best_dice:
+            self.progress.best_dice = dice
+            ck.save_checkpoint(self.ckpt_dir / "best.pt", self.payload(full=False))
+        return f"; epoch-0 val Dice {dice:.3f} (previous stage's final {prev})"
 
     def model_input_channels(self) -> int:
         model = self.sp.spec.model
@@ -464,6 +487,12 @@ def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
                   final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
     return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
             "start": how, "interrupted": False}
+
+
+def previous_final_dice(prev_dir: Path) -> float | None:
+    """The last validation Dice in a stage's metrics.csv (None: no validated epoch)."""
+    dices = MetricsLog(prev_dir).val_dices()
+    return dices[-1] if dices else None
 
 
 def _early_stop(patience: int | None, dices: list[float]) -> bool:
