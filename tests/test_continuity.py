@@ -39,3 +39,45 @@ def test_epoch0_row_equals_previous_final_dice(tmp_path: Path, tiny_data: Path) 
         assert entry["handoff"] == {"from": prev, "previous_final_dice": final, "epoch0_dice": start}
         assert stages[stage]["handoff"]["epoch0_dice"] == start  # what `status` shows
         assert entry["best_dice"] >= start  # the stage's best.pt starts as the handed-off model
+
+
+def test_new_deep_supervision_heads_ramp_in(tmp_path: Path) -> None:
+    """Into stage 4 the hand-off adds zeroed deep-supervision heads; at aux scale 0 the loss
+    is the handed-off stage 3 model's, at full weight it is larger (the blank heads' loss)."""
+    import json as _json
+
+    import models
+    import torch
+    from conftest import TINY_CURRICULUM
+
+    from orchestrator.config import load_curriculum
+    from orchestrator.training.continuity import aux_ramp_steps
+    from orchestrator.training.handoff import transfer_weights
+    from orchestrator.training.step import Objective
+
+    (s3, _), (s4, _) = load_curriculum(TINY_CURRICULUM)[1][2:4]
+
+    def build(spec):
+        kw = {k: v for k, v in spec.model.items() if k != "arch"}
+        return models.build_model(spec.model["arch"], base_filters=spec.base_filters,
+                                  input_size_vox=list(spec.input_size_vox), **kw)
+
+    torch.manual_seed(0)
+    old, new = build(s3), build(s4)
+    report = transfer_weights(old, new, (1, 1, 32, 32, 32))
+    x = torch.randn(2, 1, 32, 32, 32)
+    y = (torch.rand(2, 32, 32, 32) > 0.9).long()
+    sdm = torch.randn(2, 1, 32, 32, 32)
+    old.train(), new.train()
+    with torch.no_grad():
+        before = float(Objective(s3)(old, x, y, None, "cpu", 0, sdm=sdm))
+        objective = Objective(s4)
+        full = float(objective(new, x, y, None, "cpu", 0, sdm=sdm))
+        objective.set_aux_scale(0.0)
+        ramped = float(objective(new, x, y, None, "cpu", 0, sdm=sdm))
+    assert abs(ramped - before) <= 1e-3 * before and full > ramped * 1.2, (before, ramped, full)
+    handoff = tmp_path / "handoff.json"
+    handoff.write_text(_json.dumps(report))
+    assert aux_ramp_steps(handoff, s4) == s4.iterations_per_epoch
+    handoff.write_text(_json.dumps({"zeroed": []}))
+    assert aux_ramp_steps(handoff, s4) == 0

@@ -81,6 +81,15 @@ class Objective:
                 regional=self.seg_loss)
         self.alignment_weight = spec.alignment_weight
         self.warmup_epochs = spec.alignment_warmup_epochs
+        heads = int(spec.model.get("deep_supervision_heads", 2)) if spec.model.get("deep_supervision") else 0
+        self.ds_weights = self.seg_loss.get_weights(heads + 1)  # full-resolution first
+
+    def set_aux_scale(self, scale: float) -> None:
+        """Scale the auxiliary (deep-supervision) outputs' loss weights, the full-resolution
+        one kept: deep-supervision heads that a hand-off added start at zero, so their loss
+        is that of a blank prediction, and at full weight it more than doubled the loss and
+        pulled the decoder away from the handed-off function (the trainer ramps it in)."""
+        self.seg_loss.weights = [self.ds_weights[0]] + [w * scale for w in self.ds_weights[1:]]
 
     def alignment_factor(self, epoch: float | None) -> float:
         if epoch is None or self.warmup_epochs == 0:

@@ -29,6 +29,7 @@ from orchestrator.data.sources import training_orientation
 from orchestrator.errors import CheckpointError, StageFailed
 from orchestrator.runs import state as run_state
 from orchestrator.training import checkpoints as ck
+from orchestrator.training.continuity import aux_ramp_steps, validate_handoff
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.display import StepDisplay
 from orchestrator.training.interrupt import leave_signals_to_the_trainer
@@ -114,6 +115,7 @@ class StageRunner:
     is_writer = True  # writes files and displays progress (a DDP rank other than 0 does not)
     display: StepDisplay | None = None
     _last_recorded = False  # state.json names last.pt once this process wrote it
+    aux_ramp_steps = 0  # > 0: deep-supervision heads new from the hand-off ramp in over these
     orientation: str | None = None  # the training images' axis codes (predict checks them)
 
     def __init__(self, plan: Plan, stage: str, device: str = "auto") -> None:
@@ -180,6 +182,12 @@ class StageRunner:
                 message names the file and `resume --fresh`, which starts over on purpose.
                 Also a checkpoint that is unreadable, refused or of another model family.
         """
+        try:
+            return self._start()
+        finally:
+            self.aux_ramp_steps = aux_ramp_steps(self.dir / "handoff.json", self.sp.spec)
+
+    def _start(self) -> str:
         last = self.ckpt_dir / "last.pt"
         entry = run_state.read_state(self.plan.run_dir)["stages"].get(self.sp.name, {})
         fresh = bool(entry.get("fresh_requested"))
@@ -198,7 +206,7 @@ class StageRunner:
         if self.is_writer and self.log.rows:  # rows of an attempt whose last.pt is gone
             self.log.truncate_after(-1)
         if self.is_writer and self.sp.init_from:
-            how += self._validate_handoff()
+            how += validate_handoff(self)
         if fresh:
             if self.is_writer:  # a kill before the next last.pt must not resume the old one
                 last.unlink(missing_ok=True)
@@ -254,27 +262,6 @@ class StageRunner:
     def load(self, rec: Any) -> Any:
         """A subject loaded and normalised as this stage trains on it."""
         return load_normalised(rec, self.normalization)
-
-    def _validate_handoff(self) -> str:
-        """Validate the handed-off model before its first step: metrics.csv's epoch-0 row,
-        next to the previous stage's final validation Dice in handoff.json and state.json.
-        The stage's best.pt starts as this model, so a stage never ends below its start."""
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"epoch": 0, **validate(self.model, self.val_recs, self.predict, self.load)}
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        self.log.write_row(row)
-        dice = row["val_dice"]
-        prev = previous_final_dice(stage_dir(self.plan, str(self.sp.init_from)))
-        report_path = self.dir / "handoff.json"
-        report = json.loads(report_path.read_text())
-        report.update(previous_final_dice=prev, epoch0_val_dice=dice)
-        atomic_write_text(report_path, json.dumps(report, indent=2))
-        self.record(handoff={"from": self.sp.init_from, "previous_final_dice": prev,
-                             "epoch0_dice": dice})
-        if isinstance(dice, float) and dice > self.progress.best_dice:
-            self.progress.best_dice = dice
-            ck.save_checkpoint(self.ckpt_dir / "best.pt", self.payload(full=False))
-        return f"; epoch-0 val Dice {dice:.3f} (previous stage's final {prev})"
 
     def model_input_channels(self) -> int:
         model = self.sp.spec.model
@@ -360,6 +347,8 @@ class StageRunner:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
         sdm = batch["sdm"].to(self.device, non_blocking=True) if "sdm" in batch else None
+        if self.aux_ramp_steps:  # new deep-supervision heads join gradually (see start())
+            self.objective.set_aux_scale(min(1.0, self.progress.global_step / self.aux_ramp_steps))
         result = self.train_step(self.model, self.opt, x, y, sdm=sdm, epoch=self.progress.epoch)
         if result.skipped:
             self._skip_step(result.skipped)
@@ -487,12 +476,6 @@ def _train_to_end(runner: StageRunner, final: Path, max_steps: int | None,
                   final=str(final), epoch=pr.epoch, best_dice=pr.best_dice)
     return {"stage": stage, "best_dice": pr.best_dice, "epochs": pr.epoch, "final": str(final),
             "start": how, "interrupted": False}
-
-
-def previous_final_dice(prev_dir: Path) -> float | None:
-    """The last validation Dice in a stage's metrics.csv (None: no validated epoch)."""
-    dices = MetricsLog(prev_dir).val_dices()
-    return dices[-1] if dices else None
 
 
 def _early_stop(patience: int | None, dices: list[float]) -> bool:
