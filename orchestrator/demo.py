@@ -15,6 +15,7 @@ from orchestrator import render
 from orchestrator.config import REPO_ROOT
 from orchestrator.data.mni152 import MNI152_SHAPE_VOX
 from orchestrator.data.synth import synthesize_atlas
+from orchestrator.errors import ConfigError
 from orchestrator.launch.submit import submit_plan
 from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
 from orchestrator.runs.status import collect_status
@@ -26,18 +27,31 @@ DEMO_SHAPE_VOX = (64, 64, 64)
 DEMO_BUDGET_GB = 3.0
 
 
-def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0) -> str:
-    """Brain-anatomy subjects (MNI152 template) in `data_dir` unless it holds subjects
-    already; the phantoms, with a one-line notice, where the template cannot be had.
-    Returns what the folder holds, e.g. "mni152 98x116x94"."""
+def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0,
+                   anatomy: str = "auto") -> str:
+    """Synthetic subjects in `data_dir` unless it holds subjects already: phantoms, or
+    brain anatomy (MNI152 template; with "auto" the phantoms, after a one-line notice,
+    where the template cannot be had). Returns what the folder holds, e.g.
+    "mni152 98x116x94".
+
+    Raises:
+        ConfigError: an unknown `anatomy`; TemplateUnavailable: "mni152" and no template.
+    """
     from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
 
+    if anatomy not in ("auto", "mni152", "phantom"):
+        raise ConfigError(f"--anatomy {anatomy!r}; expected auto, mni152 or phantom")
     images = sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
-    if not images:
+    if not images and anatomy == "phantom":
+        with render.counter(err, "synthesising phantoms", subjects) as tick:
+            synthesize_atlas(data_dir, subjects, DEMO_SHAPE_VOX, seed=seed, progress=tick)
+    elif not images:
         try:
             with render.counter(err, "synthesising brain-anatomy subjects", subjects) as tick:
                 synthesize_mni152(data_dir, subjects, seed=seed, progress=tick)
         except TemplateUnavailable as why:
+            if anatomy == "mni152":
+                raise
             err.print(f"[yellow]notice:[/] phantoms instead of MNI152 anatomy ({why})",
                       highlight=False, soft_wrap=True)
             with render.counter(err, "synthesising phantoms", subjects) as tick:
@@ -50,12 +64,13 @@ def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0) -
     return f"{kind} {'x'.join(map(str, shape))}"
 
 
-def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Console) -> dict:
+def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Console,
+             anatomy: str = "phantom") -> dict:
     """Run the whole pipeline; returns the run's status document."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
-    what = synthetic_data(data_dir, subjects, err)
+    what = synthetic_data(data_dir, subjects, err, anatomy=anatomy)
     out.print(f"[bold]1/3 data[/]: {subjects} synthetic subjects ({what}) in {data_dir}")
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     req = PlanRequest(curriculum=DEMO_CURRICULUM, target_mem_gb=DEMO_BUDGET_GB, device="cpu",

@@ -1,0 +1,251 @@
+"""`orchestrator bench curriculum`: the progressive chain against stage 4 from scratch, at
+equal compute, on brain-anatomy subjects with held-out test subjects.
+
+Three arms, each given the same training budget:
+- progressive: the demo curriculum's four stages (stages/demo.yaml), the model growing
+  through the hand-off and the patch growing with it (`PATCHES`);
+- scratch: stage 4's model from scratch at stage 4's patch;
+- scratch_growing_patch: stage 4's model from scratch, the patch growing as the
+  progressive arm's does (what the patch-size curriculum alone gives).
+
+Budget unit: training FLOPs, counted by `torch.utils.flop_counter` on one training step
+(forward, loss, backward) of each (model, patch, batch); an arm's spend is its steps times
+their FLOPs. The machine is shared, so seconds measured at different moments are not
+comparable between arms, and voxel-steps ignore that stage 4's model costs more per voxel
+than stage 1's; FLOPs count both the patch and the model. Process CPU seconds are
+reported too, for reference. Validation is not part of the budget: each arm is tested at
+the same budget fractions (`EVAL_FRACTIONS`) on the held-out subjects.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import REPO_ROOT, StagePlan, StageSpec, load_curriculum
+
+CURRICULUM = REPO_ROOT / "stages" / "demo.yaml"
+EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# full size: 98x116x94 brains, 9 training and 4 test subjects
+FULL = {"train": 9, "test": 4, "patches": (32, 32, 48, 64), "steps": (240, 80, 80, 80)}
+QUICK = {"train": 2, "test": 1, "patches": (32, 32, 32, 32), "steps": (2, 1, 1, 1),
+         "phantom_vox": 32}
+ARMS = ("progressive", "scratch", "scratch_growing_patch")
+
+
+def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: int = 0,
+                     anatomy: str = "auto", progress: Callable[[str], None] | None = None) -> dict:
+    """Train the three arms and test them; returns the JSON document (see the module doc).
+
+    Args:
+        quick: a tiny version (phantoms of 48^3, a few steps): for the test of the command.
+        work_dir: where the data go (default: a temporary folder).
+        anatomy: auto (MNI152 where the template can be had, else phantoms), mni152, phantom.
+    """
+    import tempfile
+
+    import torch
+
+    from orchestrator.bench_data import machine_info
+
+    size = QUICK if quick else FULL
+    say = progress or (lambda _m: None)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="bench-curriculum-") as tmp:
+        train, test, what = _data(Path(tmp), size, seed, anatomy, quick)
+        specs = [spec for spec, _ in load_curriculum(CURRICULUM)[1][:4]]
+        patches = [(p,) * 3 for p in size["patches"]]
+        flops = {(i, p): _step_flops(specs[i], p) for i in range(4) for p in set(patches)}
+        chain = [(i, patches[i], size["steps"][i]) for i in range(4)]
+        budget = sum(flops[(i, p)] * n for i, p, n in chain)
+        last = len(specs) - 1
+        plans = {
+            "progressive": chain,
+            "scratch": [(last, patches[-1], round(budget / flops[(last, patches[-1])]))],
+            "scratch_growing_patch": _same_flops_per_patch(chain, flops, last),
+        }
+        arms = {}
+        for name in ARMS:
+            say(f"{name}: {len(plans[name])} phase(s)")
+            arms[name] = _run_arm(plans[name], specs, flops, budget, train, test, seed, say)
+    for name, arm in arms.items():
+        arm["reached_others_final_at"] = {
+            other: _first_reach(arm["curve"], arms[other]["test_dice"]) for other in arms if other != name}
+    return {"bench": "curriculum", "quick": quick, "machine": machine_info(torch.__version__),
+            "data": what, "budget_unit": "GFLOP of training steps (torch.utils.flop_counter)",
+            "budget_gflop": round(budget / 1e9, 3), "eval_fractions": list(EVAL_FRACTIONS),
+            "arms": arms}
+
+
+def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
+    """(train records, test records, description): distinct subjects, test ones held out."""
+    from orchestrator.data.atlas import discover_subjects
+    from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
+    from orchestrator.data.synth import synthesize_atlas
+
+    n = size["train"] + size["test"]
+    kind = "phantom" if quick and anatomy == "auto" else anatomy
+    notice = None
+    if kind in ("auto", "mni152"):
+        try:
+            synthesize_mni152(root, n, seed=seed)
+            kind = "mni152"
+        except TemplateUnavailable as why:
+            if kind == "mni152":
+                raise
+            notice, kind = f"phantoms instead of MNI152 anatomy ({why})", "phantom"
+    if kind == "phantom":
+        side = size.get("phantom_vox", 96)
+        synthesize_atlas(root, n, (side,) * 3, seed=seed)
+    records = discover_subjects(root)
+    train, test = records[:size["train"]], records[size["train"]:]
+    return train, test, {"anatomy": kind, "train_subjects": len(train), "test_subjects": len(test),
+                         "notice": notice}
+
+
+def _stage_plan(spec: StageSpec, patch: tuple[int, int, int]) -> StagePlan:
+    return StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=None, input_size_vox=patch,
+                     base_filters=spec.base_filters, batch_size=spec.batch_size, checkpointing=False,
+                     amp=False, params=0, predicted_gb=0.0, reasons=["bench curriculum"])
+
+
+def _build(spec: StageSpec, patch: tuple[int, int, int]):
+    import models
+
+    return models.build_model(spec.model["arch"], **_stage_plan(spec, patch).model_kwargs())
+
+
+def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:
+    """FLOPs of one training step of the stage's model at `patch` (its batch size)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from orchestrator.training.step import TrainStep, sdm_placeholder
+
+    torch.manual_seed(0)
+    model = _build(spec, patch)
+    step = TrainStep.for_stage(spec, "cpu", False)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    x = torch.randn(spec.batch_size, 1, *patch)
+    y = (torch.rand(spec.batch_size, *patch) > 0.9).long()
+    with FlopCounterMode(display=False) as counter:
+        step(model, opt, x, y, sdm=sdm_placeholder(step, x), epoch=0)
+    return int(counter.get_total_flops())
+
+
+def _same_flops_per_patch(chain, flops, last: int):
+    """Stage 4's model through the chain's patches, each patch given the chain's FLOPs there."""
+    return [(last, p, max(1, round(flops[(i, p)] * n / flops[(last, p)]))) for i, p, n in chain]
+
+
+def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
+             say: Callable[[str], None]) -> dict[str, Any]:
+    """Train the phases in order, testing at the budget fractions; returns the arm's record.
+
+    A phase with another stage's model starts it through the hand-off, with a fresh
+    optimizer and that stage's schedule; a phase with the same model and another patch
+    keeps the model, optimizer and schedule (one cosine over all its phases)."""
+    import torch
+
+    from orchestrator.training.handoff import transfer_weights
+
+    cpu0 = time.process_time()
+    model = opt = sched = step_fn = None
+    spent, curve, handoffs, prev = 0, [], [], None
+    marks = [f * budget for f in EVAL_FRACTIONS]
+    for k, (i, patch, steps) in enumerate(phases):
+        spec = specs[i]
+        if prev is None or prev[0] != i:
+            torch.manual_seed(seed + k)
+            new = _build(spec, patch)
+            if model is not None:
+                before = _test_dice(model, prev[1], test)
+                report = transfer_weights(model, new, (1, 1, *prev[1]), seed=seed)
+                handoffs.append({"into": spec.name, "test_dice_before": before,
+                                 "test_dice_after": _test_dice(new, patch, test),
+                                 "relative_output_diff": report["relative_output_diff"]})
+            model = new
+            later = sum(n for j, _, n in phases[k:] if j == i)  # this model's steps
+            step_fn, opt, sched = _optimiser(spec, model, later, handed_off=k > 0)
+        data = _dataset(spec, patch, train, steps, step_fn.needs_sdm, seed + k)
+        per = flops[(i, patch)]
+        for s in range(steps):
+            batch = [data[s * spec.batch_size + b] for b in range(spec.batch_size)]
+            x = torch.stack([b["image"] for b in batch])
+            y = torch.stack([b["label"] for b in batch])
+            sdm = torch.stack([b["sdm"] for b in batch]) if "sdm" in batch[0] else None
+            model.train()
+            step_fn(model, opt, x, y, sdm=sdm, epoch=sched.last_epoch // spec.iterations_per_epoch)
+            sched.step()
+            spent += per
+            while marks and spent >= marks[0] - per / 2:
+                marks.pop(0)
+                curve.append(_point(model, patch, test, spent, budget))
+                say(f"  {spec.name} {patch[0]}^3: {curve[-1]}")
+        prev = (i, patch)
+    while marks:  # rounding left the last mark a fraction of a step away
+        marks.pop(0)
+        curve.append(_point(model, prev[1], test, spent, budget))
+    return {"phases": [{"stage": specs[i].name, "patch": list(p), "steps": n,
+                        "gflop_per_step": round(flops[(i, p)] / 1e9, 4)} for i, p, n in phases],
+            "budget_gflop": round(spent / 1e9, 3), "cpu_s": round(time.process_time() - cpu0, 1),
+            "test_dice": curve[-1]["test_dice"], "curve": curve, "handoffs": handoffs}
+
+
+def _point(model, patch, test, spent: int, budget: int) -> dict[str, float]:
+    return {"gflop": round(spent / 1e9, 3), "fraction": round(spent / budget, 3),
+            "test_dice": _test_dice(model, patch, test)}
+
+
+def _optimiser(spec: StageSpec, model, steps: int, handed_off: bool):
+    """The stage's TrainStep, AdamW and LR schedule (`lr_schedule.lr_factor` over `steps`)."""
+    import torch
+
+    from orchestrator.training.lr_schedule import lr_factor
+    from orchestrator.training.step import TrainStep
+
+    step_fn = TrainStep.for_stage(spec, "cpu", False)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    warm = spec.handoff_warmup_span(spec.iterations_per_epoch)  # the stage's, in steps
+    schedule = spec.model_copy(update={"max_epochs": 1, "iterations_per_epoch": steps,
+                                       "handoff_warmup_epochs": 0, "handoff_warmup_steps": warm,
+                                       "warmup_epochs": 0})
+    return step_fn, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(schedule, handed_off))
+
+
+def _dataset(spec: StageSpec, patch, train, steps: int, with_sdm: bool, seed: int):
+    from orchestrator.data.dataset import PatchDataset
+
+    data = PatchDataset(train, patch, samples_per_epoch=steps * spec.batch_size,
+                        lesion_fraction=spec.lesion_fraction, seed=seed, augment=spec.augment,
+                        with_sdm=with_sdm)
+    data.set_epoch(0)
+    return data
+
+
+def _test_dice(model, patch, test) -> float:
+    """Mean Dice over the held-out subjects (sliding window at `patch`)."""
+    import torch
+
+    from orchestrator.training.validation import predict_volume, validate
+
+    dev = torch.device("cpu")
+    row = validate(model, test, lambda m, vol: predict_volume(m, vol.image, patch, dev, None))
+    return float(row["val_dice"])
+
+
+def _first_reach(curve: list[dict[str, Any]], target: float) -> float | None:
+    """The budget fraction at which `curve` first reached `target` (None: never)."""
+    return next((p["fraction"] for p in curve if p["test_dice"] >= target), None)
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """One line per arm: held-out Dice, budget spent, and where it reached the others."""
+    lines = [f"{doc['data']['anatomy']} data, {doc['data']['train_subjects']} training / "
+             f"{doc['data']['test_subjects']} test subjects; budget {doc['budget_gflop']} GFLOP"]
+    for name, arm in doc["arms"].items():
+        reach = ", ".join(f"{o} at {'-' if f is None else f'{f:.2f}'}"
+                          for o, f in arm["reached_others_final_at"].items())
+        lines.append(f"{name}: test Dice {arm['test_dice']:.3f} ({arm['budget_gflop']} GFLOP, "
+                     f"{arm['cpu_s']} CPU s); reached {reach}")
+    return lines

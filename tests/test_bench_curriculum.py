@@ -1,0 +1,40 @@
+"""`orchestrator bench curriculum --quick --json` end to end: the document's structure, and
+the three arms got the same budget (who wins is the benchmark's business, not the test's)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+from orchestrator.bench_curriculum import ARMS, EVAL_FRACTIONS
+
+
+def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "curriculum", "--quick",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["bench"] == "curriculum" and doc["quick"] is True
+    assert doc["data"]["test_subjects"] >= 1 and doc["data"]["train_subjects"] >= 1
+    assert set(doc["arms"]) == set(ARMS)
+    budget = doc["budget_gflop"]
+    for name, arm in doc["arms"].items():
+        biggest_step = max(p["gflop_per_step"] for p in arm["phases"])
+        assert abs(arm["budget_gflop"] - budget) <= biggest_step / 2 + 1e-3, name  # equal budgets
+        fractions = [p["fraction"] for p in arm["curve"]]
+        assert len(fractions) == len(EVAL_FRACTIONS) and fractions == sorted(fractions), name
+        assert abs(fractions[-1] - 1.0) <= biggest_step / budget, name
+        assert 0.0 <= arm["test_dice"] <= 1.0 and arm["test_dice"] == arm["curve"][-1]["test_dice"]
+        assert set(arm["reached_others_final_at"]) == set(ARMS) - {name}
+    stages = [p["stage"] for p in doc["arms"]["progressive"]["phases"]]
+    assert len(stages) == 4 and len(set(stages)) == 4  # the chain: four models
+    assert {p["stage"] for p in doc["arms"]["scratch"]["phases"]} == {stages[-1]}
+    growing = doc["arms"]["scratch_growing_patch"]["phases"]
+    assert {p["stage"] for p in growing} == {stages[-1]}
+    assert [p["patch"] for p in growing] == [p["patch"] for p in doc["arms"]["progressive"]["phases"]]
+    assert len(doc["arms"]["progressive"]["handoffs"]) == 3
