@@ -7,10 +7,17 @@ import csv
 import json
 from pathlib import Path
 
+import torch
+from conftest import TINY_CURRICULUM
 from tiny_plans import quick_tiny_plan
 
+import models
+from orchestrator.config import load_curriculum
 from orchestrator.runs.state import read_state
 from orchestrator.runs.status import collect_status
+from orchestrator.training.continuity import aux_ramp_steps
+from orchestrator.training.handoff import transfer_weights
+from orchestrator.training.step import Objective
 from orchestrator.training.trainer import run_stage
 
 CHAIN = ("stage1_basic_cnn", "stage2_cnn_attention", "stage3_hybrid_small", "stage4_hybrid_full")
@@ -44,17 +51,6 @@ def test_epoch0_row_equals_previous_final_dice(tmp_path: Path, tiny_data: Path) 
 def test_new_deep_supervision_heads_ramp_in(tmp_path: Path) -> None:
     """Into stage 4 the hand-off adds zeroed deep-supervision heads; at aux scale 0 the loss
     is the handed-off stage 3 model's, at full weight it is larger (the blank heads' loss)."""
-    import json as _json
-
-    import models
-    import torch
-    from conftest import TINY_CURRICULUM
-
-    from orchestrator.config import load_curriculum
-    from orchestrator.training.continuity import aux_ramp_steps
-    from orchestrator.training.handoff import transfer_weights
-    from orchestrator.training.step import Objective
-
     (s3, _), (s4, _) = load_curriculum(TINY_CURRICULUM)[1][2:4]
 
     def build(spec):
@@ -77,7 +73,7 @@ def test_new_deep_supervision_heads_ramp_in(tmp_path: Path) -> None:
         ramped = float(objective(new, x, y, None, "cpu", 0, sdm=sdm))
     assert abs(ramped - before) <= 1e-3 * before and full > ramped * 1.2, (before, ramped, full)
     handoff = tmp_path / "handoff.json"
-    handoff.write_text(_json.dumps(report))
+    handoff.write_text(json.dumps(report))
     assert aux_ramp_steps(handoff, s4) == s4.iterations_per_epoch
-    handoff.write_text(_json.dumps({"zeroed": []}))
+    handoff.write_text(json.dumps({"zeroed": []}))
     assert aux_ramp_steps(handoff, s4) == 0
