@@ -134,8 +134,16 @@ def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:
 
 
 def _same_flops_per_patch(chain, flops, last: int):
-    """Stage 4's model through the chain's patches, each patch given the chain's FLOPs there."""
-    return [(last, p, max(1, round(flops[(i, p)] * n / flops[(last, p)]))) for i, p, n in chain]
+    """Stage 4's model through the chain's patches, each patch given the chain's FLOPs
+    there (rounded on the running total, so the whole stays within half a step of the
+    budget; a phase shorter than half a step gets none)."""
+    phases, spent, target = [], 0, 0
+    for i, p, n in chain:
+        target += flops[(i, p)] * n
+        steps = max(0, round((target - spent) / flops[(last, p)]))
+        spent += steps * flops[(last, p)]
+        phases.append((last, p, steps))
+    return phases
 
 
 def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
@@ -154,6 +162,8 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
     spent, curve, handoffs, prev = 0, [], [], None
     marks = [f * budget for f in EVAL_FRACTIONS]
     for k, (i, patch, steps) in enumerate(phases):
+        if not steps:  # shorter than half a step of this model (rounding)
+            continue
         spec = specs[i]
         if prev is None or prev[0] != i:
             torch.manual_seed(seed + k)
@@ -164,9 +174,9 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
                 handoffs.append({"into": spec.name, "test_dice_before": before,
                                  "test_dice_after": _test_dice(new, patch, test),
                                  "relative_output_diff": report["relative_output_diff"]})
-            model = new
+            handed_off, model = model is not None, new
             later = sum(n for j, _, n in phases[k:] if j == i)  # this model's steps
-            step_fn, opt, sched = _optimiser(spec, model, later, handed_off=k > 0)
+            step_fn, opt, sched = _optimiser(spec, model, later, handed_off)
         data = _dataset(spec, patch, train, steps, step_fn.needs_sdm, seed + k)
         per = flops[(i, patch)]
         for s in range(steps):

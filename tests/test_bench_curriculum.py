@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 from orchestrator.bench_curriculum import ARMS, EVAL_FRACTIONS
 
 
+@pytest.mark.timeout(900)  # about a minute on 2 idle cores; 10 when four agents share them
 def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "curriculum", "--quick",
                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=900,
