@@ -79,8 +79,8 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
 
 def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
     """(train records, test records, description): distinct subjects, test ones held out."""
-    from orchestrator.data.atlas import discover_subjects
     from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
+    from orchestrator.data.sources import discover_subjects
     from orchestrator.data.synth import synthesize_atlas
 
     n = size["train"] + size["test"]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CURRICULUM
-from orchestrator.data.atlas import discover_subjects
 from tiny_plans import quick_tiny_plan
 
 import models

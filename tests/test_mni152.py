@@ -12,10 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO
-from orchestrator.data.atlas import discover_subjects
-from orchestrator.data.volume import load_subject
 
 from orchestrator.data import mni152
+from orchestrator.data.sources import discover_subjects, load_subject
 
 
 def _fake_template(folder: Path, shape=(41, 49, 39)) -> None:

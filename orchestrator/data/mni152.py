@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from orchestrator.data import synth
-from orchestrator.data.atlas import SubjectRecord
+from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runs.atomic import atomic_write_text
+from orchestrator.atomic import atomic_write_text
 from orchestrator.training import checkpoints as ck
 from orchestrator.training.metrics_log import MetricsLog
 from orchestrator.training.validation import validate
