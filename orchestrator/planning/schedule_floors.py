@@ -133,7 +133,8 @@ class FloorSchedule:
 
     def next_job(self, busy: set[Job] = frozenset()) -> Job | None:  # type: ignore[assignment]
         """The most useful plan to start: stages of the longest chain of floors first (the
-        critical path), then exact floors before informed guesses before guesses."""
+        critical path), then exact floors before informed guesses before guesses; a stage
+        already being planned with another floor last."""
         options = []
         for k, st in enumerate(self.stages):
             if st.final is not None:
@@ -143,7 +144,10 @@ class FloorSchedule:
             if isinstance(got, Shortfall) and f > 0 and how == EXACT:
                 f, got = 0, self.valid(k, 0)  # nothing at the floor: the narrower plan
             if got is None and (k, f) not in busy:
-                options.append(((-st.chain, how, k), (k, f)))
+                # a stage already being planned (with a guess that may yet serve) is planned
+                # again only by a worker with nothing else to do
+                again = any(j == k for j, _ in busy)
+                options.append(((again, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
 
     def record(self, job: Job, result: Result) -> None:
