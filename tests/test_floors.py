@@ -179,13 +179,15 @@ def test_submit_refuses_a_fresh_start_in_one_line(tmp_path: Path) -> None:
 
 
 def test_a_stage_being_planned_is_not_planned_again_while_others_wait(specs) -> None:
-    """Stage 2 runs with a guessed floor when stage 1's plan makes its floor 8: the free
-    worker plans the LCNN first, and plans stage 2 again only when nothing else is left."""
+    """A guess waits while its predecessor is being planned and other work is left; stage 2
+    runs with a guessed floor when stage 1's plan makes its floor 8: a free worker plans the
+    LCNN first, and plans stage 2 again only when nothing else is left."""
     s1, s2, lcnn = specs[0], specs[1].model_copy(update={"base_filters": 16}), specs[4]
     sched = FloorSchedule([(s1, None), (s2, s1.name), (lcnn, None)],
                           lambda spec, f: candidate_ladder(spec, 16, f))
     assert sched.next_job() == (0, 0)
-    assert sched.next_job({(0, 0)}) == (1, 0)  # guessed: stage 1's own floor, none
+    assert sched.next_job({(0, 0)}) == (2, 0)  # stage 2's guess waits for stage 1's result...
+    assert sched.next_job({(0, 0), (2, 0)}) == (1, 0)  # ...unless nothing else is left
     sched.record((0, 0), _plan_of(s1, 8))
     assert sched.floor(1) == (8, 0)  # now exact
     assert sched.next_job({(1, 0)}) == (2, 0)

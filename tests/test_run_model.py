@@ -59,7 +59,7 @@ def two_stages(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Pat
 def test_run_model_is_the_best_epoch_over_all_stages(two_stages: Path) -> None:
     run_dir = two_stages
     epochs = [(stage, epoch, dice) for stage in (S1, S2) for epoch, dice in _dices(run_dir, stage)]
-    assert len(epochs) == 4
+    assert [(s, e) for s, e, _ in epochs] == [(S1, 1), (S1, 2), (S2, 0), (S2, 1), (S2, 2)]  # 0: the hand-off
     best = max(d for _, _, d in epochs)
     first = next((s, e) for s, e, d in epochs if d == best)  # a later tie does not replace it
     model = run_state.read_state(run_dir)["model"]
@@ -161,9 +161,9 @@ def test_report_draws_curves_handoffs_memory_and_the_models_overlay(two_stages: 
     curves = rep.axes["curves"]
     dice = {ln.get_label(): ln for ln in curves.get_lines() if ln.get_label().endswith("val Dice")}
     assert sorted(dice) == [f"{S1} val Dice", f"{S2} val Dice"]
-    for stage, first_x in ((S1, 1), (S2, 3)):  # stage 2 goes on where stage 1 ended
-        epochs = _dices(two_stages, stage)
-        assert list(dice[f"{stage} val Dice"].get_xdata()) == [first_x, first_x + 1]
+    for stage, offset in ((S1, 0), (S2, 2)):  # stage 2 goes on where stage 1 ended, its
+        epochs = _dices(two_stages, stage)  # epoch-0 row (the handed-off model) on the hand-off
+        assert list(dice[f"{stage} val Dice"].get_xdata()) == [offset + e for e, _ in epochs]
         assert list(dice[f"{stage} val Dice"].get_ydata()) == [d for _, d in epochs]
     handoffs = [ln for ln in curves.get_lines() if ln.get_linestyle() == ":"]
     assert [list(ln.get_xdata()) for ln in handoffs] == [[2, 2]]  # one hand-off, after epoch 2

@@ -147,7 +147,10 @@ class FloorSchedule:
                 # a stage already being planned (with a guess that may yet serve) is planned
                 # again only by a worker with nothing else to do
                 again = any(j == k for j, _ in busy)
-                options.append(((again, -st.chain, how, k), (k, f)))
+                # and a guess whose predecessor is being planned waits for its result if
+                # there is other work: that result makes the guess informed
+                early = how == GUESSED and any(j == st.src for j, _ in busy)
+                options.append(((again or early, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
 
     def record(self, job: Job, result: Result) -> None:
