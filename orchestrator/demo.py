@@ -56,7 +56,7 @@ def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0,
                       highlight=False, soft_wrap=True)
             with render.counter(err, "synthesising phantoms", subjects) as tick:
                 synthesize_atlas(data_dir, subjects, DEMO_SHAPE_VOX, seed=seed, progress=tick)
-        images = sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
+    images = images or sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
     import nibabel as nib
 
     shape = tuple(nib.load(str(images[0])).shape)
