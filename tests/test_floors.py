@@ -179,16 +179,22 @@ def test_submit_refuses_a_fresh_start_in_one_line(tmp_path: Path) -> None:
 
 
 def test_a_stage_being_planned_is_not_planned_again_while_others_wait(specs) -> None:
-    """A guess waits while its predecessor is being planned and other work is left; stage 2
-    runs with a guessed floor when stage 1's plan makes its floor 8: a free worker plans the
-    LCNN first, and plans stage 2 again only when nothing else is left."""
+    """Stage 2 runs with a guessed floor when stage 1's plan makes its floor 8: a free
+    worker plans the LCNN first, and plans stage 2 again only when nothing else is left;
+    stage 3's guess waits while stage 2 is being planned and other work is left."""
     s1, s2, lcnn = specs[0], specs[1].model_copy(update={"base_filters": 16}), specs[4]
     sched = FloorSchedule([(s1, None), (s2, s1.name), (lcnn, None)],
                           lambda spec, f: candidate_ladder(spec, 16, f))
     assert sched.next_job() == (0, 0)
-    assert sched.next_job({(0, 0)}) == (2, 0)  # stage 2's guess waits for stage 1's result...
-    assert sched.next_job({(0, 0), (2, 0)}) == (1, 0)  # ...unless nothing else is left
+    assert sched.next_job({(0, 0)}) == (1, 0)  # after the chain's head, guess at once
     sched.record((0, 0), _plan_of(s1, 8))
     assert sched.floor(1) == (8, 0)  # now exact
     assert sched.next_job({(1, 0)}) == (2, 0)
     assert sched.next_job({(1, 0), (2, 0)}) == (1, 8)
+    s3 = specs[2].model_copy(update={"base_filters": 16})
+    sched = FloorSchedule([(s1, None), (s2, s1.name), (s3, s2.name), (lcnn, None)],
+                          lambda spec, f: candidate_ladder(spec, 16, f))
+    sched.record((0, 0), _plan_of(s1, 8))
+    assert sched.next_job() == (1, 8)
+    assert sched.next_job({(1, 8)}) == (3, 0)  # stage 3's guess waits for stage 2's result...
+    assert sched.next_job({(1, 8), (3, 0)}) == (2, 8)  # ...unless nothing else is left

@@ -148,8 +148,11 @@ class FloorSchedule:
                 # again only by a worker with nothing else to do
                 again = any(j == k for j, _ in busy)
                 # and a guess whose predecessor is being planned waits for its result if
-                # there is other work: that result makes the guess informed
-                early = how == GUESSED and any(j == st.src for j, _ in busy)
+                # there is other work (that result makes the guess informed), except after
+                # the chain's head: the first stage is quick to plan and the floor it gives
+                # is the lowest, which the next stage's plan almost always clears
+                head = st.src is not None and self.stages[st.src].src is None
+                early = how == GUESSED and not head and any(j == st.src for j, _ in busy)
                 options.append(((again or early, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
 
