@@ -124,10 +124,20 @@ class FloorSchedule:
                 if lf == lg:
                     return r
                 continue
-            chosen = Candidate(tuple(r.input_size_vox), r.base_filters, r.checkpointing)
-            if chosen in lg and lf[:lg.index(chosen) + 1] == lg[:lg.index(chosen) + 1]:
+            if self.serves(k, r, g, f):
                 return r
         return None
+
+    def serves(self, k: int, plan: StagePlan, g: int, f: int) -> bool:
+        """Whether `plan`, made for stage k with floor g, is also its plan with floor f: the
+        two ladders are the same up to the configuration it chose."""
+        spec = self.stages[k].spec
+        lg, lf = self.ladder(spec, g), self.ladder(spec, f)
+        chosen = Candidate(tuple(plan.input_size_vox), plan.base_filters, plan.checkpointing)
+        if chosen not in lg:  # a plan made otherwise (tests): cannot show the floors agree
+            return False
+        i = lg.index(chosen)
+        return lf[:i + 1] == lg[:i + 1]
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -188,7 +198,7 @@ class FloorSchedule:
         src = self.stages[st.src].final  # type: ignore[index]
         assert isinstance(src, StagePlan)
         if isinstance(got, StagePlan):
-            if _same_choice(self, k, got, f):
+            if self.serves(k, got, f, 0):  # the floor did not change the plan
                 return got
             return got.model_copy(update={"reasons": [
                 *got.reasons, f"base filters kept >= {f}, those of {src.name}: the hand-off "
@@ -207,18 +217,6 @@ class FloorSchedule:
                "the budget (checkpointing and the smallest input tried)")
         return narrow.model_copy(update={"reasons": [*narrow.reasons, why],
                                          "fresh_tensors": fresh})
-
-
-def _same_choice(sched: FloorSchedule, k: int, plan: StagePlan, f: int) -> bool:
-    """Whether the floor f did not change stage k's plan (its ladder without a floor is
-    the same up to the configuration chosen)."""
-    spec = sched.stages[k].spec
-    lf, l0 = sched.ladder(spec, f), sched.ladder(spec, 0)
-    chosen = Candidate(tuple(plan.input_size_vox), plan.base_filters, plan.checkpointing)
-    if chosen not in lf:  # a plan made otherwise (tests): cannot show the floor did not act
-        return False
-    i = lf.index(chosen)
-    return l0[:i + 1] == lf[:i + 1]
 
 
 def _depth_below(stages: list[_Stage], i: int, k: int) -> int:
