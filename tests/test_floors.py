@@ -198,3 +198,23 @@ def test_a_stage_being_planned_is_not_planned_again_while_others_wait(specs) -> 
     assert sched.next_job() == (1, 8)
     assert sched.next_job({(1, 8)}) == (3, 0)  # stage 3's guess waits for stage 2's result...
     assert sched.next_job({(1, 8), (3, 0)}) == (2, 8)  # ...unless nothing else is left
+
+
+def test_a_guess_waits_while_any_stage_it_descends_from_is_planned(specs) -> None:
+    """With stage 2 being planned, stage 4's floor is still a guess made from stage 1's
+    plan (too low wherever stage 2 keeps more filters): a free worker plans the LCNN
+    rather than stage 3 or stage 4, and plans stage 4 first once stage 2's plan is final
+    and stage 3 is being planned (its guess is then stage 3's exact floor)."""
+    s1 = specs[0]
+    s2, s3, s4 = (specs[k].model_copy(update={"base_filters": bf}) for k, bf in
+                  ((1, 16), (2, 24), (3, 32)))
+    lcnn = specs[4]
+    sched = FloorSchedule([(s1, None), (s2, s1.name), (s3, s2.name), (s4, s3.name), (lcnn, None)],
+                          lambda spec, f: candidate_ladder(spec, 16, f))
+    assert sched.next_job() == (0, 0)
+    assert sched.next_job({(0, 0)}) == (1, 0)  # right after the head: guess at once
+    sched.record((0, 0), _plan_of(s1, 8))
+    assert sched.next_job({(1, 8)}) == (4, 0)  # not stage 3 or 4 with a floor of 8
+    sched.record((1, 8), _plan_of(s2, 16))
+    assert sched.next_job({(4, 0)}) == (2, 16)
+    assert sched.next_job({(4, 0), (2, 16)}) == (3, 16)

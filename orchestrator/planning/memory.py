@@ -203,7 +203,13 @@ class FakeStep:
     """
 
     def __init__(self, build_model: Callable[[], nn.Module], cuda_target: bool,
-                 cuda_dtypes: bool | None = None, tracker: LivePeak | None = None) -> None:
+                 cuda_dtypes: bool | None = None, tracker: LivePeak | None = None,
+                 rises: dict[tuple, int] | None = None) -> None:
+        """`rises`: optimizer-step rises already measured, by the optimizer's parameters'
+        shapes and dtypes (the rise depends on nothing else); this session's is read from
+        it and added to it, so that another configuration with the same parameters (with
+        and without checkpointing; a CNN at another input size) does not run the optimizer
+        step again."""
         self.cuda_target = cuda_target
         # CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
         # recomputation in backward does not see: the planner turns it off there
@@ -223,6 +229,12 @@ class FakeStep:
             raise PlanError(f"memory estimate failed building the model: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
         self.held = self.tracker.current  # parameters and optimizer state
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        self._rise_key = (type(self.opt).__name__, cuda_target,
+                          tuple((tuple(p.shape), p.dtype) for p in params))
+        self.rises = rises
+        if rises is not None and self._rise_key in rises:
+            self.opt_rise = rises[self._rise_key]
 
     @contextlib.contextmanager
     def _modes(self, cuda_dtypes: bool | None = None) -> Iterator[None]:
@@ -248,6 +260,8 @@ class FakeStep:
             tracker.peak = start
             out = real(*args, **kwargs)
             self.opt_rise = tracker.peak - start
+            if self.rises is not None:
+                self.rises[self._rise_key] = self.opt_rise
             tracker.peak = max(before, tracker.peak)
             return out
         return measured

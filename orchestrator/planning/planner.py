@@ -7,7 +7,7 @@ size and base filters without checkpointing; with checkpointing; fewer base filt
 planning/floors.py plans it again with that floor); a smaller input (multiples of the model's
 required multiple, largest side first). The first rung whose training step fits at the
 minimum batch is found with secant steps on memory against base filters x input voxels
-(`first_below`: about four estimates on a long ladder), then validation is checked beside
+(`first_below`: about three estimates on a long ladder), then validation is checked beside
 it; the headroom then goes to batch size, up to the stage's maximum and the dataset's
 cap, along the line through two estimates with the chosen batch estimated exactly. One
 fake model per configuration serves every batch size and validation (`FakeStep`). Every
@@ -142,10 +142,14 @@ def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_targ
 # is a pure function of these, so plans made in one process (and its forked workers,
 # which send theirs back: planning/pool.py) share them.
 _TENSOR_BYTES: dict[tuple, int] = {}
+# The optimizer step's rise by its parameters (memory.FakeStep): shared by the sessions of
+# every stage's configurations in this process.
+_OPT_RISES: dict[tuple, int] = {}
 
 
 def clear_estimate_cache() -> None:
     _TENSOR_BYTES.clear()
+    _OPT_RISES.clear()
 
 
 def estimates_run() -> int:
@@ -158,6 +162,12 @@ def estimates_run() -> int:
 def add_estimates(entries: dict[tuple, int]) -> None:
     """Take in the estimates a worker process ran (planning/pool.py)."""
     _TENSOR_BYTES.update(entries)
+
+
+def known_estimates() -> dict[tuple, int]:
+    """A copy of every estimate this process knows (sent with a job to a worker forked
+    before they were run: planning/pool.py)."""
+    return dict(_TENSOR_BYTES)
 
 
 class StageEstimator:
@@ -189,7 +199,7 @@ class StageEstimator:
             self._sessions[cand] = FakeStep(
                 lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing,
                                           cand.input_size_vox),
-                self.budget.cuda_target, cuda_dtypes=self.emulate_cuda(cand))
+                self.budget.cuda_target, cuda_dtypes=self.emulate_cuda(cand), rises=_OPT_RISES)
         return self._sessions[cand]
 
     def raw_gb(self, cand: Candidate, batch: int) -> float:

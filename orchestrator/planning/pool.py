@@ -31,6 +31,7 @@ from orchestrator.planning.planner import (
     add_estimates,
     build_stage_model_meta,
     candidate_ladder,
+    known_estimates,
     plan_or_shortfall,
     shortfall_message,
 )
@@ -119,6 +120,15 @@ def _run(*args: object) -> tuple[StagePlan | Shortfall | BaseException, dict[tup
         return err, {}
 
 
+def _run_knowing(known: dict[tuple, int], *args: object
+                 ) -> tuple[StagePlan | Shortfall | BaseException, dict[tuple, int]]:
+    """`_run` in a worker, first taking in the estimates the parent knows (those other
+    workers ran since this one was forked: a stage planned again with another floor
+    reuses its first plan's)."""
+    add_estimates(known)
+    return _run(*args)
+
+
 def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int) -> None:
     """Keep n jobs running, the schedule's best next, until every plan is final; jobs
     still running then (guesses that turned out wrong) are stopped."""
@@ -129,7 +139,7 @@ def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int)
         while not sched.finished:
             while len(running) < n and (job := sched.next_job(running)) is not None:
                 running.add(job)
-                pool.apply_async(_run, job_args(job),
+                pool.apply_async(_run_knowing, (known_estimates(), *job_args(job)),
                                  callback=lambda out, j=job: done.put((j, out)),
                                  error_callback=lambda err, j=job: done.put((j, (err, {}))))
             if not running:

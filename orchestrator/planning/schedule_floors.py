@@ -13,7 +13,8 @@ to the chosen one are the same on both ladders (`candidate_ladder(spec, m, g)` a
 f)`): the search saw the same configurations and stops at the same one. That holds for
 every stage whose chosen configuration keeps the full input at no fewer filters than
 either floor, which is where a roomy budget puts every stage, so a guess is rarely
-wasted: at 4 GB the guesses for stages 2 and 3 hold and stage 4 waits for stage 3.
+wasted. A guess waits while a stage it descends from is being planned (the LCNN goes
+first): at 4 GB stage 4 then starts with stage 3's exact floor, which is its own.
 
 The schedule is pure bookkeeping (tests/test_floors.py runs it with a made-up planner);
 planning/pool.py runs its jobs in worker processes or in this one.
@@ -157,14 +158,26 @@ class FloorSchedule:
                 # a stage already being planned (with a guess that may yet serve) is planned
                 # again only by a worker with nothing else to do
                 again = any(j == k for j, _ in busy)
-                # and a guess whose predecessor is being planned waits for its result if
-                # there is other work (that result makes the guess informed), except after
-                # the chain's head: the first stage is quick to plan and the floor it gives
-                # is the lowest, which the next stage's plan almost always clears
-                head = st.src is not None and self.stages[st.src].src is None
-                early = how == GUESSED and not head and any(j == st.src for j, _ in busy)
+                # and a guess waits while a stage it descends from is being planned, if
+                # there is other work (that stage's result makes the guess informed or
+                # exact), except for the stage right after the chain's head: the first
+                # stage is quick to plan and the floor it gives is the lowest, which the
+                # next stage's plan almost always clears
+                early = how == GUESSED and bool(self._busy_ancestors(k, busy))
                 options.append(((again or early, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
+
+    def _busy_ancestors(self, k: int, busy: set[Job]) -> list[int]:
+        """The stages k descends from (through `src`) that are being planned, less its
+        direct predecessor where that is the chain's head."""
+        running = {j for j, _ in busy}
+        out, j = [], self.stages[k].src
+        while j is not None:
+            head = self.stages[j].src is None
+            if j in running and not (head and j == self.stages[k].src):
+                out.append(j)
+            j = self.stages[j].src
+        return out
 
     def record(self, job: Job, result: Result) -> None:
         k, f = job
