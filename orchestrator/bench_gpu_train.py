@@ -70,11 +70,11 @@ def train_plan(b: GpuBench, run: str, steps: int, budget_gb: float | None = None
 def fp16_section(b: GpuBench) -> dict[str, Any]:
     """Stage 1 through the trainer with fp16 autocast and a GradScaler: the stage asks for
     it (`amp_dtype: fp16`, what `auto` gives on a GPU without bf16)."""
-    from orchestrator.training.trainer import StageRunner
+    from orchestrator.training.parts import build_runner
 
     steps = b.sizes.fp16_steps
     plan, _ = train_plan(b, "fp16", steps, amp_dtype="fp16")
-    runner = StageRunner(plan, plan.stages[0].name, device=b.device)
+    runner = build_runner(plan, plan.stages[0].name, device=b.device)
     runner.start()
     first_scale = runner.scaler.get_scale()
     t0 = time.perf_counter()
@@ -148,8 +148,10 @@ def loader_section(b: GpuBench) -> dict[str, Any]:
     trainer's step alone on one batch already loaded (what the GPU consumes)."""
     import torch
 
+    from orchestrator.training.loader import num_workers
     from orchestrator.training.metrics_log import MetricsLog
-    from orchestrator.training.trainer import StageRunner, _num_workers, run_stage, stage_dir
+    from orchestrator.training.parts import build_runner
+    from orchestrator.training.trainer import run_stage, stage_dir
 
     steps = b.sizes.epoch_steps
     # two epochs with validation every second one: the first ends without validation, and
@@ -161,8 +163,8 @@ def loader_section(b: GpuBench) -> dict[str, Any]:
     if not rows:
         raise RuntimeError(f"{sp.name}: no epoch row in metrics.csv after {steps} steps")
     epoch_s = float(rows[0]["seconds"])
-    runner = StageRunner(plan, sp.name, device=b.device)
-    workers, batch = _num_workers(sp), runner.step_batch
+    runner = build_runner(plan, sp.name, device=b.device)
+    workers, batch = num_workers(sp), runner.step_batch
     loader = torch.utils.data.DataLoader(runner.dataset, batch_size=batch, drop_last=True,
                                          num_workers=workers, persistent_workers=False)
     t0 = time.perf_counter()

@@ -50,14 +50,14 @@ def bench_step(input_vox: int = 64, batch_size: int = 2, steps: int = 6, blocks:
     import models
     from orchestrator.bench_data import machine_info
     from orchestrator.data.synth import synthesize_atlas
+    from orchestrator.training.parts import build_runner
     from orchestrator.training.step import TrainStep
-    from orchestrator.training.trainer import StageRunner
 
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="bench-step-") as tmp:
         root = Path(tmp)
         synthesize_atlas(root / "data", subjects=3, shape_vox=(input_vox + 16,) * 3, seed=0)
         plan = _unplanned_plan(root, input_vox, batch_size)
-        runner = StageRunner(plan, STAGE, device)
+        runner = build_runner(plan, STAGE, device)
         dev = runner.device
         runner.start()
         loader = torch.utils.data.DataLoader(runner.dataset, batch_size=batch_size)

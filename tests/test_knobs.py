@@ -21,8 +21,9 @@ from orchestrator.data.sources import discover_subjects
 from orchestrator.errors import ConfigError
 from orchestrator.training.losses import GeneralizedDiceFocalLoss
 from orchestrator.training.lr_schedule import lr_factor
+from orchestrator.training.parts import build_runner
 from orchestrator.training.step import Objective
-from orchestrator.training.trainer import StageRunner, run_stage
+from orchestrator.training.trainer import run_stage
 
 S1, S2 = "stage1_basic_cnn", "stage2_cnn_attention"
 STAGE = "name: s\nmodel: {arch: resunet3d}\ninput_size_vox: [32, 32, 32]\n"
@@ -140,7 +141,7 @@ def test_handoff_warmup_ramps_from_a_fraction_only_after_a_handoff() -> None:
 def test_trainer_applies_handoff_warmup_and_min_lr(tmp_path: Path, tiny_data: Path) -> None:
     _, path = quick_tiny_plan(tmp_path / "runs", tiny_data, stage_updates={
         "handoff_warmup_steps": 4, "handoff_warmup_start": 0.25, "lr": 1e-3, "min_lr": 2e-4})
-    plan_runner = {name: StageRunner(_plan(path), name) for name in (S1, S2)}
+    plan_runner = {name: build_runner(_plan(path), name) for name in (S1, S2)}
     assert plan_runner[S1].opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # no hand-off
     assert plan_runner[S2].opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)  # starts low
     run_stage(path, S1)  # 1 epoch of 2 steps: the cosine ends at its floor

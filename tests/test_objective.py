@@ -20,8 +20,9 @@ from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.errors import ConfigError
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.losses import BoundaryLoss
+from orchestrator.training.parts import build_runner
 from orchestrator.training.step import Objective
-from orchestrator.training.trainer import StageRunner, run_stage
+from orchestrator.training.trainer import run_stage
 
 S1 = "stage1_basic_cnn"
 PATCH = (16, 16, 16)
@@ -101,7 +102,7 @@ def test_objective_moves_weight_from_regional_to_boundary() -> None:
 def _first_step_gradients(tmp_path: Path, data: Path, name: str, **stage: object) -> dict:
     """The gradients the optimizer's first step receives (after clipping)."""
     plan, _ = quick_tiny_plan(tmp_path / name, data, stage_updates=stage)
-    runner = StageRunner(plan, S1)
+    runner = build_runner(plan, S1)
     runner.start()
     grads: dict[str, torch.Tensor] = {}
     runner.opt.register_step_pre_hook(lambda *_: grads.update(
@@ -170,9 +171,10 @@ class _DiesInWorker(torch.utils.data.Dataset):
 
 
 def test_dead_loader_worker_is_a_clear_stage_error() -> None:
-    from orchestrator.training.trainer import StageFailed, _batches
+    from orchestrator.errors import StageFailed
+    from orchestrator.training.loader import batches
 
     loader = torch.utils.data.DataLoader(_DiesInWorker(), batch_size=1, num_workers=1, timeout=60)
     with pytest.raises(StageFailed, match=r"stage s1: DataLoader worker \(pid.*\d+\) "
                                           r"(is killed by signal|exited unexpectedly).*set num_workers: 0"):
-        list(_batches(loader, "s1"))
+        list(batches(loader, "s1"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import submitit
 
+from orchestrator.launch import node
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,7 @@ class StageJob(submitit.helpers.Checkpointable):
         return Path(self.plan_path).parent
 
     def __call__(self) -> dict[str, Any]:
-        from orchestrator.launch import node
-        from orchestrator.training import distributed
+        # deferred: the trainer loads torch and monai, which only the job's node needs
         from orchestrator.training.trainer import run_stage
 
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
@@ -43,9 +43,8 @@ class StageJob(submitit.helpers.Checkpointable):
         if not rank:  # which code this job runs: the run's snapshot (launch/snapshot.py)
             run_state.update_stage(self._run_dir(), self.stage,
                                    code=str(Path(run_state.__file__).resolve().parents[2]))
-        try:
-            with distributed.session():
-                result = run_stage(self.plan_path, self.stage, stop=stop)
+        try:  # with WORLD_SIZE > 1, run_stage opens the DDP session itself
+            result = run_stage(self.plan_path, self.stage, stop=stop)
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -66,10 +65,9 @@ class StageJob(submitit.helpers.Checkpointable):
             os._exit(128 + int(stop.signum or signal.SIGTERM))
         return result
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
-        from orchestrator.launch.node import count_requeue
-
-        if not count_requeue(self.plan_path, self.stage, getattr(self, "_time_up", False)):
+    def checkpoint(self, *args: Any,  # type: ignore[override]  # submitit accepts None: no requeue
+                   **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        if not node.count_requeue(self.plan_path, self.stage, getattr(self, "_time_up", False)):
             return None  # max_requeues reached: submitit ends the job, the stage is FAILED
         logger.info("%s: requeued; it resumes from last.pt", self.stage)
         return submitit.helpers.DelayedSubmission(StageJob(self.plan_path, self.stage))

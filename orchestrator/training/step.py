@@ -189,23 +189,32 @@ class TrainStep:
     `synchronize` (wait for the device before returning, for timings).
 
     A non-finite loss skips the step; so does a non-finite gradient norm without a
-    scaler (with fp16 the scaler skips it and lowers its scale).
+    scaler (with fp16 the scaler skips it and lowers its scale). `agree` (DDP: the ranks'
+    agreement, training/distributed.py) turns a loss non-finite where it is non-finite on
+    any rank, so that every rank skips the same steps.
+
+    The objective is wrapped here and nowhere else: over `micro` chunks in `loss()`
+    (memory_guard's fallback only raises `micro`); under DDP the caller passes the DDP
+    module as the model, which the objective runs as any other.
     """
 
     def __init__(self, objective: Callable[..., torch.Tensor], device_type: str,
                  amp_dtype: torch.dtype | None, grad_clip_norm: float | None = None, *,
-                 micro: int = 1, synchronize: bool = False) -> None:
+                 micro: int = 1, synchronize: bool = False,
+                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.objective, self.device_type, self.amp_dtype = objective, device_type, amp_dtype
         self.grad_clip_norm, self.micro, self.synchronize = grad_clip_norm, micro, synchronize
+        self.agree = agree
         self.scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
 
     @classmethod
     def for_stage(cls, spec: StageSpec, device_type: str, amp: bool, *,
-                  micro: int | None = None, synchronize: bool = False) -> TrainStep:
+                  micro: int | None = None, synchronize: bool = False,
+                  agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainStep:
         """The step of a stage on a device: its objective, clip norm and accumulation."""
         return cls(Objective(spec), device_type, amp_dtype_for(device_type, amp, spec.amp_dtype),
                    spec.grad_clip_norm, micro=spec.grad_accum_steps if micro is None else micro,
-                   synchronize=synchronize)
+                   synchronize=synchronize, agree=agree)
 
     @property
     def needs_sdm(self) -> bool:
@@ -218,7 +227,8 @@ class TrainStep:
         objective = self.objective
         if self.micro > 1:
             objective = AccumulatingObjective(objective, self.micro, self.scaler)
-        return objective(model, x, y, self.amp_dtype, self.device_type, epoch, sdm=sdm)
+        loss = objective(model, x, y, self.amp_dtype, self.device_type, epoch, sdm=sdm)
+        return self.agree(loss) if self.agree is not None else loss
 
     def __call__(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                  y: torch.Tensor, sdm: torch.Tensor | None = None,
