@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from orchestrator.bench_curriculum import ARMS, EVAL_FRACTIONS
+from orchestrator.cli.bench.curriculum import ARMS, EVAL_FRACTIONS
 
 
 @pytest.mark.timeout(900)  # about a minute on 2 idle cores; 10 when four agents share them

@@ -17,10 +17,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator.bench_gpu import bench_gpu, failed, section_lines
-from orchestrator.bench_gpu_plan import nvml_figures
-from orchestrator.bench_gpu_run import FULL, GpuBench, Skipped
 from orchestrator.cli import app, main
+from orchestrator.cli.bench.gpu import bench_gpu, failed, section_lines
+from orchestrator.cli.bench.gpu_plan import nvml_figures
+from orchestrator.cli.bench.gpu_run import FULL, GpuBench, Skipped
 from orchestrator.planning.nvml import NvmlSampler, Segment, gpu_info, process_used_gb
 
 SECTIONS = ["plan", "verify", "step", "fp16", "oom", "loader"]

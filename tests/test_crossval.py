@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from cli_runner import invoke
 from rich.console import Console
 from tiny_plans import quick_tiny_plan
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.cli.render import cv_table
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.launch.folds import submit_folds
-from orchestrator.render import cv_table
 from orchestrator.runs.cv_summary import mean_std
 from orchestrator.runs.status import collect_status
 from orchestrator.training.crossval import FoldEnsemble, evaluate_folds, fold_models, load_fold_ensemble
@@ -109,8 +108,7 @@ def test_errors_name_what_is_missing(tmp_path: Path, cv_run: Path) -> None:
         fold_models(cv_run, stage="stage2_cnn_attention")
     with pytest.raises(ConfigError, match="no stage 'stage9'"):
         fold_models(cv_run, stage="stage9")
-    res = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--input", "x.nii.gz"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = invoke("predict", "--input", "x.nii.gz")
+    assert res.exit_code == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == ("error: --checkpoint/--run: expected one of them (a checkpoint "
                                   "file, or a run whose model, runs/RUN/best.pt, to use)")

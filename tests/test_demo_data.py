@@ -1,4 +1,4 @@
-"""The demo's data step (orchestrator/demo.py): what `orchestrator demo` starts with."""
+"""The demo's data step (orchestrator/cli/demo.py): what `orchestrator demo` starts with."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import nibabel as nib
 import pytest
 from rich.console import Console
 
-from orchestrator.demo import DEMO_SHAPE_VOX, synthetic_data
+from orchestrator.cli.demo import DEMO_SHAPE_VOX, synthetic_data
 from orchestrator.errors import ConfigError
 
 

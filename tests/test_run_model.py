@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from cli_runner import invoke
 from tiny_plans import quick_tiny_plan
 
 from orchestrator.atomic import atomic_write_text
@@ -31,11 +29,6 @@ PREDICTED_GB = [0.5, 0.6, 0.7, 0.8, 0.9]  # the tiny curriculum's 4 stages and i
 def _dices(run_dir: Path, stage: str) -> list[tuple[int, float]]:
     with open(run_dir / stage / "metrics.csv", newline="") as fh:
         return [(int(r["epoch"]), float(r["val_dice"])) for r in csv.DictReader(fh)]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +100,13 @@ def test_evaluate_and_predict_take_the_run(two_stages: Path, tiny_data: Path, tm
                                    str(image), "--out", str(tmp_path / "mask.nii.gz"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "mask.nii.gz").exists()
-    res = _cli("predict", "--run", "nosuch", "--runs-dir", str(runs), "--input", str(image))
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    res = invoke("predict", "--run", "nosuch", "--runs-dir", str(runs), "--input", str(image))
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "no such run" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_run_option_errors(tmp_path: Path) -> None:
-    from orchestrator.cli import _one_source
+    from orchestrator.cli.results import _one_source
 
     with pytest.raises(ConfigError, match="--checkpoint/--run: expected one of them"):
         _one_source(None, None)

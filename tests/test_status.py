@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.bench_status import make_runs
 from orchestrator.cli import app
+from orchestrator.cli.bench.status import make_runs
 from orchestrator.launch.sacct import SACCT_CACHE, rate_limited_sacct
 from orchestrator.runs.status import collect_status
 

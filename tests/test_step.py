@@ -54,7 +54,7 @@ def test_trainer_trial_and_estimate_run_the_one_step(tmp_path: Path, tiny_data: 
 
 
 def test_bench_step_times_the_one_step(tmp_path: Path, step_calls: list[str]) -> None:
-    from orchestrator.bench_step import bench_step
+    from orchestrator.cli.bench.step import bench_step
 
     doc = bench_step(input_vox=32, batch_size=2, steps=1, blocks=1, tmp_dir=tmp_path)
     # warm-up 2 + 1 block, each for the trainer and TrainStep alone

@@ -24,29 +24,30 @@ Sections 1-3 are in `bench_gpu_plan.py`, 4-6 (they train) in `bench_gpu_train.py
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import bench_gpu_plan as plan
-from orchestrator import bench_gpu_train as train
-from orchestrator.bench_gpu_run import (
+import torch
+
+from orchestrator.cli.bench import gpu_plan as plan
+from orchestrator.cli.bench import gpu_train as train
+from orchestrator.cli.bench.data import machine_info
+from orchestrator.cli.bench.gpu_run import (
     FULL,
     QUICK,
     GpuBench,
     say_on_stderr,
 )
 from orchestrator.errors import ConfigError
+from orchestrator.planning.nvml import gpu_info
+from orchestrator.training.devices import resolve_device
 
 
 def machine(device: str) -> dict[str, Any]:
     """bench_data's machine info, the GPU's (NVML: no CUDA context yet) and CUDA's versions."""
-    import torch
-
-    from orchestrator.bench_data import machine_info
-    from orchestrator.planning.nvml import gpu_info
-
     info = {**machine_info(torch.__version__), "device": device, "threads": torch.get_num_threads()}
     if device == "cuda":
         info.update(gpu_info(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
@@ -73,10 +74,6 @@ def bench_gpu(device: str = "auto", quick: bool = False, out: Path | None = None
     Raises:
         ConfigError: a bad device, or `out` cannot be written.
     """
-    import tempfile
-
-    from orchestrator.training.devices import resolve_device
-
     device = resolve_device(device).type
     sizes = QUICK if quick or device == "cpu" else FULL
     if out is not None and (out.is_dir() or not out.parent.is_dir()):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import REPO_ROOT, Plan
 
@@ -119,8 +121,6 @@ def free_device_memory(device: str) -> None:
     """Drop what a section left on the GPU, and any allocator limit a trainer set."""
     gc.collect()
     if device == "cuda":
-        import torch
-
         if torch.cuda.is_initialized():
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()

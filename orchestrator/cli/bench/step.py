@@ -24,7 +24,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.config import DEFAULT_CURRICULUM
+import torch
+
+import models
+from orchestrator.atomic import atomic_write_text
+from orchestrator.cli.bench.data import machine_info
+from orchestrator.config import (
+    DEFAULT_CURRICULUM,
+    Plan,
+    StagePlan,
+    load_curriculum,
+    plan_to_yaml,
+    resolve_cluster,
+)
+from orchestrator.data.synth import synthesize_atlas
+from orchestrator.training.parts import build_runner
+from orchestrator.training.step import TrainStep
 
 STAGE = "stage1_basic_cnn"
 
@@ -45,14 +60,6 @@ def bench_step(input_vox: int = 64, batch_size: int = 2, steps: int = 6, blocks:
         {"bench": "step", "machine": {...}, "figures": {"trainer_step_s", "train_step_s",
         "bare_step_s", "trainer_vs_bare_ratio", "train_step_vs_bare_ratio", ...}}.
     """
-    import torch
-
-    import models
-    from orchestrator.bench_data import machine_info
-    from orchestrator.data.synth import synthesize_atlas
-    from orchestrator.training.parts import build_runner
-    from orchestrator.training.step import TrainStep
-
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="bench-step-") as tmp:
         root = Path(tmp)
         synthesize_atlas(root / "data", subjects=3, shape_vox=(input_vox + 16,) * 3, seed=0)
@@ -123,12 +130,6 @@ def bench_step(input_vox: int = 64, batch_size: int = 2, steps: int = 6, blocks:
 
 def _unplanned_plan(root: Path, input_vox: int, batch_size: int):  # noqa: ANN202
     """A one-stage plan of stage 1 at the given size (the planner is not what is timed)."""
-    import torch
-
-    import models
-    from orchestrator.atomic import atomic_write_text
-    from orchestrator.config import Plan, StagePlan, load_curriculum, plan_to_yaml, resolve_cluster
-
     _, stages = load_curriculum(DEFAULT_CURRICULUM)
     spec = next(s for s, _ in stages if s.name == STAGE)
     spec = spec.model_copy(update={"input_size_vox": (input_vox,) * 3, "batch_size": batch_size,

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_gpu_run import GpuBench, Skipped, free_device_memory
+import torch
+
+import models
+from orchestrator.cli.bench.gpu_run import GpuBench, Skipped, free_device_memory
 from orchestrator.config import DEFAULT_CURRICULUM, REPO_ROOT, Plan, StagePlan
+from orchestrator.planning import planner
+from orchestrator.planning.nvml import NvmlSampler
+from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
+from orchestrator.planning.verify import verify_plan
+from orchestrator.training.step import TrainStep, sdm_placeholder
 from orchestrator.training.step import estimation_step as step_factory  # the planner's step
 
 WORKER = "orchestrator.training.trial"
@@ -36,9 +45,6 @@ def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
 def plan_section(b: GpuBench) -> dict[str, Any]:
     """Plan every stage at 20 GB and at the device's own size, each from a cold estimate
     cache (as a user's `plan` runs); one budget failing leaves the other's figures."""
-    from orchestrator.planning import planner
-    from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
-
     quick = b.sizes.quick_patch_vox
     curriculum = quick_curriculum(b.tmp, quick) if quick else DEFAULT_CURRICULUM
     figures: dict[str, float] = {}
@@ -51,7 +57,8 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
         planner.clear_estimate_cache()
         t0 = time.perf_counter()
         try:
-            plan = make_plan(req, step_factory, progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))
+            plan = make_plan(req, step_factory,
+                             progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))  # type: ignore[misc]
         except Exception as err:  # noqa: BLE001 -- the other budget still counts
             errors[label] = b.failure(err)
             continue
@@ -79,9 +86,6 @@ def need_plan(b: GpuBench) -> tuple[Plan, Path]:
 
 def verify_section(b: GpuBench) -> dict[str, Any]:
     """`plan --verify` of the 20 GB plan, with NVML sampled while each trial runs."""
-    from orchestrator.planning.nvml import NvmlSampler
-    from orchestrator.planning.verify import verify_plan
-
     plan, path = need_plan(b)
     with NvmlSampler() as sampler:
         def progress(name: str) -> None:
@@ -146,13 +150,6 @@ def step_section(b: GpuBench) -> dict[str, Any]:
 def time_train_step(sp: StagePlan, device: str, steps: int) -> dict[str, Any]:
     """Seconds per `TrainStep` of a planned stage on `device` (the model, AdamW and a random
     batch of the planned shape built here; nothing else on the clock)."""
-    import statistics
-
-    import torch
-
-    import models
-    from orchestrator.training.step import TrainStep, sdm_placeholder
-
     dev = torch.device(device)
     step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, micro=1, synchronize=True)
     torch.manual_seed(sp.spec.seed)

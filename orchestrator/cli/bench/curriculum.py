@@ -18,12 +18,26 @@ the same budget fractions (`EVAL_FRACTIONS`) on the held-out subjects.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+from orchestrator.cli.bench.data import machine_info
 from orchestrator.config import REPO_ROOT, StagePlan, StageSpec, load_curriculum
+from orchestrator.data.dataset import PatchDataset
+from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
+from orchestrator.data.sources import discover_subjects
+from orchestrator.data.synth import synthesize_atlas
+from orchestrator.training.handoff import transfer_weights
+from orchestrator.training.lr_schedule import lr_factor
+from orchestrator.training.step import TrainStep, sdm_placeholder
+from orchestrator.training.validation import predict_volume, validate
 
 CURRICULUM = REPO_ROOT / "stages" / "demo.yaml"
 EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -43,13 +57,7 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
         work_dir: where the data go (default: a temporary folder).
         anatomy: auto (MNI152 where the template can be had, else phantoms), mni152, phantom.
     """
-    import tempfile
-
-    import torch
-
-    from orchestrator.bench_data import machine_info
-
-    size = QUICK if quick else FULL
+    size: dict[str, Any] = QUICK if quick else FULL
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="bench-curriculum-") as tmp:
         train, test, what = _data(Path(tmp), size, seed, anatomy, quick)
@@ -79,10 +87,6 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
 
 def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
     """(train records, test records, description): distinct subjects, test ones held out."""
-    from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
-    from orchestrator.data.sources import discover_subjects
-    from orchestrator.data.synth import synthesize_atlas
-
     n = size["train"] + size["test"]
     kind = "phantom" if quick and anatomy == "auto" else anatomy
     notice = None
@@ -110,18 +114,11 @@ def _stage_plan(spec: StageSpec, patch: tuple[int, int, int]) -> StagePlan:
 
 
 def _build(spec: StageSpec, patch: tuple[int, int, int]):
-    import models
-
     return models.build_model(spec.model["arch"], **_stage_plan(spec, patch).model_kwargs())
 
 
 def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:
     """FLOPs of one training step of the stage's model at `patch` (its batch size)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from orchestrator.training.step import TrainStep, sdm_placeholder
-
     torch.manual_seed(0)
     model = _build(spec, patch)
     step = TrainStep.for_stage(spec, "cpu", False)
@@ -153,13 +150,13 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
     A phase with another stage's model starts it through the hand-off, with a fresh
     optimizer and that stage's schedule; a phase with the same model and another patch
     keeps the model, optimizer and schedule (one cosine over all its phases)."""
-    import torch
-
-    from orchestrator.training.handoff import transfer_weights
-
     cpu0 = time.process_time()
-    model = opt = sched = step_fn = None
-    spent, curve, handoffs, prev = 0, [], [], None
+    model: Any = None
+    opt: Any = None
+    sched: Any = None
+    step_fn: Any = None
+    prev: Any = None
+    spent, curve, handoffs = 0, [], []
     marks = [f * budget for f in EVAL_FRACTIONS]
     for k, (i, patch, steps) in enumerate(phases):
         if not steps:  # shorter than half a step of this model (rounding)
@@ -209,11 +206,6 @@ def _point(model, patch, test, spent: int, budget: int) -> dict[str, float]:
 
 def _optimiser(spec: StageSpec, model, steps: int, handed_off: bool):
     """The stage's TrainStep, AdamW and LR schedule (`lr_schedule.lr_factor` over `steps`)."""
-    import torch
-
-    from orchestrator.training.lr_schedule import lr_factor
-    from orchestrator.training.step import TrainStep
-
     step_fn = TrainStep.for_stage(spec, "cpu", False)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     warm = spec.handoff_warmup_span(spec.iterations_per_epoch)  # the stage's, in steps
@@ -224,8 +216,6 @@ def _optimiser(spec: StageSpec, model, steps: int, handed_off: bool):
 
 
 def _dataset(spec: StageSpec, patch, train, steps: int, with_sdm: bool, seed: int):
-    from orchestrator.data.dataset import PatchDataset
-
     data = PatchDataset(train, patch, samples_per_epoch=steps * spec.batch_size,
                         lesion_fraction=spec.lesion_fraction, seed=seed, augment=spec.augment,
                         with_sdm=with_sdm)
@@ -235,10 +225,6 @@ def _dataset(spec: StageSpec, patch, train, steps: int, with_sdm: bool, seed: in
 
 def _test_dice(model, patch, test) -> float:
     """Mean Dice over the held-out subjects (sliding window at `patch`)."""
-    import torch
-
-    from orchestrator.training.validation import predict_volume, validate
-
     dev = torch.device("cpu")
     row = validate(model, test, lambda m, vol: predict_volume(m, vol.image, patch, dev, None))
     return float(row["val_dice"])

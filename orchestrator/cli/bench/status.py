@@ -26,7 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from orchestrator.config import (
+    DEFAULT_CURRICULUM,
+    Plan,
+    StagePlan,
+    load_curriculum,
+    plan_to_yaml,
+    resolve_cluster,
+)
+from orchestrator.launch.sacct import SACCT_MIN_INTERVAL_S, rate_limited_sacct, sacct_states
 from orchestrator.runs import state as run_state
+from orchestrator.runs.status import collect_status
 
 EPOCHS = 100
 JOB_ID_BASE = 900_000  # ids no real job has on a test cluster: sacct answers with nothing
@@ -34,15 +46,6 @@ JOB_ID_BASE = 900_000  # ids no real job has on a test cluster: sacct answers wi
 
 def _plan_yaml(run: str, runs_dir: Path) -> str:
     """The real curriculum's stages, planned with fixed plausible numbers (no estimation)."""
-    from orchestrator.config import (
-        DEFAULT_CURRICULUM,
-        Plan,
-        StagePlan,
-        load_curriculum,
-        plan_to_yaml,
-        resolve_cluster,
-    )
-
     _, stages = load_curriculum(DEFAULT_CURRICULUM)
     cluster, _ = resolve_cluster("generic-slurm")
     planned = [StagePlan(name=spec.name, kind=spec.kind, spec=spec, init_from=init,
@@ -73,8 +76,6 @@ def make_runs(runs_dir: Path, n_runs: int = 50) -> list[str]:
     """Write `n_runs` runs; returns every SLURM job id recorded in their state.json."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     plan_text = _plan_yaml("RUN", runs_dir)
-    import yaml
-
     stage_names = [s["name"] for s in yaml.safe_load(plan_text)["stages"]]
     metrics = _metrics_csv(EPOCHS)
     ids: list[str] = []
@@ -139,9 +140,6 @@ def bench_status(n_runs: int = 50, repeats: int = 5, tmp_dir: Path | None = None
         {"bench": "status", "machine": {...}, "figures": {name: number}}: seconds (best and
         median of `repeats`) of `collect_status` and of the command line, per situation.
     """
-    from orchestrator.launch.sacct import SACCT_MIN_INTERVAL_S, rate_limited_sacct, sacct_states
-    from orchestrator.runs.status import collect_status
-
     fig: dict[str, float] = {"runs": n_runs}
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="bench-status-") as tmp:
         runs_dir = Path(tmp) / "runs"

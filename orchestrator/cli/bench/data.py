@@ -17,9 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
+import torch
 
-from orchestrator.data.synth import REFERENCE_SHAPE_VOX
+from orchestrator.data.cache import build_cache
+from orchestrator.data.cachefile import CachedVolume
+from orchestrator.data.dataset import PatchDataset
+from orchestrator.data.sources import discover_subjects
+from orchestrator.data.synth import REFERENCE_SHAPE_VOX, synthesize_atlas
 
 CROP_SIZES_VOX = (96, 144)
 PATCH_SIZE_VOX = 96
@@ -44,14 +51,6 @@ def bench_data(
         (medians), `..._ratio` = NIfTI time / cache time, samples per second, cache build
         seconds and sizes per subject.
     """
-    import nibabel as nib
-    import torch
-
-    from orchestrator.data.cache import build_cache
-    from orchestrator.data.cachefile import CachedVolume
-    from orchestrator.data.sources import discover_subjects
-    from orchestrator.data.synth import synthesize_atlas
-
     figures: dict[str, float] = {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="bench-data-") as tmp:
@@ -63,15 +62,16 @@ def bench_data(
         figures["cache_build_s_per_subject"] = report.seconds / subjects
         nifti, cached = discover_subjects(root), discover_subjects(report.out)
         figures["nifti_mb_per_subject"] = _mb(sum(r.image.stat().st_size for r in nifti)) / subjects
-        figures["cache_mb_per_subject"] = _mb(sum(r.cached.stat().st_size for r in cached)) / subjects
+        cache_bytes = sum(r.cached.stat().st_size for r in cached if r.cached)
+        figures["cache_mb_per_subject"] = _mb(cache_bytes) / subjects
         for size in CROP_SIZES_VOX:
             patch = (size,) * 3
 
             def from_nifti(k: int) -> np.ndarray:
-                data = np.asarray(nib.load(nifti[k % subjects].image).dataobj)
+                data = np.asarray(nib.load(nifti[k % subjects].image).dataobj)  # type: ignore[attr-defined]
                 return data[_random_box(rng, data.shape, patch)]
 
-            volumes = [CachedVolume(r.cached, patch) for r in cached]
+            volumes = [CachedVolume(r.cached, patch) for r in cached if r.cached]
 
             def from_cache(k: int) -> np.ndarray:
                 vol = volumes[k % subjects]
@@ -91,9 +91,6 @@ def bench_data(
 
 def machine_info(torch_version: str) -> dict:
     """What the figures were measured on."""
-    import h5py
-    import nibabel as nib
-
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -106,8 +103,6 @@ def machine_info(torch_version: str) -> dict:
 
 def _dataset_rates(nifti: list, cached: list, repeats: int) -> dict[str, float]:
     """PatchDataset samples/s at 96^3: re-reading each subject (NIfTI, cache), all in RAM."""
-    from orchestrator.data.dataset import PatchDataset
-
     patch = (PATCH_SIZE_VOX,) * 3
     out = {}
     cases = (("patch96_nifti_reload", nifti, 1, repeats),

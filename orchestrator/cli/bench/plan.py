@@ -12,7 +12,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from orchestrator.cli.bench.data import machine_info
 from orchestrator.config import DEFAULT_CURRICULUM
+from orchestrator.planning import planner
+from orchestrator.planning.plan_file import PlanRequest, make_plan
+from orchestrator.planning.pool import default_workers
+from orchestrator.training.step import estimation_step
 
 CASES = tuple((device, gb) for gb in (4.0, 6.0, 20.0, 80.0) for device in ("cpu", "cuda"))
 
@@ -25,14 +32,6 @@ def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
         {"bench": "plan", "machine": {...}, "figures": {name: number}}: `plan_<device>_<gb>gb_s`
         and `..._estimates` per case, `slowest_case_s`, and `workers`.
     """
-    import torch
-
-    from orchestrator.bench_data import machine_info
-    from orchestrator.planning import planner
-    from orchestrator.planning.plan_file import PlanRequest, make_plan
-    from orchestrator.planning.pool import default_workers
-    from orchestrator.training.step import estimation_step
-
     figures: dict[str, float] = {}
     for device, gb in cases:
         planner.clear_estimate_cache()

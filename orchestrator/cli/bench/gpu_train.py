@@ -7,14 +7,26 @@ Each runs stage 1 of the bench's 20 GB plan through the trainer (`StageRunner`,
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orchestrator.atomic import atomic_write_text
-from orchestrator.bench_gpu_plan import need_plan
-from orchestrator.bench_gpu_run import GpuBench, Skipped
+from orchestrator.cli.bench.gpu_plan import need_plan
+from orchestrator.cli.bench.gpu_run import GpuBench, Skipped
 from orchestrator.config import Plan, load_plan, plan_to_yaml
+from orchestrator.data.cache import build_cache
+from orchestrator.data.synth import synthesize_atlas
+from orchestrator.planning.verify import predicted_tensor_gb
+from orchestrator.runs.state import read_state
+from orchestrator.training.checkpoints import load_checkpoint
+from orchestrator.training.loader import num_workers
+from orchestrator.training.metrics_log import MetricsLog
+from orchestrator.training.parts import build_runner
+from orchestrator.training.trainer import run_stage, stage_dir
 
 OOM_SHARE = 0.5  # of the planned step's live tensors: the budget of the oom section
 
@@ -28,9 +40,6 @@ def data_dir(b: GpuBench) -> Path:
     if isinstance(b.data_cache, BaseException):
         raise b.data_cache
     if b.data_cache is None:
-        from orchestrator.data.cache import build_cache
-        from orchestrator.data.synth import synthesize_atlas
-
         n, shape = b.sizes.subjects, b.sizes.subject_vox
         b.say(f"      synthesising {n} subjects of {'x'.join(map(str, shape))} and caching them")
         try:
@@ -70,8 +79,6 @@ def train_plan(b: GpuBench, run: str, steps: int, budget_gb: float | None = None
 def fp16_section(b: GpuBench) -> dict[str, Any]:
     """Stage 1 through the trainer with fp16 autocast and a GradScaler: the stage asks for
     it (`amp_dtype: fp16`, what `auto` gives on a GPU without bf16)."""
-    from orchestrator.training.parts import build_runner
-
     steps = b.sizes.fp16_steps
     plan, _ = train_plan(b, "fp16", steps, amp_dtype="fp16")
     runner = build_runner(plan, plan.stages[0].name, device=b.device)
@@ -105,11 +112,6 @@ def oom_section(b: GpuBench) -> dict[str, Any]:
     section is skipped: a CPU has no allocator limit, and a quick stage fits in any limit
     the trainer sets.
     """
-    from orchestrator.planning.verify import predicted_tensor_gb
-    from orchestrator.runs.state import read_state
-    from orchestrator.training.checkpoints import load_checkpoint
-    from orchestrator.training.trainer import run_stage, stage_dir
-
     plan20, _ = need_plan(b)
     sp20 = plan20.stages[0]
     overheads = plan20.assumptions["overheads"]
@@ -146,13 +148,6 @@ def oom_section(b: GpuBench) -> dict[str, Any]:
 def loader_section(b: GpuBench) -> dict[str, Any]:
     """One short epoch of stage 1 through `run_stage`; then its loader alone, and the
     trainer's step alone on one batch already loaded (what the GPU consumes)."""
-    import torch
-
-    from orchestrator.training.loader import num_workers
-    from orchestrator.training.metrics_log import MetricsLog
-    from orchestrator.training.parts import build_runner
-    from orchestrator.training.trainer import run_stage, stage_dir
-
     steps = b.sizes.epoch_steps
     # two epochs with validation every second one: the first ends without validation, and
     # max_steps stops the second before its first step
@@ -191,10 +186,6 @@ def loader_section(b: GpuBench) -> dict[str, Any]:
 def _trainer_step_s(runner: Any, batch: dict[str, Any], steps: int) -> float:
     """Median seconds of the trainer's step (`OomFallback.step(_one_step)`, as
     `train_steps` runs it) on one batch, after two warm-up steps."""
-    import statistics
-
-    import torch
-
     runner.model.train()
     times = []
     for k in range(steps + 2):

