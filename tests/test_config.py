@@ -1,11 +1,10 @@
 """Configs: every YAML of the repo loads; bad input is one line naming file and field."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import invoke
 
 from orchestrator.config import (
     ClusterProfile,
@@ -88,14 +87,9 @@ def test_cluster_profile_unknown_key() -> None:
         parse_model(ClusterProfile, {"name": "x", "partiton": "gpu"}, "x.yaml")
 
 
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
-
-
 def test_cli_target_mem_abc_is_one_line_exit_2() -> None:
-    res = _cli("plan", "--target-mem", "abc")
-    assert res.returncode == 2
+    res = invoke("plan", "--target-mem", "abc")
+    assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert lines == ["error: --target-mem: expected a number of GB (e.g. 20), got 'abc'"]
     assert res.stdout == ""
@@ -104,8 +98,8 @@ def test_cli_target_mem_abc_is_one_line_exit_2() -> None:
 def test_cli_unknown_stage_key_is_one_line_exit_2(tmp_path: Path) -> None:
     cur = tmp_path / "cur.yaml"
     cur.write_text(f"name: c\nstages:\n  - file: {REPO / 'tests' / 'data' / 'bad_stage.yaml'}\n")
-    res = _cli("plan", "--curriculum", str(cur), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"))
-    assert res.returncode == 2, res.stderr
+    res = invoke("plan", "--curriculum", str(cur), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"))
+    assert res.exit_code == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad_stage.yaml: unknown key 'lr_rate'" in lines[0]
     assert "Traceback" not in res.stderr

@@ -1,12 +1,11 @@
 """`orchestrator doctor` on the local cluster: passes, and names the fix for what is wrong."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from cli_runner import invoke
+from typer.testing import Result
 
 from orchestrator.config import resolve_cluster
 from orchestrator.launch.doctor import sbatch_test_args
@@ -14,14 +13,13 @@ from orchestrator.launch.doctor import sbatch_test_args
 pytestmark = pytest.mark.slurm
 
 
-def _doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "doctor", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+def _doctor(*args: str) -> Result:
+    return invoke("doctor", *args)
 
 
 def test_doctor_passes_on_the_local_cluster(tiny_data: Path) -> None:
     p = _doctor("--cluster", "local-ddp", "--data", str(tiny_data))
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.exit_code == 0, p.stdout + p.stderr
     lines = p.stdout.strip().splitlines()
     for name in ("profile", "setup lines", "venv", "sinfo", "partition", "sbatch --test-only"):
         assert any(line.startswith("ok") and f" {name}: " in line for line in lines), p.stdout
@@ -35,7 +33,7 @@ def test_doctor_names_the_fix_for_a_wrong_partition_and_a_missing_venv(tmp_path:
                        "cpus_per_task: 1\nmem_gb: 1\nsetup:\n  - module load cuda || true\n"
                        "  - source .venv-missing/bin/activate\n")
     p = _doctor("--cluster", str(profile))
-    assert p.returncode == 2
+    assert p.exit_code == 2
     fixes = {line.split(":")[0].split(maxsplit=1)[1]: line for line in p.stdout.splitlines()
              if line.startswith("FIX")}
     assert set(fixes) == {"venv", "partition"}, p.stdout

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import math
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CURRICULUM
+from cli_runner import invoke
+from conftest import TINY_CURRICULUM
 from tiny_plans import quick_tiny_plan
 
 from orchestrator.atomic import atomic_write_text
@@ -167,14 +166,12 @@ def test_check_fresh_starts_refuses_unless_allowed(tmp_path: Path) -> None:
 
 def test_submit_refuses_a_fresh_start_in_one_line(tmp_path: Path) -> None:
     _, path = _narrow_plan(tmp_path)
-    cmd = [sys.executable, "-m", "orchestrator", "submit", "--plan", str(path), "--dry-run",
-           "--executor", "local", "--no-lcnn"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert p.returncode == 2, p.stderr
+    cmd = ["submit", "--plan", str(path), "--dry-run", "--executor", "local", "--no-lcnn"]
+    p = invoke(*cmd)
+    assert p.exit_code == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "--allow-fresh-start" in p.stderr
-    p = subprocess.run([*cmd, "--allow-fresh-start"], capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
+    p = invoke(*cmd, "--allow-fresh-start")
+    assert p.exit_code == 0, p.stderr
     assert "re-initialises" in p.stderr
 
 

@@ -3,13 +3,12 @@ bad value is one line naming the file and the field."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import invoke
 from conftest import REPO, TINY_CURRICULUM
 from tiny_plans import quick_tiny_plan
 
@@ -73,10 +72,8 @@ def test_cli_bad_knob_exits_2_with_one_line(tmp_path: Path) -> None:
     stage = _stage(tmp_path, "focal_alpha: 2\n")
     cur = tmp_path / "cur.yaml"
     cur.write_text(f"name: c\nstages:\n  - file: {stage}\n")
-    res = subprocess.run([sys.executable, "-m", "orchestrator", "plan", "--curriculum", str(cur),
-                          "--device", "cpu", "--runs-dir", str(tmp_path / "runs")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert res.returncode == 2, res.stderr
+    res = invoke("plan", "--curriculum", str(cur), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"))
+    assert res.exit_code == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "s.yaml: focal_alpha: Input should be less than or equal to 1" in lines[0]
     assert not (tmp_path / "runs").exists()

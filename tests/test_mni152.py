@@ -4,14 +4,12 @@ no index for the error path."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO
+from cli_runner import invoke
 
 from orchestrator.data import mni152
 from orchestrator.data.sources import discover_subjects, load_subject
@@ -59,10 +57,8 @@ def test_subjects_on_the_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_explicit_mni152_without_template_or_network_is_one_line_exit_2(tmp_path: Path) -> None:
     env = {**os.environ, "ORCHESTRATOR_TEMPLATE_DIR": str(tmp_path / "none"), "PIP_NO_INDEX": "1",
            "PIP_FIND_LINKS": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}
-    res = subprocess.run([sys.executable, "-m", "orchestrator", "data", "synth", "--out",
-                          str(tmp_path / "data"), "--anatomy", "mni152"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr
+    res = invoke("data", "synth", "--out", str(tmp_path / "data"), "--anatomy", "mni152", env=env)
+    assert res.exit_code == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "MNI152 template" in lines[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "data").exists()

@@ -1,0 +1,54 @@
+"""Every command maps its own errors to exit codes: in this process (CliRunner), through the
+console script and through `python -m orchestrator` a bad file is the same one line, exit 2."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cli_runner import invoke
+from conftest import REPO
+
+from orchestrator.cli import app
+
+HEAVY = ("torch", "monai", "matplotlib", "nibabel", "h5py", "scipy", "submitit", "tensorboard")
+
+
+def _bad_curriculum(tmp_path: Path) -> Path:
+    cur = tmp_path / "cur.yaml"
+    cur.write_text(f"name: c\nstages:\n  - file: {REPO / 'tests' / 'data' / 'bad_stage.yaml'}\n")
+    return cur
+
+
+def test_a_bad_file_is_one_line_exit_2_in_process_and_from_both_entry_points(tmp_path: Path) -> None:
+    args = ["plan", "--curriculum", str(_bad_curriculum(tmp_path)), "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs")]
+    here = invoke(*args)
+    assert here.exit_code == 2, here.output
+    (line,) = here.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "bad_stage.yaml: unknown key 'lr_rate'" in line
+    assert here.stdout == ""
+    script = shutil.which("orchestrator", path=str(Path(sys.executable).parent))
+    assert script, "the console script is installed beside this interpreter (setup.sh)"
+    for argv in ([script, *args], [sys.executable, "-m", "orchestrator", *args]):
+        res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert (res.returncode, res.stdout, res.stderr.strip()) == (2, "", line), argv[0]
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_every_command_goes_through_the_exit_code_mapping() -> None:
+    groups = [app, *(g.typer_instance for g in app.registered_groups if g.typer_instance)]
+    commands = [c for g in groups for c in g.registered_commands]
+    assert len(commands) >= 20
+    unmapped = [c.name for c in commands if getattr(c.callback, "__wrapped__", None) is None]
+    assert unmapped == []
+
+
+def test_the_command_line_loads_without_the_heavy_dependencies() -> None:
+    """`orchestrator --help` stays fast: the commands import torch & co. when they run."""
+    code = ("import sys; from orchestrator.cli import app; "
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         timeout=120, check=True)
+    assert res.stdout.strip() == ""
