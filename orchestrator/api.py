@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from orchestrator.config import DEFAULT_CURRICULUM, Plan, load_plan
+from orchestrator.errors import ConfigError
+from orchestrator.launch.sacct import rate_limited_sacct
+from orchestrator.planning.floors import check_fresh_starts
+from orchestrator.runs.status import collect_status
 
 DeviceName = Literal["auto", "cuda", "cpu"]
 ExecutorName = Literal["slurm", "local", "debug"]
@@ -91,7 +95,7 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
         DataError: `data` holds no usable subject.
         PlanError: a stage cannot fit the budget, or the run was submitted already.
     """
-    from orchestrator.errors import ConfigError
+    # plan_file and step build the models: defers torch
     from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
     from orchestrator.training.step import estimation_step
 
@@ -135,9 +139,7 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         PlanError: a hand-off would start a stage afresh (without `allow_fresh_start`).
         SubmissionError: the run was submitted already, or sbatch refused a job.
     """
-    from orchestrator.errors import ConfigError
-    from orchestrator.launch.submit import submit_plan
-    from orchestrator.planning.floors import check_fresh_starts
+    from orchestrator.launch.submit import submit_plan  # defers submitit
 
     if executor not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor: expected slurm, local or debug, got {executor!r}")
@@ -147,7 +149,7 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         if notice is not None:
             notice(line)
     if folds is not None:
-        from orchestrator.launch.folds import submit_folds
+        from orchestrator.launch.folds import submit_folds  # defers submitit
 
         _doc, jobs = submit_folds(p, path, executor, folds, include_lcnn=lcnn, dry_run=dry_run)
         return list(jobs)
@@ -178,8 +180,5 @@ def status(run: str | None = None, *, runs_dir: str | Path = "runs",
 def status_document(run: str | None = None, *, runs_dir: str | Path = "runs",
                     slurm: bool = True) -> dict[str, Any]:
     """The whole `status --json` document: {"runs": [...], "slurm": "ok" | why not}."""
-    from orchestrator.launch.sacct import rate_limited_sacct
-    from orchestrator.runs.status import collect_status
-
     query = rate_limited_sacct(Path(runs_dir)) if slurm else None
     return collect_status(Path(runs_dir), run, query)

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.api import plan
 from orchestrator.config import DEFAULT_CURRICULUM, Plan, StagePlan
+from orchestrator.data.records import SubjectRecord
+from orchestrator.errors import ConfigError
+from orchestrator.planning.schedule import DatasetSize
 
 ATLAS_SHAPE_VOX = (197, 233, 189)
 
@@ -31,10 +35,6 @@ def atlas_like_dataset(n_subjects: int, shape_vox: tuple[int, int, int] = ATLAS_
     Raises:
         ConfigError: `n_subjects` is below 1.
     """
-    from orchestrator.data.records import SubjectRecord
-    from orchestrator.errors import ConfigError
-    from orchestrator.planning.schedule import DatasetSize
-
     if int(n_subjects) < 1:
         raise ConfigError(f"dataset_size: {n_subjects}; expected at least 1 subject")
     records = [SubjectRecord(f"sub-{i:04d}", "ses-1", Path(f"sub-{i:04d}_T1w.nii.gz"),
@@ -67,8 +67,6 @@ class AutoConfig:
              subject_shape_vox: tuple[int, int, int] = ATLAS_SHAPE_VOX) -> Plan:
         """The planner's `Plan` for `dataset_size` subjects of `subject_shape_vox` voxels
         (None: no dataset, as `plan` without --data)."""
-        from orchestrator.api import plan
-
         ds = atlas_like_dataset(dataset_size, subject_shape_vox) if dataset_size is not None else None
         self.last_plan = plan(self.target_memory_gb, device=self.device,  # type: ignore[arg-type]
                               curriculum=self.curriculum, cluster=self.cluster, write=False,
