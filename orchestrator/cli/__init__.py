@@ -8,7 +8,11 @@ Rendering is in render.py, the demo in demo.py, the benchmarks in bench/.
 """
 from __future__ import annotations
 
-from orchestrator.cli import bench, data, jobs, pipeline, results, stage
 from orchestrator.cli.app import app, main
+
+# isort: off
+# registering the commands, in the order `orchestrator --help` lists them
+from orchestrator.cli import pipeline, stage, jobs, results, data, bench
+# isort: on
 
 __all__ = ["app", "main", "bench", "data", "jobs", "pipeline", "results", "stage"]
