@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from tiny_plans import quick_tiny_plan
 from typer.testing import CliRunner
 from waiting import wait_for
@@ -61,10 +59,8 @@ def test_folds_dry_run_prints_the_arrays_and_writes_nothing(tmp_path: Path, temp
     assert res.output.count("array 0-1") == 4 and "aftercorr:<stage1_basic_cnn>" in res.output
     assert "fold 0 validates on sub-" in res.output and "fold 1 validates on sub-" in res.output
     assert sorted(p.name for p in plan.run_dir.iterdir()) == ["plan.yaml"]
-    bad = subprocess.run([sys.executable, "-m", "orchestrator", "submit", "--plan", str(path),
-                          "--folds", "5", "--dry-run"], capture_output=True, text=True, cwd=REPO,
-                         timeout=60)
-    assert bad.returncode == 2 and "--folds 5: only 4 subjects" in bad.stderr, bad.stderr
+    bad = CliRunner().invoke(app, ["submit", "--plan", str(path), "--folds", "5", "--dry-run"])
+    assert bad.exit_code == 2 and "--folds 5: only 4 subjects" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
 

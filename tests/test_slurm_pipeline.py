@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_tiny_plan
+from cli_runner import invoke
+from conftest import make_tiny_plan
 from waiting import wait_for
 
 from orchestrator.launch.sacct import sacct_states
@@ -46,10 +46,8 @@ def test_slurm_chain_afterok_completes_and_status_agrees(tmp_path: Path, tiny_da
     times = {r.split("|")[0]: r.split("|")[1:] for r in rows}
     for prev, nxt in zip(ids, ids[1:]):
         assert times[nxt][0] >= times[prev][1], "a stage started before its parent ended"
-    res = subprocess.run([sys.executable, "-m", "orchestrator", "status", plan.run, "--runs-dir",
-                          str(plan.run_dir.parent), "--json"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
-    assert res.returncode == 0, res.stderr
+    res = invoke("status", plan.run, "--runs-dir", str(plan.run_dir.parent), "--json")
+    assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["slurm"] == "ok"
     run = doc["runs"][0]

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_tiny_plan
+from cli_runner import invoke
+from conftest import make_tiny_plan
 from tiny_plans import quick_tiny_plan
 from waiting import wait_for
 
@@ -110,10 +110,8 @@ def test_failed_stage_cancels_dependents_and_resume_completes(tmp_path, tiny_dat
     assert "DataError" in s1["error"] and Path(s1["log"]).exists()
     assert [s["state"] for s in run["stages"]] == ["FAILED", "CANCELLED", "CANCELLED"]
     hidden.rename(data)
-    res = subprocess.run([sys.executable, "-m", "orchestrator", "resume", plan.run, "--runs-dir",
-                          str(tmp_path / "runs")], capture_output=True, text=True, cwd=REPO,
-                         timeout=60)
-    assert res.returncode == 0, res.stderr
+    res = invoke("resume", plan.run, "--runs-dir", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output
     ids = [read_state(plan.run_dir)["stages"][s.stage]["slurm_job_id"] for s in jobs]
     assert not set(ids) & {j.job_id for j in jobs}, "resume must submit new jobs"
     _wait(lambda: all(_done(i) for i in ids), "the resumed chain", timeout_s=360)
