@@ -28,11 +28,11 @@ from orchestrator.planning.floors import check_fresh_starts
 
 def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | None,
           data: Path | None, run: str | None, runs_dir: Path, quiet: bool) -> tuple[Plan, Path]:
+    if device not in ("auto", "cuda", "cpu"):
+        raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
     # plan_file imports the training step: defers torch
     from orchestrator.planning.plan_file import parse_target_mem
 
-    if device not in ("auto", "cuda", "cpu"):
-        raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
     target_gb = parse_target_mem(target_mem)
     with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
         plan = api.plan(target_gb, device=device, curriculum=curriculum,  # type: ignore[arg-type]
