@@ -23,7 +23,7 @@ def _size(s: Any) -> str:
 def plan_json(plan: Plan) -> dict[str, Any]:
     return {"run": plan.run, "device": plan.device, "budget_gb": plan.budget_gb,
             "assumptions": plan.assumptions, "plan_path": str(plan.run_dir / "plan.yaml"),
-            "stages": [{"name": s.name, "model": s.spec.model["arch"], "kind": s.kind,
+            "stages": [{"name": s.name, "model": s.spec.model.arch, "kind": s.kind,
                         "input_size": list(s.input_size_vox), "base_filters": s.base_filters,
                         "batch_size": s.batch_size, "checkpointing": s.checkpointing,
                         "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,

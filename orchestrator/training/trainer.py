@@ -102,7 +102,7 @@ def _training_dataset(sp: StagePlan, records: list, step_batch: int,
     if sp.kind == "lcnn":
         from orchestrator.data.slices import SliceStackDataset
 
-        return SliceStackDataset(records, int(spec.model.get("in_slices", 5)),
+        return SliceStackDataset(records, spec.model.input_channels,
                                  tuple(sp.input_size_vox), **common)
     from orchestrator.data.dataset import PatchDataset
 
@@ -129,7 +129,7 @@ class StageRunner:
         self.device = resolve_device(device)  # the GPU where there is one
         spec = self.sp.spec
         torch.manual_seed(spec.seed)
-        self.model = models.build_model(spec.model["arch"], **self.sp.model_kwargs()).to(self.device)
+        self.model = models.build_model(spec.model.arch, **self.sp.model_kwargs()).to(self.device)
         if plan.data_dir is None:
             raise CheckpointError(f"plan {plan.run}: no data directory (plan with --data DIR)")
         records = discover_subjects(Path(plan.data_dir))
@@ -217,7 +217,7 @@ class StageRunner:
 
     def _resume(self, last: Path) -> str:
         ckpt = ck.load_checkpoint(last)
-        arch = self.sp.spec.model["arch"]
+        arch = self.sp.spec.model.arch
         if ckpt["arch"] != arch:
             raise CheckpointError(f"{last}: a {ckpt['arch']} checkpoint; stage {self.sp.name} "
                                   f"trains {arch}")
@@ -251,7 +251,7 @@ class StageRunner:
         probe = (1, self.model_input_channels(), *ckpt["input_size_vox"])
         self.model.cpu()
         report = checked_transfer(ckpt, src, f"{field}; stage {self.sp.name}", self.model,
-                                  self.sp.spec.model["arch"], probe, self.plan.handoff_noise_std,
+                                  self.sp.spec.model.arch, probe, self.plan.handoff_noise_std,
                                   self.sp.spec.seed)
         self.model.to(self.device)
         report = {"from": self.sp.init_from or ckpt.get("stage"), "checkpoint": str(src), **report}
@@ -264,8 +264,7 @@ class StageRunner:
         return load_normalised(rec, self.normalization)
 
     def model_input_channels(self) -> int:
-        model = self.sp.spec.model
-        return int(model.get("in_slices", 5) if self.sp.kind == "lcnn" else model.get("in_channels", 1))
+        return self.sp.spec.model.input_channels
 
     def _write_split(self) -> None:
         split = {"train": [r.subject + "/" + r.session for r in self.train_recs],
@@ -273,7 +272,7 @@ class StageRunner:
         atomic_write_text(self.dir / "split.json", json.dumps(split, indent=2))
 
     def payload(self, full: bool) -> dict[str, Any]:
-        p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model["arch"],
+        p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model.arch,
                              "model_kwargs": self.sp.model_kwargs(),
                              "input_size_vox": list(self.sp.input_size_vox),
                              "model": self.model.state_dict(), "best_dice": self.progress.best_dice,
