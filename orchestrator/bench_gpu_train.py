@@ -105,16 +105,16 @@ def oom_section(b: GpuBench) -> dict[str, Any]:
     section is skipped: a CPU has no allocator limit, and a quick stage fits in any limit
     the trainer sets.
     """
-    from orchestrator.planning.verify import predicted_tensor_gb
+    from orchestrator.planning.verify import plan_overheads, predicted_tensor_gb
     from orchestrator.runs.state import read_state
     from orchestrator.training.checkpoints import load_checkpoint
     from orchestrator.training.trainer import run_stage, stage_dir
 
     plan20, _ = need_plan(b)
     sp20 = plan20.stages[0]
-    overheads = plan20.assumptions["overheads"]
+    overheads = plan_overheads(plan20)
     tensor_gb = predicted_tensor_gb(plan20, sp20)
-    budget_gb = overheads["context_gb"] + overheads["workspace_gb"] + OOM_SHARE * tensor_gb
+    budget_gb = overheads.context_gb + overheads.workspace_gb + OOM_SHARE * tensor_gb
     steps = b.sizes.oom_steps
     plan, path = train_plan(b, "oom", steps, budget_gb=round(budget_gb, 3))
     stage = plan.stages[0].name

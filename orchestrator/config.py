@@ -5,8 +5,8 @@ gets frozen pydantic models. A bad file raises `ConfigError` with one line per p
 ``stages/s1.yaml: unknown key 'lr_rate' (did you mean 'lr'?)``. The config layer's other
 modules, re-exported here: knobs.py (the training fields a stage inherits),
 model_options.py (the `model:` block, one options model per architecture),
-cluster_config.py (cluster profiles, the user's default profile) and config_io.py
-(reading YAML, one-line errors).
+cluster_config.py (cluster profiles, the user's default profile), plan_facts.py (a
+plan's probe and assumptions) and config_io.py (reading YAML, one-line errors).
 """
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ from orchestrator.config_io import REPO_ROOT, StrictModel, parse_model, read_yam
 from orchestrator.errors import ConfigError
 from orchestrator.knobs import TrainingKnobs
 from orchestrator.model_options import LCNNOptions, ModelOptions, ResUNetOptions
+from orchestrator.plan_facts import PlanAssumptions, ProbeRecord
 
 __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTER",
            "ENV_USER_CONFIG", "REPO_ROOT", "ClusterProfile", "Curriculum", "CurriculumEntry",
-           "LCNNOptions", "ModelOptions", "Plan", "PlannerLimits", "ResUNetOptions", "StagePlan",
+           "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
+           "ProbeRecord", "ResUNetOptions", "StagePlan",
            "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
            "default_cluster", "load_curriculum", "load_plan", "load_stage", "parse_model",
            "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
@@ -216,8 +218,8 @@ class Plan(_Strict):
     runs_dir: str
     curriculum: str
     cluster: ClusterProfile
-    probe: dict[str, Any]
-    assumptions: dict[str, Any] = Field(default_factory=dict)
+    probe: ProbeRecord = Field(default_factory=ProbeRecord)
+    assumptions: PlanAssumptions = Field(default_factory=PlanAssumptions)
     handoff_noise_std: float = 1e-3
     stages: list[StagePlan]
     fold: int | None = Field(None, ge=0, description="Cross-validation fold this plan trains.")

@@ -70,7 +70,8 @@ def test_written_back_with_the_keys_given(tmp_path: Path) -> None:
     ("{arch: resunet3d, deep_supervision: true, deep_supervision_heads: 4}",
      r"s\.yaml: model: .*deep_supervision_heads must be in 1\.\.3"),
     ("{levels: 3}", r"s\.yaml: model: needs an 'arch' key, one of lcnn, resunet3d"),
-    ("{arch: unet9000}", r"s\.yaml: model\.arch: unknown model arch 'unet9000' \(valid: 'resunet3d', 'lcnn'\)"),
+    ("{arch: unet9000}",
+     r"s\.yaml: model\.arch: unknown model arch 'unet9000' \(valid: 'resunet3d', 'lcnn'\)"),
 ])
 def test_bad_options_are_one_line(tmp_path: Path, model: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as err:

@@ -160,8 +160,8 @@ class StageRunner:
         self.run_model = RunModel(plan.run_dir) if self.is_writer and self.sp.kind == "seg3d" else None
         # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
         # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
-        limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
-            "context_gb", 0.0), self.device)
+        limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.overheads.context_gb
+                                 if plan.assumptions.overheads else 0.0, self.device)
         if limit:
             logger.info("%s: %s", stage, limit)
         self.oom = OomFallback(self)
