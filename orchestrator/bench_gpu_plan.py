@@ -57,7 +57,7 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
             continue
         figures[f"plan_{label}_s"] = time.perf_counter() - t0
         figures[f"plan_{label}_budget_gb"] = plan.budget_gb
-        plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions["budget_source"],
+        plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions.budget_source,
                         "estimates": planner.estimates_run(),
                         "stages": [_stage_row(sp) for sp in plan.stages]}
         if label == "20gb":

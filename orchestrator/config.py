@@ -49,10 +49,10 @@ _Strict = StrictModel
 class PlannerLimits(_Strict):
     """How far the planner may move a stage away from its curriculum values."""
 
-    min_base_filters: int = Field(8, gt=0, description="Smallest base filter count to try.")
-    min_input_vox: int = Field(32, gt=0, description="Smallest side of the input patch.")
-    max_batch_size: int = Field(8, gt=0, description="Largest batch size to consider.")
-    min_batch_size: int = Field(2, gt=0, description="Batch size the plan tries to keep.")
+    min_base_filters: int = Field(default=8, gt=0, description="Smallest base filter count to try.")
+    min_input_vox: int = Field(default=32, gt=0, description="Smallest side of the input patch.")
+    max_batch_size: int = Field(default=8, gt=0, description="Largest batch size to consider.")
+    min_batch_size: int = Field(default=2, gt=0, description="Batch size the plan tries to keep.")
 
 
 class StageSpec(TrainingKnobs):
@@ -218,8 +218,8 @@ class Plan(_Strict):
     runs_dir: str
     curriculum: str
     cluster: ClusterProfile
-    probe: ProbeRecord = Field(default_factory=ProbeRecord)
-    assumptions: PlanAssumptions = Field(default_factory=PlanAssumptions)
+    probe: ProbeRecord = ProbeRecord()  # frozen: one shared default is safe
+    assumptions: PlanAssumptions = PlanAssumptions()
     handoff_noise_std: float = 1e-3
     stages: list[StagePlan]
     fold: int | None = Field(None, ge=0, description="Cross-validation fold this plan trains.")

@@ -21,7 +21,7 @@ class GpuRecord(StrictModel):
     name: str
     total_gb: float
     free_gb: float | None = None
-    bf16: bool | None = Field(None, description="Compute capability >= 8.0.")
+    bf16: bool | None = Field(default=None, description="Compute capability >= 8.0.")
 
 
 class ProbeRecord(StrictModel):
@@ -91,7 +91,7 @@ class PlanAssumptions(StrictModel):
     estimate: str | None = None
     calibration: CalibrationRecord | None = None
     dataset: DatasetRecord | None = None
-    gpu: str | None = Field(None, description="What was assumed of a GPU planned for from elsewhere.")
+    gpu: str | None = Field(default=None, description="What was assumed of a GPU planned for from elsewhere.")
     device_notice: str | None = None
 
     @model_serializer(mode="wrap")

@@ -39,7 +39,8 @@ class StageState(str, Enum):
     def __str__(self) -> str:
         return self.value
 
-    __format__ = str.__format__  # f"{state:10}" pads the string, on every Python
+    def __format__(self, format_spec: str) -> str:  # f"{state:10}" pads the string
+        return format(self.value, format_spec)
 
 
 PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = (
