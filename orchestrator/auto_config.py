@@ -45,7 +45,7 @@ def atlas_like_dataset(n_subjects: int, shape_vox: tuple[int, int, int] = ATLAS_
 
 def stage_choices(sp: StagePlan) -> dict[str, Any]:
     """What the guide's configs hold per stage, from one planned stage."""
-    return {"model": sp.spec.model["arch"], "kind": sp.kind,
+    return {"model": sp.spec.model.arch, "kind": sp.kind,
             "input_size": list(sp.input_size_vox), "base_filters": sp.base_filters,
             "batch_size": sp.batch_size, "gradient_checkpointing": sp.checkpointing,
             "mixed_precision": sp.amp, "epochs": sp.spec.max_epochs,

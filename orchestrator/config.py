@@ -1,39 +1,58 @@
-"""Typed, validated configs: stage, curriculum, cluster profile and plan.
+"""Typed, validated configs: stage, curriculum and plan (the public face of the config layer).
 
 One loader per file kind is the only code that sees raw dicts; everything downstream
 gets frozen pydantic models. A bad file raises `ConfigError` with one line per problem:
-``stages/s1.yaml: unknown key 'lr_rate' (did you mean 'lr'?)``.
+``stages/s1.yaml: unknown key 'lr_rate' (did you mean 'lr'?)``. The config layer's other
+modules, re-exported here: knobs.py (the training fields a stage inherits),
+model_options.py (the `model:` block, one options model per architecture),
+cluster_config.py (cluster profiles, the user's default profile), plan_facts.py (a
+plan's probe and assumptions) and config_io.py (reading YAML, one-line errors).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from orchestrator.cluster_config import (
+    CLUSTERS_DIR,
+    DEFAULT_TIME_MIN,
+    ENV_CLUSTER,
+    ENV_USER_CONFIG,
+    ClusterProfile,
+    StageResources,
+    UserConfig,
+    default_cluster,
+    resolve_cluster,
+    user_config_path,
+)
+from orchestrator.config_io import REPO_ROOT, StrictModel, parse_model, read_yaml, unknown_key
 from orchestrator.errors import ConfigError
 from orchestrator.knobs import TrainingKnobs
+from orchestrator.model_options import LCNNOptions, ModelOptions, ResUNetOptions
+from orchestrator.plan_facts import PlanAssumptions, ProbeRecord
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTER",
+           "ENV_USER_CONFIG", "REPO_ROOT", "ClusterProfile", "Curriculum", "CurriculumEntry",
+           "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
+           "ProbeRecord", "ResUNetOptions", "StagePlan",
+           "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
+           "default_cluster", "load_curriculum", "load_plan", "load_stage", "parse_model",
+           "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
+
 DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
-CLUSTERS_DIR = REPO_ROOT / "envs" / "clusters"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictModel
 
 
 class PlannerLimits(_Strict):
     """How far the planner may move a stage away from its curriculum values."""
 
-    min_base_filters: int = Field(8, gt=0, description="Smallest base filter count to try.")
-    min_input_vox: int = Field(32, gt=0, description="Smallest side of the input patch.")
-    max_batch_size: int = Field(8, gt=0, description="Largest batch size to consider.")
-    min_batch_size: int = Field(2, gt=0, description="Batch size the plan tries to keep.")
+    min_base_filters: int = Field(default=8, gt=0, description="Smallest base filter count to try.")
+    min_input_vox: int = Field(default=32, gt=0, description="Smallest side of the input patch.")
+    max_batch_size: int = Field(default=8, gt=0, description="Largest batch size to consider.")
+    min_batch_size: int = Field(default=2, gt=0, description="Batch size the plan tries to keep.")
 
 
 class StageSpec(TrainingKnobs):
@@ -43,7 +62,8 @@ class StageSpec(TrainingKnobs):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Stage id, used in paths.")
     kind: Literal["seg3d", "lcnn"] = Field("seg3d", description=(
         "seg3d: a 3D model of the curriculum's family; lcnn: the 2D LCNN on slice stacks."))
-    model: dict[str, Any] = Field(description="arch plus the model constructor's options.")
+    model: ModelOptions = Field(description=(
+        "The network: arch (resunet3d or lcnn) and its options (see the model sections)."))
     input_size_vox: tuple[int, ...] = Field(description="Patch size (3 sides; 2 for LCNN).")
     base_filters: int = Field(16, gt=0, description="Channels of the first level; the planner "
                               "may lower it to fit (down to planner.min_base_filters).")
@@ -117,14 +137,12 @@ class StageSpec(TrainingKnobs):
         want = 2 if self.kind == "lcnn" else 3
         if len(self.input_size_vox) != want:
             raise ValueError(f"input_size_vox needs {want} sides for a {self.kind} stage")
-        if "arch" not in self.model:
-            raise ValueError("model needs an 'arch' key (e.g. arch: resunet3d)")
         if self.normalization == "dataset" and (self.intensity_mean is None or self.intensity_std is None):
             raise ValueError("normalization dataset needs intensity_mean and intensity_std")
         if self.kind != "lcnn" and (self.class_weights is not None or not self.dice_include_background):
             raise ValueError("class_weights and dice_include_background are LCNN settings; the 3D "
                              "stages' loss is Generalized Dice + Focal + Boundary")
-        classes = int(self.model.get("num_classes", 2))
+        classes = self.model.classes
         if self.class_weights is not None and (len(self.class_weights) != classes
                                                or min(self.class_weights) < 0):
             raise ValueError(f"class_weights needs {classes} weights >= 0 (one per class), "
@@ -150,69 +168,6 @@ class Curriculum(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every stage.")
     handoff_noise_std: float = Field(1e-3, ge=0, description=(
         "Std of the noise added to widened (Net2Net) channels so copies can diverge."))
-
-
-class StageResources(_Strict):
-    """One stage's own job resources in a cluster profile (`stages: {NAME: {...}}`); what it
-    leaves out comes from the profile's top level."""
-
-    partition: str | None = Field(None, description="sbatch --partition for this stage.")
-    qos: str | None = Field(None, description="sbatch --qos for this stage.")
-    constraint: str | None = Field(None, description="sbatch --constraint for this stage.")
-    gres: str | None = Field(None, description="sbatch --gres for this stage, e.g. gpu:a100:1.")
-    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node for this stage.")
-    cpus_per_task: int | None = Field(None, gt=0, description="CPUs per task for this stage.")
-    mem_gb: float | None = Field(None, gt=0, description="Host memory per node for this stage.")
-    time_min: int | None = Field(None, gt=0, description="Time limit of this stage's job.")
-
-
-DEFAULT_TIME_MIN = 60  # a stage's time limit when neither the profile nor the plan gives one
-
-
-class ClusterProfile(_Strict):
-    """Where and how jobs run (envs/clusters/*.yaml)."""
-
-    name: str = Field(description="The profile's name (shown by plan and status).")
-    executor: Literal["slurm", "local", "debug"] = Field("slurm", description=(
-        "slurm: sbatch through submitit; local: processes on this machine; debug: in-process."))
-    partition: str | None = Field(None, description="sbatch --partition; None: the site's default.")
-    account: str | None = Field(None, description="sbatch --account (many sites require one).")
-    qos: str | None = Field(None, description="sbatch --qos, e.g. normal or preemptible.")
-    constraint: str | None = Field(None, description="sbatch --constraint: a node feature, e.g. a100.")
-    gpus_per_node: int = Field(0, ge=0, description=(
-        "--gpus-per-node; with none here, plan on a login node plans for this GPU."))
-    gres: str | None = Field(None, description="--gres (e.g. gpu:a100:1), for sites without --gpus.")
-    gpu_mem_gb: float | None = Field(None, gt=0, description="Plan for this GPU from a login node.")
-    cpus_per_task: int = Field(2, gt=0, description="CPUs per task: the loader's workers + 1.")
-    tasks_per_node: int = Field(1, gt=0, description="More than 1 task runs DistributedDataParallel "
-                                "(one task per GPU; gloo on CPU). The plan's batch is per task.")
-    nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes).")
-    mem_gb: float = Field(8, gt=0, description="Host memory per node; bounds the loader's caches.")
-    time_min: int | None = Field(None, gt=0, description=(
-        "Time limit of each stage's job; unset: the plan's estimate from `plan --verify` "
-        f"(steps x measured step time, with margin), else {DEFAULT_TIME_MIN} min."))
-    stages: dict[str, StageResources] = Field(default_factory=dict, description=(
-        "Per-stage resources by stage name, over the values above (e.g. a longer time or a "
-        "bigger GPU for stage 4)."))
-    setup: list[str] = Field(default_factory=list, description="Shell lines run before a job.")
-    preempt_signal: str = Field("USR2", description=(
-        "Signal SLURM sends before the time limit or on preemption; the stage stops and requeues."))
-    signal_grace_s: int = Field(120, ge=0, description=(
-        "How long before the time limit the signal comes (sbatch --signal)."))
-    max_requeues: int = Field(3, ge=0, description="Requeues (time limit, preemption) before FAILED.")
-    tensorboard: bool = Field(True, description=(
-        "Write TensorBoard event files for every stage run under this profile; false: none."))
-
-    def check_stage_names(self, where: str, stage_names: list[str]) -> None:
-        """Every `stages:` entry must name a stage of the curriculum.
-
-        Raises:
-            ConfigError: one names no stage (the message lists the stages there are).
-        """
-        for name in self.stages:
-            if name not in stage_names:
-                raise ConfigError(f"{where}: stages.{name}: no stage {name!r} in the curriculum; "
-                                  f"expected one of {', '.join(stage_names)}")
 
 
 class StagePlan(_Strict):
@@ -245,7 +200,7 @@ class StagePlan(_Strict):
 
     def model_kwargs(self) -> dict[str, Any]:
         """The model constructor's options as planned (arch removed)."""
-        kw = {k: v for k, v in self.spec.model.items() if k != "arch"}
+        kw = self.spec.model.constructor_kwargs()
         kw.update(base_filters=self.base_filters, checkpointing=self.checkpointing)
         if self.kind == "seg3d":  # the position embedding's grid follows the planned input
             kw["input_size_vox"] = list(self.input_size_vox)
@@ -263,8 +218,8 @@ class Plan(_Strict):
     runs_dir: str
     curriculum: str
     cluster: ClusterProfile
-    probe: dict[str, Any]
-    assumptions: dict[str, Any] = Field(default_factory=dict)
+    probe: ProbeRecord = ProbeRecord()  # frozen: one shared default is safe
+    assumptions: PlanAssumptions = PlanAssumptions()
     handoff_noise_std: float = 1e-3
     stages: list[StagePlan]
     fold: int | None = Field(None, ge=0, description="Cross-validation fold this plan trains.")
@@ -285,71 +240,13 @@ class Plan(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def unknown_key(source: Path | str, shown: str, key: str, valid: list[str]) -> str:
-    """`file: unknown key 'x' (did you mean 'y'?)`, or the valid keys when none is close."""
-    # a shared prefix ('lr_rate' -> 'lr') beats string similarity ('lr_rate' -> 'val_fraction')
-    prefixed = sorted((v for v in valid if key.startswith(v) or v.startswith(key)), key=len)
-    hint = prefixed[-1:] or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
-    extra = f" (did you mean {hint[0]!r}?)" if hint else f" (valid: {', '.join(sorted(valid))})"
-    return f"{source}: unknown key {shown!r}{extra}"
+def check_deep_supervision(spec: StageSpec, source: Path | str) -> None:
+    """deep_supervision_weights holds one weight per output of the model.
 
-
-def _format_error(path: Path | str, err: ValidationError, fields: set[str]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(unknown_key(path, loc, str(e["loc"][-1]), sorted(fields)))
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{path}: {loc or 'file'}: {e['msg']}{got_s}")
-    return "; ".join(lines)
-
-
-def parse_model(cls: type[BaseModel], data: Any, source: Path | str) -> Any:
-    """Validate `data` as `cls`; a failure becomes one ConfigError line naming `source`."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(source, err, set(cls.model_fields))) from None
-
-
-def read_yaml(path: Path) -> Any:
-    """Read a YAML file; a missing or malformed file is a ConfigError naming it."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
-
-
-def check_model_options(spec: StageSpec, source: Path | str) -> None:
-    """Reject model options the constructor does not take, before any job runs."""
-    import models  # local: keeps `orchestrator.config` light for the CLI
-
-    kwargs = {k: v for k, v in spec.model.items() if k != "arch"}
-    try:
-        cls = models.model_class(spec.model["arch"])
-    except ValueError as err:
-        raise ConfigError(f"{source}: model.arch: {err}") from None
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
-    for key in kwargs:
-        if key not in params:
-            raise ConfigError(unknown_key(source, f"model.{key}", key, valid))
-    weights = spec.deep_supervision_weights
-    param = params.get("deep_supervision_heads")
-    heads = kwargs.get("deep_supervision_heads", param.default if param else None)
+    Raises:
+        ConfigError: the count differs from deep_supervision_heads + 1.
+    """
+    weights, heads = spec.deep_supervision_weights, getattr(spec.model, "deep_supervision_heads", None)
     if weights is not None and heads is not None and len(weights) != heads + 1:
         raise ConfigError(f"{source}: deep_supervision_weights: {len(weights)} values; expected "
                           f"{heads + 1} (the full-resolution output and {heads} auxiliary heads)")
@@ -361,7 +258,7 @@ def load_stage(path: Path, overrides: dict[str, Any] | None = None) -> StageSpec
     if isinstance(data, dict) and overrides:
         data = _merge(data, overrides)
     spec = parse_model(StageSpec, data, path)
-    check_model_options(spec, path)
+    check_deep_supervision(spec, path)
     return spec
 
 
@@ -414,54 +311,6 @@ def load_curriculum(path: Path) -> tuple[Curriculum, list[tuple[StageSpec, str |
             out.append((spec, init))
             seen.append(spec.name)
     return cur, out
-
-
-ENV_CLUSTER = "ORCHESTRATOR_CLUSTER"  # the user's default cluster profile (name or file)
-ENV_USER_CONFIG = "ORCHESTRATOR_CONFIG"  # the user config file (default below)
-
-
-class UserConfig(_Strict):
-    """~/.config/orchestrator/config.yaml: the user's defaults."""
-
-    cluster: str | None = Field(None, description=(
-        "Cluster profile used when --cluster is not given (a name under envs/clusters/ or a "
-        "YAML file); ORCHESTRATOR_CLUSTER overrides it."))
-
-
-def user_config_path() -> Path:
-    env = os.environ.get(ENV_USER_CONFIG, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".config" / "orchestrator" / "config.yaml"
-
-
-def default_cluster() -> tuple[str, str]:
-    """The cluster profile used without --cluster, and where that choice came from:
-    ORCHESTRATOR_CLUSTER, else `cluster:` in the user config file, else 'local'.
-
-    Raises:
-        ConfigError: the user config file exists but is not valid.
-    """
-    env = os.environ.get(ENV_CLUSTER, "").strip()
-    if env:
-        return env, f"${ENV_CLUSTER}"
-    path = user_config_path()
-    if path.is_file():
-        cfg = parse_model(UserConfig, read_yaml(path) or {}, path)
-        if cfg.cluster:
-            return cfg.cluster, str(path)
-    return "local", "the default"
-
-
-def resolve_cluster(name_or_file: str | None) -> tuple[ClusterProfile, Path]:
-    """A cluster profile by name (envs/clusters/NAME.yaml) or by path; without one, the
-    user's default (`default_cluster`)."""
-    ref = name_or_file or default_cluster()[0]
-    path = Path(ref).expanduser()
-    if not path.suffix:
-        path = CLUSTERS_DIR / f"{ref}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
-            raise ConfigError(f"--cluster: no profile {ref!r} (known: {', '.join(known)})")
-    return parse_model(ClusterProfile, read_yaml(path), path), path
 
 
 def load_plan(path: Path) -> Plan:

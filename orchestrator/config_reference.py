@@ -1,6 +1,6 @@
-"""docs/configuration.md, generated from the pydantic models of config.py.
+"""docs/configuration.md, generated from the pydantic models of the config layer.
 
-Every field of a stage YAML (`StageSpec`, its `planner:` block), a curriculum
+Every field of a stage YAML (`StageSpec`, its `planner:` and `model:` blocks), a curriculum
 (`Curriculum`, its entries) and a cluster profile (`ClusterProfile`, its `stages:`
 entries), and the user config file: type, default, unit and description, as the models
 say them. tests/test_config_reference.py regenerates it and compares; after changing a
@@ -29,6 +29,8 @@ DOC_PATH = c.REPO_ROOT / "docs" / "configuration.md"
 SECTIONS: tuple[tuple[type[BaseModel], str, str], ...] = (
     (c.StageSpec, "a stage YAML under stages/ (or a curriculum's `overrides:`)", "Stage"),
     (c.PlannerLimits, "a stage's `planner:` block", "Stage: planner limits"),
+    (c.ResUNetOptions, "a stage's `model:` block with `arch: resunet3d`", "Stage: model resunet3d"),
+    (c.LCNNOptions, "a stage's `model:` block with `arch: lcnn`", "Stage: model lcnn"),
     (c.Curriculum, "a curriculum YAML (stages/progressive.yaml)", "Curriculum"),
     (c.CurriculumEntry, "each entry of a curriculum's `stages:` and `lcnn:` lists",
      "Curriculum: stage entry"),
@@ -111,7 +113,7 @@ def missing_descriptions() -> list[str]:
 def render() -> str:
     """The whole docs/configuration.md."""
     lines = ["# Configuration reference", "",
-             "Generated from the pydantic models in `orchestrator/config.py` by "
+             "Generated from the pydantic models of `orchestrator/config.py` by "
              "`python -m orchestrator.config_reference`; do not edit by hand "
              "(tests/test_config_reference.py fails when it is out of date).", "",
              "Every file is checked when it is read: an unknown key, a wrong type or a value out "

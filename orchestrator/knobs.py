@@ -59,8 +59,7 @@ class TrainingKnobs(BaseModel):
                              "expected one of them")
         weights = self.deep_supervision_weights
         if weights is not None:
-            model = getattr(self, "model", {}) or {}
-            if not model.get("deep_supervision"):
+            if not getattr(getattr(self, "model", None), "deep_supervision", False):
                 raise ValueError("deep_supervision_weights needs model.deep_supervision: true")
             if not weights or weights[0] <= 0:
                 raise ValueError("deep_supervision_weights: the first (full-resolution) weight "

@@ -34,7 +34,7 @@ def test_overrides_apply_to_every_stage_and_merge_model_keys() -> None:
     assert [s.max_epochs for s, _ in stages] == [10, 4, 4, 4]
     assert {tuple(s.input_size_vox) for s, _ in stages} == {(32, 32, 32)}
     s3 = stages[2][0]
-    assert s3.model["transformer_dim"] == 32 and s3.model["se"] is True  # merged, not replaced
+    assert s3.model.transformer_dim == 32 and s3.model.se is True  # merged, not replaced
 
 
 @pytest.mark.parametrize("name", ["local", "generic-slurm"])

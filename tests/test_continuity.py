@@ -54,8 +54,8 @@ def test_new_deep_supervision_heads_ramp_in(tmp_path: Path) -> None:
     (s3, _), (s4, _) = load_curriculum(TINY_CURRICULUM)[1][2:4]
 
     def build(spec):
-        kw = {k: v for k, v in spec.model.items() if k != "arch"}
-        return models.build_model(spec.model["arch"], base_filters=spec.base_filters,
+        kw = spec.model.constructor_kwargs()
+        return models.build_model(spec.model.arch, base_filters=spec.base_filters,
                                   input_size_vox=list(spec.input_size_vox), **kw)
 
     torch.manual_seed(0)

@@ -77,8 +77,8 @@ def test_the_default_profile_with_a_gpu_makes_plan_plan_for_it(
     monkeypatch.setenv("ORCHESTRATOR_CLUSTER", str(site))
     plan = _plan(tmp_path)
     assert plan.device == "cuda" and plan.cluster.name == "site"
-    assert "profile site has 1 per node" in plan.assumptions["device_source"]
-    assert plan.assumptions["cluster"]["chosen_by"] == "$ORCHESTRATOR_CLUSTER"
+    assert "profile site has 1 per node" in plan.assumptions.device_source
+    assert plan.assumptions.cluster.chosen_by == "$ORCHESTRATOR_CLUSTER"
 
 
 def test_the_device_follows_the_flag_the_profile_and_the_user_config(

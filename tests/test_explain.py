@@ -45,7 +45,7 @@ def test_training_step_parts_add_up_and_are_what_they_say(tmp_path: Path, tiny_d
     assert b.parts_gb["input batch"] * gib == pytest.approx(_round(4 * x) + _round(8 * x), abs=1)
     assert b.parts_gb["activations saved for backward"] > 0
     assert all(b.parts_gb[p] >= 0 for p in TENSOR_PARTS)
-    assert b.parts_gb["process baseline"] == plan.assumptions["overheads"]["context_gb"]
+    assert b.parts_gb["process baseline"] == plan.assumptions.overheads.context_gb
 
 
 def test_a_stage_whose_peak_is_validation_shows_validation_parts(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_focal_gamma_and_alpha_match_monai_and_change_the_loss() -> None:
 def test_deep_supervision_weights_weight_the_heads() -> None:
     _, stages = load_curriculum(TINY_CURRICULUM)
     s4 = stages[3][0].model_copy(update={"boundary_weight_start": 0.0, "boundary_weight_end": 0.0})
-    kw = {k: v for k, v in s4.model.items() if k != "arch"}
+    kw = s4.model.constructor_kwargs()
     model = models.build_model("resunet3d", **kw, base_filters=4, input_size_vox=[32, 32, 32]).train()
     torch.manual_seed(0)
     x, y = torch.randn(1, 1, 32, 32, 32), (torch.rand(1, 1, 32, 32, 32) < 0.1).float()

@@ -113,15 +113,25 @@ def _first_step_gradients(tmp_path: Path, data: Path, name: str, **stage: object
 
 
 def test_accumulated_step_equals_the_whole_batch(tmp_path: Path, tiny_data: Path) -> None:
-    """batch 1 x 2 accumulated backward passes == batch 2 in one: same samples, same gradient."""
+    """batch 1 x 2 accumulated backward passes == batch 2 in one: same samples, same gradient.
+
+    Compared as whole-gradient norms: rounding differs between a batch of 2 and two of 1
+    (oneDNN's kernels), and an instance norm over a near-constant channel amplifies it in
+    a single element (0.14 % of the largest gradient on some CPUs), so the bound is on the
+    norm of the difference: 1 % of the gradient's, and a tenth of what one sample alone
+    gives (accumulation that dropped or double-counted a pass would fail both)."""
     whole = _first_step_gradients(tmp_path, tiny_data, "whole", batch_size=2)
     accum = _first_step_gradients(tmp_path, tiny_data, "accum", batch_size=1, grad_accum_steps=2)
     single = _first_step_gradients(tmp_path, tiny_data, "single", batch_size=1)
-    scale = max(float(g.abs().max()) for g in whole.values())
-    assert whole.keys() == accum.keys()
-    for k in whole:
-        torch.testing.assert_close(accum[k], whole[k], rtol=1e-4, atol=1e-5 * scale)
-    assert any(not torch.allclose(single[k], whole[k], atol=1e-3 * scale) for k in whole)
+    assert whole.keys() == accum.keys() == single.keys()
+
+    def norm(grads: dict) -> float:
+        return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+
+    off = norm({k: accum[k] - whole[k] for k in whole})
+    alone = norm({k: single[k] - whole[k] for k in whole})
+    assert off <= 0.01 * norm(whole), (off, norm(whole))
+    assert off <= 0.1 * alone, (off, alone)
 
 
 def test_finetune_from_a_checkpoint_with_the_encoder_frozen(tmp_path: Path, tiny_data: Path) -> None:

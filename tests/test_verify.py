@@ -71,7 +71,7 @@ def test_verify_measures_a_real_step_records_and_calibrates_the_next_plan(tmp_pa
     assert any(r.startswith(f"job time {sp.time_estimate_min} min: ") for r in sp.reasons)
     again = load_plan(path)  # written back
     assert again.stages[0].measured_gb == sp.measured_gb
-    assert again.assumptions["calibration"]["recorded"]["stages"] == [sp.name]
+    assert again.assumptions.calibration.recorded.stages == [sp.name]
 
     doc = json.loads(cal_file.read_text())
     (hardware, entries), = doc["hardware"].items()
@@ -138,7 +138,7 @@ def test_dataset_caps_batch_and_sets_the_schedule(tmp_path, tiny_data, cal_file)
     assert sp.spec.max_epochs == 1000  # 25,000 steps / 20, at most 1000
     assert any(r.startswith("iterations_per_epoch 20: an epoch draws about the 98,304 voxels")
                for r in sp.reasons)
-    assert plan.assumptions["dataset"] == {"root": str(tiny_data), "subjects": 4,
+    assert plan.assumptions.dataset.model_dump() == {"root": str(tiny_data), "subjects": 4,
                                            "voxels": 4 * 32**3}
     # explicit values in the YAML are kept
     fixed = _curriculum(tmp_path, "fixed", max_epochs=3, iterations_per_epoch=7)
@@ -163,7 +163,7 @@ def test_calibration_applies_only_to_the_measured_checkpointing_mode(tmp_path, c
     plan = _plan(tmp_path, cur, "a")
     sp = plan.stages[0]
     assert not sp.checkpointing and sp.calibration_ratio is None
-    info = plan.assumptions["calibration"]
+    info = plan.assumptions.calibration.model_dump()
     specs, fps = {sp.name: sp.spec}, info["fingerprints"]
     cal.record_ratios(cal_file, info["hardware"],
                       {cal.entry_name(sp.name, True): {"stage": sp.name, "ratio": 2.0}}, specs, fps)

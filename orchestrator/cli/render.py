@@ -22,8 +22,9 @@ def _size(s: Any) -> str:
 
 def plan_json(plan: Plan) -> dict[str, Any]:
     return {"run": plan.run, "device": plan.device, "budget_gb": plan.budget_gb,
-            "assumptions": plan.assumptions, "plan_path": str(plan.run_dir / "plan.yaml"),
-            "stages": [{"name": s.name, "model": s.spec.model["arch"], "kind": s.kind,
+            "assumptions": plan.assumptions.model_dump(mode="json"),
+            "plan_path": str(plan.run_dir / "plan.yaml"),
+            "stages": [{"name": s.name, "model": s.spec.model.arch, "kind": s.kind,
                         "input_size": list(s.input_size_vox), "base_filters": s.base_filters,
                         "batch_size": s.batch_size, "checkpointing": s.checkpointing,
                         "amp": s.amp, "params": s.params, "predicted_gb": s.predicted_gb,
@@ -38,25 +39,24 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def plan_table(console: Console, plan: Plan) -> None:
-    p = plan.probe
-    gpus = ", ".join(f"{g['name']} {g['total_gb']:.0f} GB" for g in p["gpus"]) or f"none ({p['gpu_error']})"
-    console.print(f"probed: GPUs {gpus}; host {p['host_total_gb']:.1f} GB RAM "
-                  f"({p['host_available_gb']:.1f} available), {p['cpus']} CPUs"
-                  + (f"; SLURM {p['slurm']}" if p["slurm"] else ""))
-    why = plan.assumptions.get("device_source")
+    p, a = plan.probe, plan.assumptions
+    console.print(f"probed: GPUs {p.gpus_text()}; host {p.host_total_gb:.1f} GB RAM "
+                  f"({p.host_available_gb:.1f} available), {p.cpus} CPUs"
+                  + (f"; SLURM {p.slurm}" if p.slurm else ""))
+    why = a.device_source
+    overheads = a.overheads.model_dump() if a.overheads else None
     console.print(f"budget: {plan.budget_gb:g} GB on {plan.device}" + (f" ({why})" if why else "")
-                  + f", from {plan.assumptions['budget_source']}; "
-                  f"overheads {plan.assumptions['overheads']}", highlight=False)
-    if "gpu" in plan.assumptions:
-        console.print(f"assumed: {plan.assumptions['gpu']}")
-    prof = plan.assumptions.get("cluster") or {}
-    chosen = f", {prof['chosen_by']}" if prof.get("chosen_by") else ""
-    console.print(f"cluster: profile {plan.cluster.name} ({prof.get('file', '?')}{chosen}); "
+                  + f", from {a.budget_source}; overheads {overheads}", highlight=False)
+    if a.gpu:
+        console.print(f"assumed: {a.gpu}")
+    prof = a.cluster
+    chosen = f", {prof.chosen_by}" if prof and prof.chosen_by else ""
+    console.print(f"cluster: profile {plan.cluster.name} ({(prof and prof.file) or '?'}{chosen}); "
                   f"job time {_time_source(plan)}", highlight=False)
-    cal = plan.assumptions.get("calibration") or {}
-    if cal.get("applied"):
-        console.print(f"calibrated: predictions x measured/predicted from {cal['file']} "
-                      f"({cal['hardware']}): {cal['applied']}", highlight=False)
+    cal = a.calibration
+    if cal and cal.applied:
+        console.print(f"calibrated: predictions x measured/predicted from {cal.file} "
+                      f"({cal.hardware}): {cal.applied}", highlight=False)
     measured = any(s.measurement for s in plan.stages)
     t = Table(title=f"plan {plan.run}")
     cols = ["stage", "input", "filters", "batch", "ckpt", "AMP", "params", "train GB", "val GB",

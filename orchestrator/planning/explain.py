@@ -30,6 +30,7 @@ from orchestrator.planning.planner import (
     _shapes,
     build_stage_model,
 )
+from orchestrator.planning.verify import plan_overheads
 
 TENSOR_PARTS = ("parameters", "gradients", "optimizer state", "input batch",
                 "activations saved for backward", "temporaries at the peak")
@@ -115,11 +116,6 @@ def attribute_step(build: Callable[[], torch.nn.Module], x_shape: tuple, y_shape
     return tracker.parts
 
 
-def _overheads(plan: Plan) -> Overheads:
-    o = plan.assumptions["overheads"]
-    return Overheads(o["alloc_fraction"], o["workspace_gb"], o["context_gb"])
-
-
 def explain_stage(plan: Plan, stage: str, step_factory: StepFactory) -> Breakdown:
     """The parts of `stage`'s predicted peak in `plan`.
 
@@ -131,7 +127,7 @@ def explain_stage(plan: Plan, stage: str, step_factory: StepFactory) -> Breakdow
         raise ConfigError(f"--explain: no stage {stage!r} in plan {plan.run}; expected one of "
                           f"{', '.join(names)}")
     sp = plan.stage(stage)
-    overheads, cuda = _overheads(plan), plan.device == "cuda"
+    overheads, cuda = plan_overheads(plan), plan.device == "cuda"
     budget = Budget(plan.budget_gb, overheads, cuda_target=cuda)
     cand = Candidate(tuple(sp.input_size_vox), sp.base_filters, sp.checkpointing)
     est = StageEstimator(sp.spec, budget, step_factory, 1)
@@ -154,7 +150,7 @@ def _validation_parts(sp: StagePlan, plan: Plan, est: StageEstimator, cand: Cand
     session = est.session(Candidate(cand.input_size_vox, cand.base_filters, False))
     params = sum(-(-p.untyped_storage().nbytes() // 512) * 512
                  for p in list(session.model.parameters()) + list(session.model.buffers()))
-    volume = tuple(plan.assumptions.get("val_volume_vox") or ATLAS_SHAPE_VOX)
+    volume = tuple(plan.assumptions.val_volume_vox or ATLAS_SHAPE_VOX)
     peak = session.eval_peak(cand.input_size_vox, volume, _in_channels(sp.spec),
                              torch.bfloat16 if sp.amp else None)
     parts = {"parameters": params, "optimizer state": session.held - params,

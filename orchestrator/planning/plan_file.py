@@ -21,6 +21,15 @@ from orchestrator.config import (
     user_config_path,
 )
 from orchestrator.errors import ConfigError, PlanError
+from orchestrator.plan_facts import (
+    CalibrationRecord,
+    CalibrationWrite,
+    ClusterSource,
+    DatasetRecord,
+    OverheadsRecord,
+    PlanAssumptions,
+    ProbeRecord,
+)
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.planner import Budget, StepFactory
@@ -164,31 +173,28 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         said_raw = _raw_data_notice(ds, planned, cluster.cpus_per_task) if req.data_dir else None
         if said_raw and notice:
             notice(said_raw)
-    assumptions = {"budget_source": source, "device_source": choice.device_source,
-                   "val_volume_vox": list(budget.val_volume_vox),
-                   "overheads": overheads.as_dict(),
-                   "cluster": {"file": _shown_path(cluster_path), "chosen_by": cluster_source,
-                               "set": sorted(cluster.model_fields_set)},
-                   "estimate": "peak live tensors of a real training step (optimizer state "
-                               "present) on fake tensors"
-                               + (", CUDA autocast dtypes emulated" if device == "cuda" else ""),
-                   "calibration": {"file": str(cal_path) if cal_path else None,
-                                   "hardware": hardware,
-                                   "applied": {k: round(v[0], 4) for k, v in ratios.items()},
-                                   "fingerprints": {s.name: cal.stage_fingerprint(s)
-                                                    for s, _ in stages}}}
-    if ds is not None:
-        assumptions["dataset"] = {"root": ds.root, "subjects": len(ds.records),
-                                  "voxels": sum(ds.voxels.values())}
-    if device == "cuda" and not p.gpus:
-        assumptions["gpu"] = "no GPU here: planning for one (bf16 autocast assumed)"
-    if said:
-        assumptions["device_notice"] = said
+    assumptions = PlanAssumptions(
+        budget_source=source, device_source=choice.device_source,
+        val_volume_vox=tuple(budget.val_volume_vox),
+        overheads=OverheadsRecord(**overheads.as_dict()),
+        cluster=ClusterSource(file=_shown_path(cluster_path), chosen_by=cluster_source,
+                              set=sorted(cluster.model_fields_set)),
+        estimate="peak live tensors of a real training step (optimizer state present) on fake "
+                 "tensors" + (", CUDA autocast dtypes emulated" if device == "cuda" else ""),
+        calibration=CalibrationRecord(
+            file=str(cal_path) if cal_path else None, hardware=hardware,
+            applied={k: round(v[0], 4) for k, v in ratios.items()},
+            fingerprints={s.name: cal.stage_fingerprint(s) for s, _ in stages}),
+        dataset=DatasetRecord(root=ds.root, subjects=len(ds.records),
+                              voxels=sum(ds.voxels.values())) if ds is not None else None,
+        gpu="no GPU here: planning for one (bf16 autocast assumed)"
+            if device == "cuda" and not p.gpus else None,
+        device_notice=said)
     name = req.run or time.strftime("run-%Y%m%d-%H%M%S")
     return Plan(run=name, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=device,
                 budget_gb=budget_gb, data_dir=str(Path(req.data_dir).resolve()) if req.data_dir else None,
                 runs_dir=str(Path(req.runs_dir).resolve()), curriculum=str(Path(req.curriculum).resolve()),
-                cluster=cluster, probe=p.as_dict(), assumptions=assumptions,
+                cluster=cluster, probe=ProbeRecord.model_validate(p.as_dict()), assumptions=assumptions,
                 handoff_noise_std=cur.handoff_noise_std, stages=planned)
 
 
@@ -237,8 +243,8 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
 
     plan = verify_plan(plan, plan_path, worker, steps or VERIFY_STEPS, progress=progress)
     plan = plan.model_copy(update={"stages": [_with_time(s) for s in plan.stages]})
-    info = dict(plan.assumptions.get("calibration") or {})
-    path, hardware = cal.calibration_path(), info.get("hardware")
+    info = plan.assumptions.calibration or CalibrationRecord()
+    path, hardware = cal.calibration_path(), info.hardware
     ok = {cal.entry_name(s.name, s.checkpointing): {
               "stage": s.name, "ratio": s.measurement["uncalibrated_ratio"],
               "measured_gb": s.measured_gb,
@@ -250,10 +256,10 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
           for s in plan.stages if s.measurement and "error" not in s.measurement}
     specs = {s.name: s.spec for s in plan.stages}
     if path is not None and hardware and ok:
-        fingerprints = info.get("fingerprints", {})
-        cal.record_ratios(path, hardware, ok, specs, fingerprints)
-        info["recorded"] = {"file": str(path), "stages": sorted(ok)}
-    plan = plan.model_copy(update={"assumptions": {**plan.assumptions, "calibration": info}})
+        cal.record_ratios(path, hardware, ok, specs, info.fingerprints)
+        info = info.model_copy(update={"recorded": CalibrationWrite(file=str(path), stages=sorted(ok))})
+    plan = plan.model_copy(update={
+        "assumptions": plan.assumptions.model_copy(update={"calibration": info})})
     atomic_write_text(plan_path, plan_to_yaml(plan))
     return plan
 

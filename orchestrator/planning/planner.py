@@ -77,11 +77,11 @@ class Budget:
 
 def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
                       input_size_vox: tuple[int, ...] | None = None) -> nn.Module:
-    kwargs = {k: v for k, v in spec.model.items() if k != "arch"}
+    kwargs = spec.model.constructor_kwargs()
     kwargs.update(base_filters=base_filters, checkpointing=checkpointing)
     if input_size_vox is not None and spec.kind == "seg3d":  # the transformer's token grid
         kwargs["input_size_vox"] = list(input_size_vox)
-    model = models.build_model(spec.model["arch"], **kwargs)
+    model = models.build_model(spec.model.arch, **kwargs)
     if spec.freeze == "encoder":  # as the trainer fine-tunes: no gradients, no AdamW state
         for p in model.encoder_parameters():
             p.requires_grad_(False)
@@ -97,7 +97,7 @@ def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None,
 
 
 def _in_channels(spec: StageSpec) -> int:
-    return int(spec.model.get("in_channels", spec.model.get("in_slices", 1)))
+    return spec.model.input_channels
 
 
 def _shapes(spec: StageSpec, size: tuple[int, ...], batch: int) -> tuple[tuple, tuple]:

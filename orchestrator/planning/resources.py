@@ -26,9 +26,9 @@ class Resolved:
 def stage_resources(plan: Plan, sp: StagePlan) -> dict[str, Resolved]:
     """The resources of stage `sp`'s job: {key: (value, where it came from)}."""
     c = plan.cluster
-    info = plan.assumptions.get("cluster") or {}
-    where = info.get("file") or f"profile {c.name}"
-    set_keys = set(info.get("set", c.model_fields_set))
+    info = plan.assumptions.cluster
+    where = (info and info.file) or f"profile {c.name}"
+    set_keys = set(info.set) if info else set(c.model_fields_set)
     own = c.stages.get(sp.name)
     out: dict[str, Resolved] = {}
     for key in KEYS:

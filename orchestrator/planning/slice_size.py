@@ -22,9 +22,9 @@ def lcnn_multiple(spec: StageSpec) -> int:
 
     import models
 
-    kwargs = {k: v for k, v in spec.model.items() if k != "arch"}
+    kwargs = spec.model.constructor_kwargs()
     with torch.device("meta"):
-        model = models.build_model(spec.model["arch"], base_filters=spec.base_filters, **kwargs)
+        model = models.build_model(spec.model.arch, base_filters=spec.base_filters, **kwargs)
     return int(getattr(model, "required_multiple", 1))
 
 

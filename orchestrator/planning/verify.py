@@ -33,6 +33,7 @@ from typing import Any
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
+from orchestrator.planning.memory import DEFAULT_OVERHEADS, Overheads
 from orchestrator.planning.nvml import process_used_gb
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,20 @@ def measure(run: Callable[[], None], device_type: str) -> dict[str, Any]:
     return out
 
 
+def plan_overheads(plan: Plan) -> Overheads:
+    """The overheads the plan's estimate added; the device's defaults for a plan that
+    records none (one made by hand, as the tests' and benches' are)."""
+    o = plan.assumptions.overheads
+    if o is None:
+        return DEFAULT_OVERHEADS[plan.device]
+    return Overheads(o.alloc_fraction, o.workspace_gb, o.context_gb)
+
+
 def predicted_tensor_gb(plan: Plan, sp: StagePlan) -> float:
     """The live-tensor part of a stage's (uncalibrated) prediction."""
-    o = plan.assumptions["overheads"]
+    o = plan_overheads(plan)
     raw = _train_gb(sp) / (sp.calibration_ratio or 1.0)
-    return (raw - o["workspace_gb"] - o["context_gb"]) / (1 + o["alloc_fraction"])
+    return (raw - o.workspace_gb - o.context_gb) / (1 + o.alloc_fraction)
 
 
 def _train_gb(sp: StagePlan) -> float:

@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from orchestrator.runs import state as run_state
+
 
 def mean_std(values: Iterable[float]) -> dict[str, Any]:
     """{"mean", "std", "n"} of the finite values (mean and std None when there are none)."""
@@ -30,7 +32,7 @@ def stage_summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         by_stage.setdefault(r["name"].split("/", 1)[1], []).append(r)
     return {stage: {"best_dice": mean_std(_dice(r) for r in rs),
-                    "completed": sum(r["state"] == "COMPLETED" for r in rs), "folds": len(rs)}
+                    "completed": sum(r["state"] == run_state.COMPLETED for r in rs), "folds": len(rs)}
             for stage, rs in by_stage.items() if any(r["state"] != "NOT_SUBMITTED" for r in rs)}
 
 

@@ -10,8 +10,9 @@ import fcntl
 import json
 import time
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from orchestrator.atomic import atomic_write_text
 from orchestrator.errors import ConfigError, SubmissionError
@@ -19,10 +20,60 @@ from orchestrator.errors import ConfigError, SubmissionError
 STATE_FILE = "state.json"
 FOLDS_DIR = "folds"  # runs/<run>/folds/fold<i>/: the sub-runs of a cross-validation
 
-# Stage states as the orchestrator records them (SLURM's own states are shown beside).
-PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "PENDING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
-INTERRUPTED = "INTERRUPTED"  # stopped by a signal with last.pt written; a requeue resumes it
+
+
+class StageState(str, Enum):
+    """A stage's state as the orchestrator records it in state.json (SLURM's own states,
+    such as TIMEOUT, are shown beside). Members are the JSON strings themselves, so a
+    state.json written before the enum loads unchanged and a member equals its string.
+    (`enum.StrEnum` needs Python 3.11; pyproject supports 3.10.)"""
+
+    PENDING = "PENDING"
+    SUBMITTED = "SUBMITTED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"  # stopped by a signal with last.pt written; a requeue resumes it
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, format_spec: str) -> str:  # f"{state:10}" pads the string
+        return format(self.value, format_spec)
+
+
+PENDING, SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = (
+    StageState.PENDING, StageState.SUBMITTED, StageState.RUNNING, StageState.COMPLETED,
+    StageState.FAILED, StageState.CANCELLED, StageState.INTERRUPTED)
+
+
+class StageEntry(TypedDict, total=False):
+    """One stage's entry of state.json (`stages: {NAME: entry}`); every key is optional."""
+
+    state: StageState | str  # a StageState's string; `recorded_state` parses it
+    job_id: str
+    slurm_job_id: str
+    attempts: int
+    requeues: int
+    epoch: int
+    best_dice: float | None
+    peak_mem_gb: float | None
+    last_checkpoint: str | None
+    final: str | None
+    fresh_requested: bool
+    error: str
+    started: str
+    ended: str
+    updated: str
+
+
+def recorded_state(entry: StageEntry | dict[str, Any]) -> StageState | None:
+    """The entry's state as a StageState; None when it has none (or one not recorded here)."""
+    try:
+        return StageState(entry["state"])
+    except (KeyError, ValueError):
+        return None
 
 
 def now_iso() -> str:

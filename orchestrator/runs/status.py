@@ -64,7 +64,7 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
     if complete:
         st = run_state.COMPLETED
     elif slurm_state in ACTIVE:
-        st = "RUNNING" if slurm_state == "RUNNING" else slurm_state
+        st = run_state.RUNNING if slurm_state == "RUNNING" else slurm_state
     elif slurm_state and slurm_state != "COMPLETED":
         st = slurm_state if slurm_state.startswith("CANCEL") else run_state.FAILED
     elif slurm_state == "COMPLETED" or recorded == run_state.COMPLETED:
@@ -113,11 +113,11 @@ def _timing(entry: dict[str, Any], state: str, max_epochs: int) -> tuple[float |
     started = _when(entry.get("started"))
     if started is None:
         return None, None
-    ended = _when(entry.get("ended")) if state != "RUNNING" else None
+    ended = _when(entry.get("ended")) if state != run_state.RUNNING else None
     elapsed = max(0.0, (ended or time.time()) - started)
     epoch_s = entry.get("epoch_s")
     eta = None
-    if state == "RUNNING" and isinstance(epoch_s, (int, float)):
+    if state == run_state.RUNNING and isinstance(epoch_s, (int, float)):
         eta = max(0, max_epochs - int(entry.get("epoch", 0))) * float(epoch_s)
     return round(elapsed, 1), None if eta is None else round(eta, 1)
 
@@ -142,11 +142,11 @@ def _run_state(stages: list[dict[str, Any]]) -> str:
         if bad in states:
             return run_state.FAILED
     if any(s in ("RUNNING", "REQUEUED") for s in states):
-        return "RUNNING"
+        return run_state.RUNNING
     if run_state.INTERRUPTED in states:
         return run_state.INTERRUPTED
-    if any(s in (run_state.SUBMITTED, run_state.PENDING, "PENDING") for s in states):
-        return "PENDING"
+    if any(s in (run_state.SUBMITTED, run_state.PENDING) for s in states):  # SLURM's too
+        return run_state.PENDING
     return run_state.CANCELLED  # what is left: CANCELLED (by the user or a failed dependency)
 
 

@@ -49,15 +49,15 @@ def build_runner(plan: Plan, stage: str, device: str = "auto", *, role: Role | N
     sp = plan.stage(stage)
     dev = resolve_device(device)  # the GPU where there is one
     torch.manual_seed(sp.spec.seed)
-    model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(dev)
+    model = models.build_model(sp.spec.model.arch, **sp.model_kwargs()).to(dev)
     train_step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, agree=peers.agree_loss)
     optimization = _optimization(sp, model, train_step, handed_off=bool(
         sp.init_from or sp.spec.init_checkpoint))
     data = _data(plan, sp, optimization.step_batch * peers.world, train_step, dev)
     # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
     # back (checkpointing, then accumulation) and is recorded (training/memory_guard.py)
-    limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.get("overheads", {}).get(
-        "context_gb", 0.0), dev)
+    limit = limit_gpu_memory(plan.budget_gb, plan.assumptions.overheads.context_gb
+                             if plan.assumptions.overheads else 0.0, dev)
     if limit:
         logger.info("%s: %s", stage, limit)
     return StageRunner(plan, sp, dev, model, data, optimization, role, peers)
@@ -103,7 +103,7 @@ def _training_dataset(sp: StagePlan, records: list, epoch_batch: int,
     augment = spec.augment_strength if spec.augment else 0.0
     size = sp.input_size_vox  # the datasets check its length (2D slices, 3D patches)
     if sp.kind == "lcnn":
-        return SliceStackDataset(records, int(spec.model.get("in_slices", 5)),
+        return SliceStackDataset(records, spec.model.input_channels,
                                  cast(tuple[int, int], tuple(size)), samples,
                                  lesion_fraction=spec.lesion_fraction, seed=spec.seed,
                                  augment=augment)

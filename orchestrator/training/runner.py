@@ -166,7 +166,7 @@ class StageRunner:
 
     def _resume(self, last: Path) -> str:
         ckpt = ck.load_checkpoint(last)
-        arch = self.sp.spec.model["arch"]
+        arch = self.sp.spec.model.arch
         if ckpt["arch"] != arch:
             raise CheckpointError(f"{last}: a {ckpt['arch']} checkpoint; stage {self.sp.name} "
                                   f"trains {arch}")
@@ -200,7 +200,7 @@ class StageRunner:
         probe = (1, self.model_input_channels(), *ckpt["input_size_vox"])
         self.model.cpu()
         report = checked_transfer(ckpt, src, f"{field}; stage {self.sp.name}", self.model,
-                                  self.sp.spec.model["arch"], probe, self.plan.handoff_noise_std,
+                                  self.sp.spec.model.arch, probe, self.plan.handoff_noise_std,
                                   self.sp.spec.seed)
         self.model.to(self.device)
         report = {"from": self.sp.init_from or ckpt.get("stage"), "checkpoint": str(src), **report}
@@ -213,8 +213,7 @@ class StageRunner:
         return load_normalised(rec, self.normalization)
 
     def model_input_channels(self) -> int:
-        model = self.sp.spec.model
-        return int(model.get("in_slices", 5) if self.sp.kind == "lcnn" else model.get("in_channels", 1))
+        return self.sp.spec.model.input_channels
 
     def _write_split(self) -> None:
         split = {"train": [r.subject + "/" + r.session for r in self.train_recs],
@@ -223,7 +222,7 @@ class StageRunner:
 
     # ------------------------------------------------------------------ writes (the role's)
     def payload(self, full: bool) -> dict[str, Any]:
-        p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model["arch"],
+        p: dict[str, Any] = {"stage": self.sp.name, "arch": self.sp.spec.model.arch,
                              "model_kwargs": self.sp.model_kwargs(),
                              "input_size_vox": list(self.sp.input_size_vox),
                              "model": self.model.state_dict(), "best_dice": self.progress.best_dice,

@@ -17,7 +17,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from orchestrator.config import StageSpec
+from orchestrator.config import ResUNetOptions, StageSpec
 from orchestrator.training.losses import GeneralizedDiceFocalLoss, RegionBoundaryLoss
 
 
@@ -81,7 +81,8 @@ class Objective:
                 regional=self.seg_loss)
         self.alignment_weight = spec.alignment_weight
         self.warmup_epochs = spec.alignment_warmup_epochs
-        heads = int(spec.model.get("deep_supervision_heads", 2)) if spec.model.get("deep_supervision") else 0
+        m = spec.model  # only the 3D family has auxiliary heads
+        heads = m.deep_supervision_heads if isinstance(m, ResUNetOptions) and m.deep_supervision else 0
         self.ds_weights = self.seg_loss.get_weights(heads + 1)  # full-resolution first
 
     def set_aux_scale(self, scale: float) -> None:

@@ -39,15 +39,14 @@ def trial(plan_path: Path, stage: str, steps: int = 2, device: str | None = None
     sp = plan.stage(stage)
     dev = torch.device(device or ("cuda" if plan.device == "cuda" else "cpu"))
     step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, micro=1, synchronize=True)
-    model_opts = sp.spec.model  # input channels as the planner's estimate counts them
-    in_ch = int(model_opts.get("in_channels", model_opts.get("in_slices", 1)))
+    in_ch = sp.spec.model.input_channels  # as the planner's estimate counts them
 
     kept: dict[str, Any] = {}
     step_times: list[float] = []
 
     def run() -> None:
         torch.manual_seed(sp.spec.seed)
-        model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(dev).train()
+        model = models.build_model(sp.spec.model.arch, **sp.model_kwargs()).to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=sp.spec.lr, weight_decay=sp.spec.weight_decay)
         prime_adamw(opt)  # every step measured holds the optimizer state, as the estimate's
         x = torch.randn(sp.batch_size, in_ch, *sp.input_size_vox, device=dev)

@@ -55,7 +55,7 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
     if kind == "lcnn":
         from orchestrator.data.slices import predict_volume_slices
 
-        in_slices = int(model_kwargs.get("in_slices", 5))
+        in_slices = int(model_kwargs["in_slices"])  # model_kwargs holds every option
         return lambda model, vol: predict_volume_slices(
             model, vol.image, in_slices, tuple(roi_size), device, amp_dtype, background=vol.background)
     return lambda model, vol: predict_volume(model, vol.image, roi_size, device, amp_dtype)

@@ -114,7 +114,7 @@ def _stage_plan(spec: StageSpec, patch: tuple[int, int, int]) -> StagePlan:
 
 
 def _build(spec: StageSpec, patch: tuple[int, int, int]):
-    return models.build_model(spec.model["arch"], **_stage_plan(spec, patch).model_kwargs())
+    return models.build_model(spec.model.arch, **_stage_plan(spec, patch).model_kwargs())
 
 
 def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:

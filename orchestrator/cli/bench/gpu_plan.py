@@ -64,7 +64,7 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
             continue
         figures[f"plan_{label}_s"] = time.perf_counter() - t0
         figures[f"plan_{label}_budget_gb"] = plan.budget_gb
-        plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions["budget_source"],
+        plans[label] = {"budget_gb": plan.budget_gb, "budget_source": plan.assumptions.budget_source,
                         "estimates": planner.estimates_run(),
                         "stages": [_stage_row(sp) for sp in plan.stages]}
         if label == "20gb":
@@ -153,9 +153,9 @@ def time_train_step(sp: StagePlan, device: str, steps: int) -> dict[str, Any]:
     dev = torch.device(device)
     step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, micro=1, synchronize=True)
     torch.manual_seed(sp.spec.seed)
-    net = models.build_model(sp.spec.model["arch"], **sp.model_kwargs()).to(dev).train()
+    net = models.build_model(sp.spec.model.arch, **sp.model_kwargs()).to(dev).train()
     adamw = torch.optim.AdamW(net.parameters(), lr=sp.spec.lr, weight_decay=sp.spec.weight_decay)
-    channels = int(sp.spec.model.get("in_channels", sp.spec.model.get("in_slices", 1)))
+    channels = sp.spec.model.input_channels
     images = torch.randn(sp.batch_size, channels, *sp.input_size_vox, device=dev)
     labels = torch.randint(0, 2, (sp.batch_size, *sp.input_size_vox), device=dev)
     maps = sdm_placeholder(step, images)

@@ -20,7 +20,7 @@ from orchestrator.cli.bench.gpu_run import GpuBench, Skipped
 from orchestrator.config import Plan, load_plan, plan_to_yaml
 from orchestrator.data.cache import build_cache
 from orchestrator.data.synth import synthesize_atlas
-from orchestrator.planning.verify import predicted_tensor_gb
+from orchestrator.planning.verify import plan_overheads, predicted_tensor_gb
 from orchestrator.runs.state import read_state
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.loader import num_workers
@@ -114,9 +114,9 @@ def oom_section(b: GpuBench) -> dict[str, Any]:
     """
     plan20, _ = need_plan(b)
     sp20 = plan20.stages[0]
-    overheads = plan20.assumptions["overheads"]
+    overheads = plan_overheads(plan20)
     tensor_gb = predicted_tensor_gb(plan20, sp20)
-    budget_gb = overheads["context_gb"] + overheads["workspace_gb"] + OOM_SHARE * tensor_gb
+    budget_gb = overheads.context_gb + overheads.workspace_gb + OOM_SHARE * tensor_gb
     steps = b.sizes.oom_steps
     plan, path = train_plan(b, "oom", steps, budget_gb=round(budget_gb, 3))
     stage = plan.stages[0].name

@@ -70,12 +70,12 @@ def bench_step(input_vox: int = 64, batch_size: int = 2, steps: int = 6, blocks:
         loader = torch.utils.data.DataLoader(runner.dataset, batch_size=batch_size)
         batch = next(iter(loader))
         sp = runner.sp
-        bare_model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs())
+        bare_model = models.build_model(sp.spec.model.arch, **sp.model_kwargs())
         bare_model.load_state_dict(runner.model.state_dict())
         bare_model.to(dev).train()
         bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=sp.spec.lr,
                                      weight_decay=sp.spec.weight_decay)
-        step_model = models.build_model(sp.spec.model["arch"], **sp.model_kwargs())
+        step_model = models.build_model(sp.spec.model.arch, **sp.model_kwargs())
         step_model.load_state_dict(runner.model.state_dict())
         step_model.to(dev).train()
         step_opt = torch.optim.AdamW(step_model.parameters(), lr=sp.spec.lr,
@@ -139,7 +139,7 @@ def _unplanned_plan(root: Path, input_vox: int, batch_size: int):  # noqa: ANN20
                    batch_size=batch_size, checkpointing=False, amp=spec.amp, params=0,
                    predicted_gb=0.0, reasons=["bench step: the stage's own numbers"])
     with torch.device("meta"):
-        params = sum(p.numel() for p in models.build_model(spec.model["arch"],
+        params = sum(p.numel() for p in models.build_model(spec.model.arch,
                                                            **sp.model_kwargs()).parameters())
     sp = sp.model_copy(update={"params": params})
     plan = Plan(run="bench-step", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device="cpu",
