@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -22,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {"resunet3d": ResUNet3D, "lcnn": LCNN}
 
-__all__ = ["LCNN", "MODEL_REGISTRY", "STAGE_PRESETS", "ResUNet3D", "build_model", "model_class",
-           "resize_pos_embed"]
+__all__ = ["LCNN", "MODEL_REGISTRY", "STAGE_PRESETS", "ResUNet3D", "build_model", "freeze_encoder",
+           "model_class", "resize_pos_embed"]
 
 
 def model_class(arch: str) -> type[nn.Module]:
@@ -37,6 +38,25 @@ def model_class(arch: str) -> type[nn.Module]:
     except KeyError:
         valid = ", ".join(sorted(MODEL_REGISTRY))
         raise ValueError(f"unknown model arch {arch!r} (valid: {valid})") from None
+
+
+@runtime_checkable
+class EncoderSplit(Protocol):
+    """A model that names its encoder's parameters (every registered model does)."""
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """No gradients (and so no AdamW state) for the encoder's parameters.
+
+    Raises:
+        TypeError: the model has no `encoder_parameters()`.
+    """
+    if not isinstance(model, EncoderSplit):
+        raise TypeError(f"{type(model).__name__} has no encoder_parameters(): cannot freeze its encoder")
+    for p in model.encoder_parameters():
+        p.requires_grad_(False)
 
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:

@@ -49,6 +49,7 @@ def tag(module: nn.Module, out_space: str | None, in_space: str | None = None,
     out: Dim = (out_space, "out") if out_space else None
     role = "in_grouped" if groups > 1 else "in"
     inp: Dim = (in_space, role) if in_space else None
+    dims: dict[str, tuple[Dim, ...]]
     if isinstance(module, nn.ConvTranspose3d):
         dims = {"weight": (inp, out, None, None, None)}
     elif isinstance(module, nn.Conv3d):
@@ -61,9 +62,10 @@ def tag(module: nn.Module, out_space: str | None, in_space: str | None = None,
         raise TypeError(f"cannot tag {type(module).__name__} for widening")
     if getattr(module, "bias", None) is not None:
         dims["bias"] = (out,)
-    module.handoff_dims = dims
+    # torch types Module.__setattr__'s value Tensor | Module; any other value is a plain attribute
+    module.handoff_dims = dims  # type: ignore[assignment]
     if groups > 1 and out_space:
-        module.handoff_groups = {out_space: groups}
+        module.handoff_groups = {out_space: groups}  # type: ignore[assignment]  # as above
     return module
 
 

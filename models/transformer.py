@@ -61,7 +61,7 @@ class BottleneckTransformer(nn.Module):
     handoff_last_layers = ("proj_out",)
 
     def __init__(self, channels: int, space: str, dim: int, depth: int, heads: int,
-                 grid: tuple[int, int, int], mlp_ratio: float = 4.0) -> None:
+                 grid: tuple[int, ...], mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"transformer_dim {dim} must be a multiple of transformer_heads "
@@ -74,8 +74,11 @@ class BottleneckTransformer(nn.Module):
         self.blocks = nn.ModuleList()
         for _ in range(depth):
             blk = TransformerBlock(dim, int(dim * mlp_ratio), heads, use_flash_attention=True)
-            blk.norm_cross_attn = nn.Identity()  # unused without cross-attention: no dead params
-            blk.handoff_last_layers = ("attn.out_proj", "mlp.linear2")
+            # unused without cross-attention: no dead params (add_module, as MONAI types the
+            # attribute LayerNorm)
+            blk.add_module("norm_cross_attn", nn.Identity())
+            # torch types Module.__setattr__'s value Tensor | Module; any other value is a plain attribute
+            blk.handoff_last_layers = ("attn.out_proj", "mlp.linear2")  # type: ignore[assignment]
             self.blocks.append(blk)
         self.norm_out = nn.LayerNorm(dim)
         self.proj_out = tag(nn.Linear(dim, channels), space, None)

@@ -158,9 +158,10 @@ class ResUNet3D(nn.Module):
         h = self.stem(x)
         skips = []
         for i, level in enumerate(self.encoder):
+            assert isinstance(level, nn.ModuleDict)  # built so in __init__; narrows the type
             if i > 0:
                 h = level["down"](h)
-            for blk in level["blocks"]:
+            for blk in level["blocks"].children():  # the ModuleList's blocks, in order
                 h = self._run(blk, h)
             skips.append(h)
         if self.transformer is not None:
@@ -169,10 +170,11 @@ class ResUNet3D(nn.Module):
         feats: dict[int, torch.Tensor] = {}
         for i in reversed(range(self.levels)):
             level = self.decoder[i]
+            assert isinstance(level, nn.ModuleDict)  # as above
             up = level["up"](h)
             skip = level["gate"](skips[i], up) if "gate" in level else skips[i]
             h = up + skip
-            for blk in level["blocks"]:
+            for blk in level["blocks"].children():  # the ModuleList's blocks, in order
                 h = self._run(blk, h)
             feats[i] = h
         main = self.head(h)

@@ -43,10 +43,9 @@ __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTE
            "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
 
 DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
-_Strict = StrictModel
 
 
-class PlannerLimits(_Strict):
+class PlannerLimits(StrictModel):
     """How far the planner may move a stage away from its curriculum values."""
 
     min_base_filters: int = Field(default=8, gt=0, description="Smallest base filter count to try.")
@@ -150,14 +149,14 @@ class StageSpec(TrainingKnobs):
         return self
 
 
-class CurriculumEntry(_Strict):
+class CurriculumEntry(StrictModel):
     file: str = Field(description="Stage YAML, relative to the curriculum file.")
     init_from: str | None = Field("previous", description="'previous', a stage name or null.")
     overrides: dict[str, Any] = Field(default_factory=dict, description=(
         "Stage fields set for this stage only, over the stage YAML (model keys merge)."))
 
 
-class Curriculum(_Strict):
+class Curriculum(StrictModel):
     """Order of the stages and their hand-off (stages/progressive.yaml)."""
 
     name: str = Field(description="The curriculum's name.")
@@ -170,7 +169,7 @@ class Curriculum(_Strict):
         "Std of the noise added to widened (Net2Net) channels so copies can diverge."))
 
 
-class StagePlan(_Strict):
+class StagePlan(StrictModel):
     """The planner's decision for one stage, with the resolved spec it applies to."""
 
     name: str
@@ -207,7 +206,7 @@ class StagePlan(_Strict):
         return kw
 
 
-class Plan(_Strict):
+class Plan(StrictModel):
     """runs/<run>/plan.yaml: everything a stage job needs, resolved once."""
 
     run: str

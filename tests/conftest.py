@@ -56,9 +56,9 @@ def _cuda_available() -> bool:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("slurm") is not None and not _slurm_required():
-        if slurm_problem() is not None:
-            pytest.skip(SLURM_SKIP_REASON)
+    if (item.get_closest_marker("slurm") is not None and not _slurm_required()
+            and slurm_problem() is not None):
+        pytest.skip(SLURM_SKIP_REASON)
     if item.get_closest_marker("gpu") is not None and not _cuda_available():
         pytest.skip("CUDA is not available")
 

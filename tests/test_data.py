@@ -67,7 +67,7 @@ def test_synth_writes_bids_names_that_discover_pairs(synth_root):
     assert first.image == anat / f"sub-r001s001_ses-1_{SPACE}_T1w.nii.gz"
     assert first.mask == anat / f"sub-r001s001_ses-1_{SPACE}{MASK_SUFFIX}"
     assert all(r.session == "ses-1" and r.mask.parent == r.image.parent for r in found)
-    assert not [p for p in synth_root.rglob(".*")], "temporary files left behind"
+    assert not list(synth_root.rglob(".*")), "temporary files left behind"
     img, msk = nib.load(first.image), nib.load(first.mask)
     assert img.get_data_dtype() == np.float32 and msk.get_data_dtype() == np.uint8
     assert img.shape == (32, 32, 32)

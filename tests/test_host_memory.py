@@ -1,6 +1,7 @@
 """Host memory bounded by the job: the volume cache of raw-NIfTI training at ATLAS size."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -69,10 +70,8 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, list[int]]:
     """The process tree's summed RSS (as SLURM's jobacct_gather/linux sums it), and each."""
     rss = []
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # gone since children() listed it
             rss.append(p.memory_info().rss)
-        except psutil.Error:
-            pass
     return sum(rss), rss
 
 

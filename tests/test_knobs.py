@@ -116,7 +116,7 @@ def _spec(**update):  # noqa: ANN003, ANN202
 def test_min_lr_is_the_floor_of_the_cosine() -> None:
     spec = _spec(max_epochs=10, iterations_per_epoch=10, lr=1e-2, min_lr=1e-3, warmup_epochs=1)
     f = lr_factor(spec, handed_off=False)
-    lrs = [spec.lr * f(step) for step in range(0, 101)]
+    lrs = [spec.lr * f(step) for step in range(101)]
     assert lrs[100] == pytest.approx(1e-3) and min(lrs[10:]) == pytest.approx(1e-3)
     assert lrs[10] == pytest.approx(1e-2)  # the peak right after warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decays monotonically

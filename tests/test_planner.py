@@ -131,7 +131,7 @@ def test_first_fit_bisects_and_never_skips_the_boundary() -> None:
         for boundary in range(n + 1):
             seen: list[int] = []
 
-            def fits(k: int, b: int = boundary) -> bool:
+            def fits(k: int, b: int = boundary, seen: list[int] = seen) -> bool:
                 seen.append(k)
                 return k >= b
             got = first_fit(n, fits)

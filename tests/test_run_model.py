@@ -80,7 +80,7 @@ def test_a_lost_record_is_repaired_from_the_file(two_stages: Path, tmp_path: Pat
     repaired = RunModel(run_dir)
     assert repaired.dice == model["dice"] and repaired.record["stage"] == model["stage"]
     assert run_state.read_state(run_dir)["model"]["dice"] == model["dice"]
-    assert not repaired.offer("x", 1, model["dice"], lambda: {})  # a tie is no better
+    assert not repaired.offer("x", 1, model["dice"], dict)  # a tie is no better
 
 
 def test_evaluate_and_predict_take_the_run(two_stages: Path, tiny_data: Path, tmp_path: Path) -> None:

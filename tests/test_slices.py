@@ -24,7 +24,7 @@ def records(tmp_path_factory) -> list[SubjectRecord]:
 
 
 def _dataset(records, **kwargs) -> SliceStackDataset:
-    args = dict(in_slices=3, size_hw=(32, 32), samples_per_epoch=6, seed=0)
+    args = {"in_slices": 3, "size_hw": (32, 32), "samples_per_epoch": 6, "seed": 0}
     return SliceStackDataset(records, **{**args, **kwargs})
 
 

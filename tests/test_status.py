@@ -28,7 +28,7 @@ def test_status_over_many_runs_reads_each_state(many_runs) -> None:
 
     def unavailable(job_ids: list[str]) -> None:
         calls.append(job_ids)
-        return None
+        return
 
     doc = collect_status(runs_dir, None, unavailable)  # its speed: `orchestrator bench status`
     assert len(calls) == 1 and sorted(calls[0]) == sorted(ids)  # one batched query

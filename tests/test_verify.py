@@ -152,7 +152,7 @@ def test_schedule_follows_the_dataset_size(tmp_path, tiny_data) -> None:
     _cur, stages = load_curriculum(_curriculum(tmp_path))
     spec = stages[0][0]
     ds = measure_dataset(tiny_data)
-    big = type(ds)(ds.root, ds.records, {k: 200**3 for k in ds.voxels})  # ATLAS-sized volumes
+    big = type(ds)(ds.root, ds.records, dict.fromkeys(ds.voxels, 200 ** 3))  # ATLAS-sized volumes
     assert batch_cap(spec, ds)[0] == 2 and batch_cap(spec, big)[0] == int(0.05 * 3 * 200**3 / 32**3)
     update, _ = derive_schedule(spec, (32, 32, 32), 4, big)
     assert update == {"iterations_per_epoch": 184, "max_epochs": 136}  # 3*200^3/(32^3*4); 25000/184

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -52,9 +52,9 @@ def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.
 
 @data_app.command("cache")
 def data_cache(root: Annotated[Path, typer.Argument(help="ATLAS-style data tree.")],
-               out_dir: Annotated[Optional[Path], typer.Option(
+               out_dir: Annotated[Path | None, typer.Option(
                    "--out", help="Cache folder (default: DIR/.cache).")] = None,
-               resample_mm: Annotated[Optional[float], typer.Option(
+               resample_mm: Annotated[float | None, typer.Option(
                    "--resample-mm", help="Resample to this isotropic spacing.")] = None) -> None:
     """Preprocess into an HDF5 cache (RAS, brain crop, normalised, distance maps).
 

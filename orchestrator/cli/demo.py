@@ -8,13 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import nibabel as nib
 from rich.console import Console
 from rich.live import Live
 
 from orchestrator.cli import render
 from orchestrator.config import REPO_ROOT
 from orchestrator.data.mni152 import MNI152_SHAPE_VOX, TemplateUnavailable, synthesize_mni152
+from orchestrator.data.nifti import load_image
 from orchestrator.data.synth import synthesize_atlas
 from orchestrator.errors import ConfigError
 from orchestrator.launch.submit import submit_plan
@@ -56,7 +56,7 @@ def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0,
             with render.counter(err, "synthesising phantoms", subjects) as tick:
                 synthesize_atlas(data_dir, subjects, DEMO_SHAPE_VOX, seed=seed, progress=tick)
     images = images or sorted(data_dir.glob("Training/*/sub-*/ses-1/anat/*_T1w.nii.gz"))
-    shape = tuple(nib.load(str(images[0])).shape)  # type: ignore[attr-defined]
+    shape = tuple(load_image(images[0]).shape)
     kind = "mni152" if shape == MNI152_SHAPE_VOX else "phantoms"
     return f"{kind} {'x'.join(map(str, shape))}"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,7 +20,7 @@ RunArg = Annotated[str, typer.Argument(help="Run name.")]
 
 
 @app.command()
-def status(run: Annotated[Optional[str], typer.Argument(help="Run name; all runs if omitted.")] = None,
+def status(run: Annotated[str | None, typer.Argument(help="Run name; all runs if omitted.")] = None,
            runs_dir: RunsDir = Path("runs"), json_out: Json = False,
            watch: Annotated[bool, typer.Option("--watch", help="Refresh in place.")] = False) -> None:
     """Every run, or one run's stages: job id, state, attempts, epoch, best Dice, memory."""
@@ -45,9 +45,9 @@ def cancel(run: RunArg, runs_dir: RunsDir = Path("runs")) -> None:
 
 @app.command()
 def resume(run: RunArg, runs_dir: RunsDir = Path("runs"),
-           executor: Annotated[Optional[str], typer.Option("--executor", help="Default: as submitted.")]
+           executor: Annotated[str | None, typer.Option("--executor", help="Default: as submitted.")]
            = None,
-           fresh: Annotated[Optional[list[str]], typer.Option(
+           fresh: Annotated[list[str] | None, typer.Option(
                "--fresh", help="Start this stage over from its beginning, on purpose (repeatable); "
                "without it a stage whose last.pt is gone refuses to restart.")] = None) -> None:
     """Resubmit a run from its first unfinished stage (each resumes from its last.pt)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -50,7 +50,7 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
          verify: Annotated[bool, typer.Option(
              "--verify", help="Run each stage for 3 real steps here (a fresh process each); "
              "print measured vs predicted peak and calibrate later plans.")] = False,
-         explain: Annotated[Optional[str], typer.Option(
+         explain: Annotated[str | None, typer.Option(
              "--explain", metavar="STAGE", help="Break STAGE's predicted peak into parameters, "
              "gradients, optimizer state, input batch, saved activations, temporaries, "
              "validation and the allocator/workspace/context terms.")] = None,
@@ -91,7 +91,7 @@ def submit(plan_path: PlanPath = None,
            target_mem: TargetMem = None, device: Device = "auto",
            curriculum: Curriculum = DEFAULT_CURRICULUM, cluster: Cluster = None,
            data: DataDir = None, run: RunName = None, runs_dir: RunsDir = Path("runs"),
-           folds: Annotated[Optional[int], typer.Option(
+           folds: Annotated[int | None, typer.Option(
                "--folds", help="K-fold cross-validation by subject: each stage a job array of K.")]
            = None,
            allow_fresh_start: Annotated[bool, typer.Option(

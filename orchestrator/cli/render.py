@@ -89,8 +89,8 @@ def plan_table(console: Console, plan: Plan) -> None:
         steps = max((s.measurement or {}).get("steps", 0) for s in plan.stages)
         console.print(f"measured: {'; '.join(methods)} ({steps} real steps per stage, each in a "
                       f"fresh process)", highlight=False)
-        if cal.get("recorded"):
-            console.print(f"calibration recorded in {cal['recorded']['file']}: later plans on "
+        if cal and cal.recorded:
+            console.print(f"calibration recorded in {cal.recorded.file}: later plans on "
                           f"this hardware apply measured/predicted", highlight=False)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +13,7 @@ from orchestrator.cli.options import Json, OnDevice, RunOption, RunsDir
 from orchestrator.errors import ConfigError
 from orchestrator.runs.status import run_plan_path
 
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
+Checkpoint = Annotated[Path | None, typer.Option("--checkpoint", help="A stage's best.pt or final.pt.")]
 
 
 def _one_source(checkpoint: Path | None, run: str | None) -> None:
@@ -24,9 +24,9 @@ def _one_source(checkpoint: Path | None, run: str | None) -> None:
 
 @app.command()
 def evaluate(checkpoint: Checkpoint = None,
-             data: Annotated[Optional[Path], typer.Option(
+             data: Annotated[Path | None, typer.Option(
                  "--data", help="Labelled data tree (or cache); with --run, default: the run's.")] = None,
-             out_dir: Annotated[Optional[Path], typer.Option(
+             out_dir: Annotated[Path | None, typer.Option(
                  "--out", help="Default: the stage folder's eval/ (--run: runs/<run>/eval/).")] = None,
              device: OnDevice = "auto", json_out: Json = False, run: RunOption = None,
              runs_dir: RunsDir = Path("runs")) -> None:
@@ -59,7 +59,7 @@ def evaluate(checkpoint: Checkpoint = None,
 @app.command()
 def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii.gz or a folder of them.")],
             checkpoint: Checkpoint = None,
-            out_path: Annotated[Optional[Path], typer.Option(
+            out_path: Annotated[Path | None, typer.Option(
                 "--out", help="File (one input) or folder; default: beside the input.")] = None,
             device: OnDevice = "auto", run: RunOption = None, runs_dir: RunsDir = Path("runs")) -> None:
     """Write lesion masks (NIfTI, the input's affine and header) for new images."""

@@ -19,6 +19,7 @@ noise std); flips stay as they are. Strength 1 is exactly the augmentation above
 from __future__ import annotations
 
 import math
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -33,7 +34,10 @@ NOISE_PROB = 0.15
 NOISE_STD_MAX = 0.1  # the image is normalised to unit variance over the brain
 
 
-def _away(value: float | np.ndarray, strength: float) -> float | np.ndarray:
+_Draw = TypeVar("_Draw", float, np.ndarray)  # one draw or one per axis
+
+
+def _away(value: _Draw, strength: float) -> _Draw:
     """A multiplicative draw (1 = identity) moved `strength` times as far from 1."""
     return 1.0 + (value - 1.0) * strength
 
@@ -61,9 +65,11 @@ def _affine(angles: np.ndarray, scales: np.ndarray, image: np.ndarray, label: np
 
     common = {"rotate_params": angles.tolist(), "scale_params": scales.tolist(), "image_only": True}
     smooth = np.stack([np.asarray(image, np.float32), *[np.asarray(m, np.float32) for m in maps]])
-    warped = Affine(mode="bilinear", padding_mode="border", **common)(torch.from_numpy(smooth))
-    lab = Affine(mode="nearest", padding_mode="zeros", **common)(
-        torch.from_numpy(np.asarray(label, np.float32)[None]))
+    # cast: with image_only=True MONAI's Affine returns the image alone, not (image, affine)
+    warped = cast(torch.Tensor, Affine(mode="bilinear", padding_mode="border", **common)(
+        torch.from_numpy(smooth)))
+    lab = cast(torch.Tensor, Affine(mode="nearest", padding_mode="zeros", **common)(
+        torch.from_numpy(np.asarray(label, np.float32)[None])))
     out = np.asarray(warped.numpy())
     return [out[0], np.asarray(lab.numpy()[0]).round().astype(label.dtype), *out[1:]]
 

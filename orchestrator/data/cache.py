@@ -178,17 +178,16 @@ def _build_one(rec: SubjectRecord, path: Path, sources: dict, resample_mm: float
         image, label, affine = _resample(image, label, affine, resample_mm, vol.background)
     lesion_flat = np.flatnonzero(label).astype(np.uint32 if label.size < 2**32 else np.int64)
     chunks = tuple(min(CHUNK_VOX, s) for s in image.shape)
-    with atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=image.astype(np.float32), chunks=chunks)
-            f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks)
-            f.create_dataset("sdm", data=signed_distance_map(label).astype(np.float16), chunks=chunks)
-            f.create_dataset("lesion_flat", data=lesion_flat)
-            f.attrs.update({"affine": affine, "background": float(vol.background),
-                            "crop_start_vox": np.asarray(lo),
-                            "source_shape_vox": np.asarray(image_ras.shape),
-                            "resample_mm": np.nan if resample_mm is None else float(resample_mm),
-                            "format_version": CACHE_VERSION, "subject": rec.subject, "session": rec.session})
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("image", data=image.astype(np.float32), chunks=chunks)
+        f.create_dataset("label", data=label.astype(np.uint8), chunks=chunks)
+        f.create_dataset("sdm", data=signed_distance_map(label).astype(np.float16), chunks=chunks)
+        f.create_dataset("lesion_flat", data=lesion_flat)
+        f.attrs.update({"affine": affine, "background": float(vol.background),
+                        "crop_start_vox": np.asarray(lo),
+                        "source_shape_vox": np.asarray(image_ras.shape),
+                        "resample_mm": np.nan if resample_mm is None else float(resample_mm),
+                        "format_version": CACHE_VERSION, "subject": rec.subject, "session": rec.session})
     stat = path.stat()
     logger.debug("cached %s as %s (%s voxels)", rec.image, path.name, "x".join(map(str, image.shape)))
     return {"subject": rec.subject, "session": rec.session, "file": path.name,

@@ -194,7 +194,8 @@ class PatchDataset(SubjectSampledDataset):
             raise ConfigError(f"patch_size_vox {patch_size_vox}; expected 3 positive sizes")
         super().__init__(records, samples_per_epoch, lesion_fraction, seed, augment,
                          max_cached_volumes)
-        self.patch_size_vox = tuple(int(p) for p in patch_size_vox)
+        x, y, z = (int(p) for p in patch_size_vox)
+        self.patch_size_vox = (x, y, z)
         self.with_sdm = with_sdm
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -218,7 +219,8 @@ class PatchDataset(SubjectSampledDataset):
         """Where sample i of the current epoch comes from (the draws `__getitem__` makes)."""
         index = self.subject_index(i)
         start, lesion_centred = self._patch_start(self._rng(i), self._volume(index))
-        return PatchDraw(index, tuple(int(s) for s in start), lesion_centred)
+        x, y, z = (int(s) for s in start)
+        return PatchDraw(index, (x, y, z), lesion_centred)
 
     def _patch_start(self, rng: np.random.Generator, vol: _Prepared) -> tuple[np.ndarray, bool]:
         shape = np.array(vol.shape)

@@ -61,10 +61,7 @@ def split_subjects(
     subjects = sorted({rec.subject for rec in records})
     order = np.random.default_rng(seed).permutation(len(subjects))
     n_val = int(round(val_fraction * len(subjects)))
-    if len(subjects) >= 2:
-        n_val = min(max(n_val, 1), len(subjects) - 1)
-    else:
-        n_val = 0
+    n_val = min(max(n_val, 1), len(subjects) - 1) if len(subjects) >= 2 else 0
     val_subjects = {subjects[j] for j in order[:n_val]}
     train = sorted(rec for rec in records if rec.subject not in val_subjects)
     val = sorted(rec for rec in records if rec.subject in val_subjects)

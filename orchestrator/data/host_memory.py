@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from orchestrator.data.records import SubjectRecord
 
@@ -64,13 +65,14 @@ def subject_nbytes(records: Sequence[SubjectRecord], patch_vox: Sequence[int],
     header only), padded to the patch size."""
     if all(rec.cached is not None for rec in records[:8]):
         return 0 if transient else CACHED_SUBJECT_BYTES
-    import nibabel as nib  # deferred: planning imports this module, nibabel only for raw NIfTI
+    # deferred: planning imports this module, nibabel (under nifti) only for raw NIfTI
+    from orchestrator.data.nifti import load_image
 
     voxels = 0
     for rec in records[:8]:
         if rec.cached is not None or rec.image.is_dir():
             continue
-        shape = nib.load(str(rec.image)).shape[:3]
+        shape = load_image(rec.image).shape[:3]
         padded = [max(int(s), int(p)) for s, p in zip(shape, list(patch_vox) + [1] * 3)]
         voxels = max(voxels, padded[0] * padded[1] * padded[2])
     if transient:
@@ -113,19 +115,29 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def bound_volume_cache(dataset: object, profile_mem_gb: float, workers: int,
+class VolumeCaching(Protocol):
+    """A training dataset that keeps prepared volumes (data/dataset.py's datasets); its
+    `patch_size_vox` and `with_sdm` are read when it has them."""
+
+    max_cached_volumes: int | None
+
+    @property
+    def records(self) -> Sequence[SubjectRecord]: ...
+
+
+def bound_volume_cache(dataset: VolumeCaching, profile_mem_gb: float, workers: int,
                        step_gb: float = 0.0) -> CacheBound:
     """Set `dataset.max_cached_volumes` from the job's memory, unless it was given; returns
     the bound (the stage's log says it once). `step_gb`: see `cache_bound`'s step_bytes."""
     mem_gb, source = job_mem_gb(profile_mem_gb)
-    records = getattr(dataset, "records")
+    records = dataset.records
     patch = getattr(dataset, "patch_size_vox", (1, 1, 1))
     sdm = bool(getattr(dataset, "with_sdm", False))
     bound = cache_bound(mem_gb, source, workers, subject_nbytes(records, patch, sdm),
                         current_rss_bytes(), subject_nbytes(records, patch, sdm, transient=True),
                         int(step_gb * GIB))
     if getattr(dataset, "max_cached_volumes", None) is None:
-        dataset.max_cached_volumes = bound.subjects  # type: ignore[attr-defined]
+        dataset.max_cached_volumes = bound.subjects
     return bound
 
 

@@ -69,7 +69,7 @@ def _raw_image(rec: Any) -> np.ndarray:
 
         raw, _mask = read_png_volume(rec.image, None)
         return raw / (65535.0 if raw.max() > 255 else 255.0)
-    import nibabel as nib
+    from orchestrator.data.nifti import load_image  # deferred: nibabel, for raw NIfTI only
 
-    data = np.asarray(nib.load(str(rec.image)).dataobj, dtype=np.float32)
+    data = np.asarray(load_image(rec.image).dataobj, dtype=np.float32)
     return data.reshape(data.shape[:3])

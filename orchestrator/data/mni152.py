@@ -26,11 +26,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from orchestrator.data import synth
+from orchestrator.data.nifti import load_image
 from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError, DataError
 
@@ -112,7 +112,7 @@ def load_template(paths: dict[str, Path]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     affine = None
     for key, path in paths.items():
-        img = nib.load(str(path))
+        img = load_image(path)
         data = np.asarray(img.dataobj, dtype=np.float32) / 255.0
         crop = [n - n % 2 for n in data.shape]
         data = data[:crop[0], :crop[1], :crop[2]]

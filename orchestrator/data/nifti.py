@@ -29,15 +29,24 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from orchestrator.data.records import SubjectRecord, Volume
 from orchestrator.data.zscore import zscore
 from orchestrator.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+
+def load_image(path: Path | str) -> SpatialImage:
+    """`nib.load`, typed as what it opens here: a volume with a shape, an affine and a dataobj."""
+    # cast: nib.load is annotated with FileBasedImage, the base of every format it reads;
+    # the NIfTI (and MGH, Analyze) images it returns for a volume are SpatialImages
+    return cast(SpatialImage, nib.load(str(path)))
 
 IMAGE_SUFFIXES = ("_T1w.nii.gz", "_T1w.nii")
 MASK_SUFFIXES = ("_label-L_desc-T1lesion_mask.nii.gz", "_label-L_desc-T1lesion_mask.nii")
@@ -82,8 +91,8 @@ def find_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
             f"{root}: no T1w images found; searched {', '.join(SEARCHED_PATTERNS)}"
         )
     masks_by_key: dict[tuple[str, str], list[Path]] = {}
-    for mask in masks:
-        masks_by_key.setdefault(_entities(mask, MASK_SUFFIXES), []).append(mask)
+    for mask_path in masks:
+        masks_by_key.setdefault(_entities(mask_path, MASK_SUFFIXES), []).append(mask_path)
 
     records: dict[tuple[str, str], SubjectRecord] = {}
     skipped_testing = 0
@@ -202,7 +211,7 @@ def orientation(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: file not found; expected a NIfTI file (.nii or .nii.gz)")
     try:
-        affine = nib.load(path).affine
+        affine = load_image(path).affine
     except Exception as exc:  # nibabel raises many unrelated types for a broken header
         raise _unreadable(path, exc) from None
     return "".join(nib.aff2axcodes(affine))
@@ -213,7 +222,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: file not found; expected a NIfTI file (.nii or .nii.gz)")
     try:
-        img = nib.load(path)
+        img = load_image(path)
         data = np.asarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except MemoryError:

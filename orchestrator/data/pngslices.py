@@ -48,6 +48,7 @@ def find_records(root: Path, require_masks: bool = True) -> list[SubjectRecord]:
         slices = _slice_files(folder)
         if not slices:
             continue
+        mask_dir: Path | None
         mask_dir = root / MASKS_DIR / folder.name
         if not mask_dir.is_dir():
             if require_masks:

@@ -154,7 +154,7 @@ def _check_args(subjects: int, shape_vox: Sequence[int]) -> tuple[int, int, int]
         )
     if subjects < 1:
         raise ConfigError(f"synthetic data: subjects {subjects}; expected at least 1")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _affine(shape: tuple[int, int, int]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """SLURM's own view of jobs, in one batched `sacct` call, rate-limited across processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -83,10 +84,8 @@ def rate_limited_sacct(runs_dir: Path, min_interval_s: float = SACCT_MIN_INTERVA
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache yet, or a damaged one: ask sacct
         states = sacct_states(ids)
-        try:
+        with contextlib.suppress(OSError):  # a runs folder we may not write to: no cache, still an answer
             atomic_write_text(cache, json.dumps({"time": time.time(), "ids": ids, "states": states}))
-        except OSError:
-            pass  # a runs folder we may not write to: no cache, still an answer
         return states
 
     return query

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,15 @@ class Overheads:
 
 # Validation: sliding-window inference over whole volumes (training/validation.py uses
 # these); ATLAS R2.0's volume when the plan has no dataset to measure.
-SLIDING_WINDOW = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+class SlidingWindow(TypedDict):
+    """sliding_window_inference's settings, as validation and the planner use them."""
+
+    sw_batch_size: int
+    overlap: float
+    mode: str
+
+
+SLIDING_WINDOW: SlidingWindow = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
 ATLAS_SHAPE_VOX = (197, 233, 189)
 
 # CPU: a fresh training process holds 0.35 GB before its first tensor (torch, MONAI and
@@ -93,7 +101,7 @@ class LivePeak(TorchDispatchMode):
         storage = t.untyped_storage()
         if storage not in self._seen:
             nbytes = -(-storage.nbytes() // self.round_to) * self.round_to
-            self._seen[storage] = weakref.ref(storage, lambda _r, n=nbytes: self._release(n))
+            self._seen[storage] = weakref.ref(storage, lambda _r: self._release(nbytes))
             self.current += nbytes
             self.peak = max(self.peak, self.current)
         return t
@@ -312,9 +320,10 @@ class FakeStep:
                 with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.float32,
                                                      enabled=amp_dtype is not None, cache_enabled=False):
                     # the Gaussian weights' values do not matter here, their size does
-                    out = sliding_window_inference(x, tuple(roi_vox),
+                    # cast: the predictor returns one tensor, so the windows stitch into one
+                    out = cast(torch.Tensor, sliding_window_inference(x, tuple(roi_vox),
                                                    predictor=_FirstBatches(self.model.eval()),
-                                                   roi_weight_map=torch.empty(roi_vox), **SLIDING_WINDOW)
+                                                   roi_weight_map=torch.empty(roi_vox), **SLIDING_WINDOW))
                 windows_peak, n_classes = tracker.peak, int(out.shape[1])
                 out.argmax(1)
                 del x, out
@@ -356,7 +365,8 @@ class _FirstBatches(nn.Module):
 
     def __init__(self, model: nn.Module, n: int = 2) -> None:
         super().__init__()
-        self.model, self.left, self.out_shape = model, n, None
+        self.model, self.left = model, n
+        self.out_shape: tuple[tuple[int, ...], torch.dtype] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.left > 0 or self.out_shape is None:

@@ -102,7 +102,7 @@ def choose_budget(req: PlanRequest, p: Probe, cluster: ClusterProfile) -> Device
         if device == "cuda" and p.gpus and req.target_mem_gb > min(g.total_gb for g in p.gpus):
             raise ConfigError(f"--target-mem: {req.target_mem_gb:g} GB is more than the GPU's "
                               f"{min(g.total_gb for g in p.gpus):.1f} GB")
-        return DeviceChoice(device, req.target_mem_gb, "--target-mem", why)  # type: ignore[arg-type]
+        return DeviceChoice(device, req.target_mem_gb, "--target-mem", why)
     if device == "cuda":
         if p.gpus:
             return DeviceChoice("cuda", round(min(g.free_gb for g in p.gpus) * GPU_SHARE, 2),

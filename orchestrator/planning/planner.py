@@ -83,8 +83,7 @@ def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
         kwargs["input_size_vox"] = list(input_size_vox)
     model = models.build_model(spec.model.arch, **kwargs)
     if spec.freeze == "encoder":  # as the trainer fine-tunes: no gradients, no AdamW state
-        for p in model.encoder_parameters():
-            p.requires_grad_(False)
+        models.freeze_encoder(model)
     return model
 
 
@@ -324,8 +323,9 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     i = first_below(lambda k: est.train_gb(ladder[k], min_bs), target,
                     [c.base_filters * math.prod(c.input_size_vox) for c in ladder])
     if i is not None and not est.fits(ladder[i], min_bs):
-        j = first_fit(len(ladder) - i, lambda k: est.fits(ladder[i + k], min_bs))
-        i = None if j is None else i + j
+        first = i  # int, for the lambda
+        j = first_fit(len(ladder) - first, lambda k: est.fits(ladder[first + k], min_bs))
+        i = None if j is None else first + j
     if i is None:
         return Shortfall(spec.name, ladder[-1], min_bs, est.gb(ladder[-1], min_bs, exact=True))
     chosen = ladder[i]

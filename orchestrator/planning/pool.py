@@ -129,6 +129,15 @@ def _run_knowing(known: dict[tuple, int], *args: object
     return _run(*args)
 
 
+
+def _deliver(done: queue.SimpleQueue, job: Job, out: object) -> None:
+    done.put((job, out))
+
+
+def _deliver_error(done: queue.SimpleQueue, job: Job, err: BaseException) -> None:
+    done.put((job, (err, {})))
+
+
 def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int) -> None:
     """Keep n jobs running, the schedule's best next, until every plan is final; jobs
     still running then (guesses that turned out wrong) are stopped."""
@@ -140,8 +149,8 @@ def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int)
             while len(running) < n and (job := sched.next_job(running)) is not None:
                 running.add(job)
                 pool.apply_async(_run_knowing, (known_estimates(), *job_args(job)),
-                                 callback=lambda out, j=job: done.put((j, out)),
-                                 error_callback=lambda err, j=job: done.put((j, (err, {}))))
+                                 callback=functools.partial(_deliver, done, job),
+                                 error_callback=functools.partial(_deliver_error, done, job))
             if not running:
                 raise PlanError("planning stalled: no stage left to plan (a bug: please report)")
             job, (result, ran) = done.get()

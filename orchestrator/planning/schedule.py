@@ -75,9 +75,9 @@ def _shape(rec: Any) -> tuple[int, ...]:
             slices = sorted(Path(rec.image).glob("*.png"))
             with Image.open(slices[0]) as im:  # as the loader stacks them: (W, H, slices)
                 return (int(im.size[0]), int(im.size[1]), len(slices))
-        import nibabel as nib
+        from orchestrator.data.nifti import load_image  # deferred: nibabel
 
-        return tuple(int(n) for n in nib.load(str(rec.image)).shape[:3])
+        return tuple(int(n) for n in load_image(rec.image).shape[:3])
     except (OSError, KeyError, IndexError, ValueError) as err:
         where = rec.cached or rec.image
         raise DataError(f"{where}: cannot read the image's shape ({type(err).__name__}: {err}); "

@@ -234,7 +234,8 @@ class FloorSchedule:
 
 def _depth_below(stages: list[_Stage], i: int, k: int) -> int:
     """How many steps of `src` lead from stage i up to stage k (0 if none do)."""
-    steps, j = 0, i
+    steps = 0
+    j: int | None = i
     while j is not None and j != k:
         steps, j = steps + 1, stages[j].src
     return steps if j == k else 0

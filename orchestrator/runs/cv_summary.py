@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.runs import state as run_state
 
 
-def mean_std(values: Iterable[float]) -> dict[str, Any]:
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
     """{"mean", "std", "n"} of the finite values (mean and std None when there are none)."""
     v = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(float(x))]
     if not v:

@@ -158,11 +158,12 @@ def collect_status(runs_dir: Path, run: str | None = None,
     when it returns None, the on-disk state is shown and `slurm` says so.
     """
     run_dirs = [run_plan_path(runs_dir, run).parent] if run else list_runs(runs_dir)
-    loaded = []
+    loaded: list[tuple[Path, list[dict[str, Any]], list[tuple[int | None, Path, dict[str, Any]]]]] = []
     for rd in run_dirs:
         # a cross-validation run: its folds train the same stages, each in its own sub-run
-        parts = [(None, rd)] + [(int(fd.name[4:]), fd) for fd in run_state.fold_run_dirs(rd)]
-        loaded.append((rd, _plan_stages(rd), [(f, d, run_state.read_state(d)) for f, d in parts]))
+        dirs: list[tuple[int | None, Path]] = [(None, rd)]
+        dirs += [(int(fd.name[4:]), fd) for fd in run_state.fold_run_dirs(rd)]
+        loaded.append((rd, _plan_stages(rd), [(f, d, run_state.read_state(d)) for f, d in dirs]))
     ids = [str(e["slurm_job_id"]) for _, _, parts in loaded for _, _, st in parts
            for e in st["stages"].values() if e.get("slurm_job_id")]
     slurm = slurm_query(ids) if (slurm_query and ids) else ({} if not ids else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def _legacy_numpy_globals() -> list[Any]:
         from numpy._core import multiarray as ma  # numpy 2
     except ImportError:  # pragma: no cover - numpy 1
         from numpy.core import multiarray as ma  # type: ignore[no-redef]
-    names = [np.dtype, np.ndarray]
+    names: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [np.dtype, np.ndarray]
     for fn in (ma._reconstruct, ma.scalar):
         names += [(fn, f"numpy.core.multiarray.{fn.__name__}"),
                   (fn, f"numpy._core.multiarray.{fn.__name__}")]

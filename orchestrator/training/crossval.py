@@ -74,9 +74,9 @@ def fold_models(run_dir: Path, stage: str | None = None) -> list[Path]:
     plan = load_plan(dirs[0] / "plan.yaml")
     names = [stage] if stage else [s.name for s in plan.stages if s.kind == "seg3d"][::-1]
     for name in names:
-        paths = [fold_checkpoint(d, name) for d in dirs]
-        if all(p is not None for p in paths):
-            return paths  # type: ignore[return-value]
+        paths = [p for d in dirs if (p := fold_checkpoint(d, name)) is not None]
+        if len(paths) == len(dirs):
+            return paths
     missing = [d.name for d in dirs if fold_checkpoint(d, names[-1]) is None]
     raise CheckpointError(f"{Path(run_dir) / 'folds'}: {', '.join(missing)} has no best.pt or final.pt "
                           f"of {names[-1] if stage else 'any 3D stage'}; expected every fold to have "

@@ -218,7 +218,7 @@ def transfer_weights(old_model: nn.Module, new_model: nn.Module, probe_shape: tu
     zeroed = zero(new_names) if callable(zero) else []
     diff, scale = probe_output_diff(old_model, new_model, probe_shape, seed)
     counts = Counter(status.values())
-    report = {"tensors": status,
+    report: dict[str, Any] = {"tensors": status,
               "counts": {k: counts.get(k, 0)
                          for k in ("copied", "widened", "interpolated", "new", "dropped")},
               "zeroed": zeroed, "max_output_diff": diff, "output_scale": scale,

@@ -26,7 +26,7 @@ def epoch_loader(dataset: Dataset, step_batch: int, indices: Iterable[int],
                  workers: int) -> DataLoader:
     """Batches of `step_batch` samples drawn in the order of `indices`."""
     return DataLoader(dataset, batch_size=step_batch, drop_last=True,
-                      sampler=indices, num_workers=workers,  # type: ignore[arg-type]
+                      sampler=indices, num_workers=workers,
                       persistent_workers=False, timeout=WORKER_TIMEOUT_S if workers else 0,
                       worker_init_fn=leave_signals_to_the_trainer if workers else None)
 

@@ -150,7 +150,8 @@ def largest_lesion_centroid(mask: np.ndarray) -> tuple[int, int, int] | None:
     sizes = np.bincount(labels.reshape(-1))[1:]
     largest = int(np.argmax(sizes)) + 1
     centre = ndimage.center_of_mass(labels == largest)
-    return tuple(int(round(c)) for c in centre)  # type: ignore[return-value]
+    x, y, z = (int(round(c)) for c in centre)
+    return (x, y, z)
 
 
 def _ratio(num: int, den: int) -> float:

@@ -69,8 +69,7 @@ def _optimization(sp: StagePlan, model: torch.nn.Module, train_step: TrainStep,
     rate schedule, and the step: grad_accum_steps backward passes of batch_size samples."""
     spec = sp.spec
     if spec.freeze == "encoder":
-        for p in model.encoder_parameters():  # type: ignore[operator]
-            p.requires_grad_(False)
+        models.freeze_encoder(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, handed_off))

@@ -21,6 +21,7 @@ from torch import nn
 
 from orchestrator.atomic import atomic_path
 from orchestrator.data.intensity import Normalization, load_normalised
+from orchestrator.data.nifti import load_image
 from orchestrator.data.records import SubjectRecord, Volume
 from orchestrator.data.sources import check_orientation
 from orchestrator.errors import DataError
@@ -72,7 +73,7 @@ def load_inference_model(checkpoint: Path, device: str | torch.device = "auto") 
 
 def write_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
     """Write `mask` as uint8 NIfTI with `reference`'s affine and header, atomically."""
-    ref = nib.load(reference)
+    ref = load_image(reference)
     img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), ref.affine, ref.header)
     img.set_data_dtype(np.uint8)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks gzip by the name

@@ -32,13 +32,15 @@ def amp_dtype_for(device_type: str, amp: bool, prefer: str = "auto") -> torch.dt
     return torch.bfloat16
 
 
-def lcnn_dice_ce(spec: StageSpec) -> nn.Module:
+def lcnn_dice_ce(spec: StageSpec) -> DiceCELoss:
     """LCNN's Dice + cross-entropy: the Dice term over every class or the foreground only
     (`dice_include_background`), the cross-entropy weighted per class (`class_weights`;
     MONAI's own `weight` would weight the Dice term too)."""
     loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=spec.dice_include_background)
     if spec.class_weights is not None:
-        loss.cross_entropy = WeightedCrossEntropy(spec.class_weights)
+        # add_module: the same replacement as an assignment, which mypy refuses as MONAI types
+        # the attribute nn.CrossEntropyLoss
+        loss.add_module("cross_entropy", WeightedCrossEntropy(spec.class_weights))
     return loss
 
 
@@ -73,7 +75,8 @@ class Objective:
         base: nn.Module = (lcnn_dice_ce(spec) if self.lcnn
                            else GeneralizedDiceFocalLoss(spec.focal_gamma, alpha=spec.focal_alpha))
         weights = list(spec.deep_supervision_weights) if spec.deep_supervision_weights else None
-        self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp", weights=weights)
+        # MONAI annotates `loss` as torch's _Loss, but only calls it: any nn.Module loss works
+        self.seg_loss = DeepSupervisionLoss(base, weight_mode="exp", weights=weights)  # type: ignore[arg-type]
         self.region_boundary: RegionBoundaryLoss | None = None
         if not self.lcnn and (spec.boundary_weight_start or spec.boundary_weight_end):
             self.region_boundary = RegionBoundaryLoss(

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from orchestrator.errors import DataError
 from orchestrator.planning.memory import SLIDING_WINDOW
 
 
@@ -44,7 +45,9 @@ def predict_volume(model: nn.Module, image: np.ndarray, roi_size: Sequence[int],
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=False):
         # the planner counts this call's memory with the same settings
-        logits = sliding_window_inference(x, tuple(roi_size), predictor=model, **SLIDING_WINDOW)
+        # cast: the model returns one tensor in eval mode, so the windows stitch into one
+        logits = cast(torch.Tensor, sliding_window_inference(x, tuple(roi_size), predictor=model,
+                                                             **SLIDING_WINDOW))
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
@@ -56,8 +59,9 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
         from orchestrator.data.slices import predict_volume_slices
 
         in_slices = int(model_kwargs["in_slices"])  # model_kwargs holds every option
+        h, w = roi_size  # LCNN's input is one slice
         return lambda model, vol: predict_volume_slices(
-            model, vol.image, in_slices, tuple(roi_size), device, amp_dtype, background=vol.background)
+            model, vol.image, in_slices, (h, w), device, amp_dtype, background=vol.background)
     return lambda model, vol: predict_volume(model, vol.image, roi_size, device, amp_dtype)
 
 
@@ -73,6 +77,8 @@ def validate(model: nn.Module, records: Sequence[Any],
     scores, ious = [], []
     for rec in records:
         vol = load(rec)
+        if vol.label is None:
+            raise DataError(f"{rec}: no lesion mask; validation needs one per subject")
         pred = predict(model, vol)
         scores.append(dice_score(pred, vol.label))
         ious.append(iou_score(pred, vol.label))

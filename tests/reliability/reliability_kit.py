@@ -159,7 +159,8 @@ def arm(point: KillPoint | None) -> None:
 
     def atomic_write(path: Any, writer: Any) -> None:
         if not hit(path):
-            return real_write(path, writer)
+            real_write(path, writer)
+            return
         if point.phase == "mid":
             with real_path(path) as tmp, open(tmp, "wb") as fh:
                 writer(_HalfWriter(fh, 64))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -55,7 +55,7 @@ def bench_plan(json_out: Json = False) -> None:
 def bench_gpu(json_out: Json = False,
               device: Annotated[str, typer.Option(
                   "--device", help="auto | cuda | cpu (a CPU runs the quick sizes).")] = "auto",
-              out_file: Annotated[Optional[Path], typer.Option(
+              out_file: Annotated[Path | None, typer.Option(
                   "--out", help="JSON file rewritten after each section (a run cut short keeps "
                   "what it measured).")] = None,
               quick: Annotated[bool, typer.Option(

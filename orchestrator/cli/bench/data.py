@@ -25,6 +25,7 @@ import torch
 from orchestrator.data.cache import build_cache
 from orchestrator.data.cachefile import CachedVolume
 from orchestrator.data.dataset import PatchDataset
+from orchestrator.data.nifti import load_image
 from orchestrator.data.sources import discover_subjects
 from orchestrator.data.synth import REFERENCE_SHAPE_VOX, synthesize_atlas
 
@@ -67,13 +68,14 @@ def bench_data(
         for size in CROP_SIZES_VOX:
             patch = (size,) * 3
 
-            def from_nifti(k: int) -> np.ndarray:
-                data = np.asarray(nib.load(nifti[k % subjects].image).dataobj)  # type: ignore[attr-defined]
+            def from_nifti(k: int, patch: tuple[int, ...] = patch) -> np.ndarray:
+                data = np.asarray(load_image(nifti[k % subjects].image).dataobj)
                 return data[_random_box(rng, data.shape, patch)]
 
             volumes = [CachedVolume(r.cached, patch) for r in cached if r.cached]
 
-            def from_cache(k: int) -> np.ndarray:
+            def from_cache(k: int, patch: tuple[int, ...] = patch,
+                           volumes: list[CachedVolume] = volumes) -> np.ndarray:
                 vol = volumes[k % subjects]
                 start = rng.integers(0, np.array(vol.shape) - np.array(patch) + 1)
                 return vol.crop(start, patch, names=("image",))[0]

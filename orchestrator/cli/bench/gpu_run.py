@@ -120,7 +120,6 @@ def describe_error(err: BaseException) -> str:
 def free_device_memory(device: str) -> None:
     """Drop what a section left on the GPU, and any allocator limit a trainer set."""
     gc.collect()
-    if device == "cuda":
-        if torch.cuda.is_initialized():
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            torch.cuda.empty_cache()
+    if device == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
