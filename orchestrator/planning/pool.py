@@ -129,7 +129,6 @@ def _run_knowing(known: dict[tuple, int], *args: object
     return _run(*args)
 
 
-
 def _deliver(done: queue.SimpleQueue, job: Job, out: object) -> None:
     done.put((job, out))
 

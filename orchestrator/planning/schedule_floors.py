@@ -163,21 +163,20 @@ class FloorSchedule:
                 # exact), except for the stage right after the chain's head: the first
                 # stage is quick to plan and the floor it gives is the lowest, which the
                 # next stage's plan almost always clears
-                early = how == GUESSED and bool(self._busy_ancestors(k, busy))
+                early = how == GUESSED and self._ancestor_busy(k, busy)
                 options.append(((again or early, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
 
-    def _busy_ancestors(self, k: int, busy: set[Job]) -> list[int]:
-        """The stages k descends from (through `src`) that are being planned, less its
-        direct predecessor where that is the chain's head."""
-        running = {j for j, _ in busy}
-        out, j = [], self.stages[k].src
+    def _ancestor_busy(self, k: int, busy: set[Job]) -> bool:
+        """Whether a stage k descends from (through `src`) is being planned, other than
+        its direct predecessor where that is the chain's head."""
+        running, src = {j for j, _ in busy}, self.stages[k].src
+        j = src
         while j is not None:
-            head = self.stages[j].src is None
-            if j in running and not (head and j == self.stages[k].src):
-                out.append(j)
+            if j in running and not (j == src and self.stages[j].src is None):
+                return True
             j = self.stages[j].src
-        return out
+        return False
 
     def record(self, job: Job, result: Result) -> None:
         k, f = job
