@@ -13,6 +13,7 @@ __all__ = ["plan", "submit", "status"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
+        # deferred: pydantic and yaml (config), so that `import orchestrator` stays light
         from orchestrator import api
 
         return getattr(api, name)

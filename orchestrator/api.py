@@ -95,7 +95,7 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
         DataError: `data` holds no usable subject.
         PlanError: a stage cannot fit the budget, or the run was submitted already.
     """
-    # plan_file and step build the models: defers torch
+    # deferred: torch (CLI start-up); plan_file and step build the models
     from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
     from orchestrator.training.step import estimation_step
 
@@ -139,7 +139,9 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         PlanError: a hand-off would start a stage afresh (without `allow_fresh_start`).
         SubmissionError: the run was submitted already, or sbatch refused a job.
     """
-    from orchestrator.launch.submit import submit_plan  # defers submitit
+    # deferred: submitit (CLI start-up)
+    from orchestrator.launch.folds import submit_folds
+    from orchestrator.launch.submit import submit_plan
 
     if executor not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor: expected slurm, local or debug, got {executor!r}")
@@ -149,8 +151,6 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         if notice is not None:
             notice(line)
     if folds is not None:
-        from orchestrator.launch.folds import submit_folds  # defers submitit
-
         _doc, jobs = submit_folds(p, path, executor, folds, include_lcnn=lcnn, dry_run=dry_run)
         return list(jobs)
     return list(submit_plan(p, path, executor, include_lcnn=lcnn, dry_run=dry_run))

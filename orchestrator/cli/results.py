@@ -34,7 +34,7 @@ def evaluate(checkpoint: Checkpoint = None,
     _one_source(checkpoint, run)
     if checkpoint is not None and data is None:
         raise typer.BadParameter("--checkpoint needs --data DIR", param_hint="--data")
-    # evaluation runs the model: defers torch
+    # deferred: torch (CLI start-up); evaluation runs the model
     from orchestrator.training.crossval import evaluate_run
     from orchestrator.training.evaluate import evaluate_checkpoint
 
@@ -64,7 +64,7 @@ def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii
             device: OnDevice = "auto", run: RunOption = None, runs_dir: RunsDir = Path("runs")) -> None:
     """Write lesion masks (NIfTI, the input's affine and header) for new images."""
     _one_source(checkpoint, run)
-    # prediction runs the model: defers torch
+    # deferred: torch (CLI start-up); prediction runs the model
     from orchestrator.training.crossval import run_model
     from orchestrator.training.predict import predict_paths
 
@@ -80,7 +80,7 @@ def report(run: RunArg, runs_dir: RunsDir = Path("runs"),
            device: OnDevice = "auto", json_out: Json = False) -> None:
     """Write runs/RUN/report.png: Dice and loss across stages with the hand-offs, memory
     plan vs measured, the run's model on a validation slice."""
-    from orchestrator.training.run_report import write_report  # defers torch and matplotlib
+    from orchestrator.training.run_report import write_report  # deferred: torch (CLI start-up)
 
     rep = write_report(run_plan_path(runs_dir, run).parent, device)
     if json_out:

@@ -23,8 +23,9 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     with code 75 (under SLURM also at an epoch boundary when the next epoch would not end
     before the time limit); running it again resumes there. A complete stage is not run again.
     """
-    from orchestrator.launch.node import stop_flag  # defers submitit
-    from orchestrator.training.trainer import run_stage as _run  # defers torch
+    # deferred: submitit and torch (CLI start-up)
+    from orchestrator.launch.node import stop_flag
+    from orchestrator.training.trainer import run_stage as _run
 
     stop = stop_flag(str(plan_path))  # under SLURM: also at an epoch boundary near the time limit
     for signum in (signal.SIGUSR2, signal.SIGTERM):
@@ -48,6 +49,6 @@ def run_chain(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     time limit requeues the job (counted, up to the profile's max_requeues). Complete stages
     are skipped. Exit 0 when done or requeued; otherwise the last line names the stage and log.
     """
-    from orchestrator.launch.chain import run_chain as _chain  # defers submitit
+    from orchestrator.launch.chain import run_chain as _chain  # deferred: submitit (CLI start-up)
 
     raise typer.Exit(_chain(plan_path, include_lcnn=lcnn))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from orchestrator.data.nifti import load_image
 from orchestrator.data.records import SubjectRecord
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def subject_nbytes(records: Sequence[SubjectRecord], patch_vox: Sequence[int],
     header only), padded to the patch size."""
     if all(rec.cached is not None for rec in records[:8]):
         return 0 if transient else CACHED_SUBJECT_BYTES
-    # deferred: planning imports this module, nibabel (under nifti) only for raw NIfTI
-    from orchestrator.data.nifti import load_image
 
     voxels = 0
     for rec in records[:8]:

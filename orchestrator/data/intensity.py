@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.nifti import load_image
+from orchestrator.data.pngslices import read_png_volume
+from orchestrator.data.sources import load_subject
 from orchestrator.errors import ConfigError
 
 
@@ -45,8 +48,6 @@ def load_normalised(rec: Any, norm: Normalization | None = None) -> Any:
         ConfigError: `dataset` normalisation of a cached subject, or without mean/std.
         DataError: as `load_subject`.
     """
-    from orchestrator.data.sources import load_subject
-
     vol = load_subject(rec)
     if norm is None or norm.kind == "zscore":
         return vol
@@ -65,11 +66,7 @@ def load_normalised(rec: Any, norm: Normalization | None = None) -> Any:
 def _raw_image(rec: Any) -> np.ndarray:
     """The image's raw intensities as float32 (X, Y, Z), PNG slices scaled to [0, 1]."""
     if rec.image.is_dir():
-        from orchestrator.data.pngslices import read_png_volume
-
         raw, _mask = read_png_volume(rec.image, None)
         return raw / (65535.0 if raw.max() > 255 else 255.0)
-    from orchestrator.data.nifti import load_image  # deferred: nibabel, for raw NIfTI only
-
     data = np.asarray(load_image(rec.image).dataobj, dtype=np.float32)
     return data.reshape(data.shape[:3])

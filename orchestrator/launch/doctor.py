@@ -163,7 +163,7 @@ def _test_only(profile: ClusterProfile, path: Path) -> Check:
 
 
 def _data(root: Path) -> Check:
-    from orchestrator.data.sources import discover_subjects
+    from orchestrator.data.sources import discover_subjects  # deferred: nibabel (CLI start-up)
 
     try:
         records = discover_subjects(Path(root))

@@ -20,6 +20,8 @@ import submitit
 
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import Plan, load_plan, plan_to_yaml
+from orchestrator.data.folds import folds_document, make_folds
+from orchestrator.data.sources import discover_subjects
 from orchestrator.errors import ConfigError, SubmissionError
 from orchestrator.launch.job import StageJob
 from orchestrator.launch.snapshot import snapshot_code
@@ -37,9 +39,6 @@ def fold_plans(plan: Plan, k: int) -> tuple[dict[str, Any], list[Plan]]:
     Raises:
         ConfigError: the plan has no data directory, or k does not fit the subjects.
     """
-    from orchestrator.data.folds import folds_document, make_folds
-    from orchestrator.data.sources import discover_subjects
-
     if plan.data_dir is None:
         raise ConfigError(f"plan {plan.run}: --folds needs the data (plan with --data DIR)")
     if plan.fold is not None:

@@ -18,6 +18,7 @@ import submitit
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import SubmissionError
 from orchestrator.launch.job import StageJob
+from orchestrator.launch.sacct import scancel
 from orchestrator.launch.snapshot import code_dir, setup_lines, snapshot_code
 from orchestrator.planning.resources import stage_resources
 from orchestrator.runs import state as run_state
@@ -165,8 +166,6 @@ def _wait(job: submitit.Job, sp: StagePlan, plan: Plan, rest: list[StagePlan],
 
 def cancel_run(plan: Plan) -> list[str]:
     """Cancel every SLURM job of the run that is not finished; returns their ids."""
-    from orchestrator.launch.sacct import scancel
-
     dirs = [plan.run_dir, *run_state.fold_run_dirs(plan.run_dir)]  # and a CV run's folds
     states = {d: run_state.read_state(d)["stages"] for d in dirs}
     ids = [v["slurm_job_id"] for stages in states.values() for v in stages.values()

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import StageSpec
 from orchestrator.errors import ConfigError
@@ -55,8 +57,6 @@ def cpu_model() -> str:
 
 def hardware_key(device: str, probe: dict[str, Any]) -> str | None:
     """`device|model|torch version`; None for a GPU plan on a machine without the GPU."""
-    import torch
-
     if device == "cuda":
         if not probe.get("gpus"):
             return None

@@ -27,7 +27,7 @@ GIB = 1024**3
 def _nvml() -> tuple[Any, str | None]:
     """pynvml, initialised, or (None, why not)."""
     try:
-        import pynvml
+        import pynvml  # deferred: optional (nvidia-ml-py), only where a GPU is asked about
     except ImportError as err:
         return None, f"nvidia-ml-py not importable ({err})"
     try:

@@ -11,6 +11,7 @@ from typing import Literal
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import (
     ENV_CLUSTER,
+    REPO_ROOT,
     ClusterProfile,
     Plan,
     StagePlan,
@@ -20,6 +21,7 @@ from orchestrator.config import (
     resolve_cluster,
     user_config_path,
 )
+from orchestrator.data.host_memory import raw_data_notice
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.plan_facts import (
     CalibrationRecord,
@@ -43,6 +45,7 @@ from orchestrator.planning.schedule import (
     measure_dataset,
 )
 from orchestrator.planning.slice_size import fit_slice_to_data
+from orchestrator.planning.verify import VERIFY_STEPS, verify_plan
 
 logger = logging.getLogger(__name__)
 HOST_SHARE = 0.8  # of available RAM, when planning for the CPU without --target-mem
@@ -200,8 +203,6 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
 
 def _raw_data_notice(ds: DatasetSize, planned: list[StagePlan], cpus: int) -> str | None:
     """`plan --data` on raw NIfTI: once, what the HDF5 cache would save per epoch."""
-    from orchestrator.data.host_memory import raw_data_notice
-
     first = next((sp for sp in planned if sp.kind == "seg3d"), None)
     if first is None or not ds.voxels:
         return None
@@ -213,8 +214,6 @@ def _raw_data_notice(ds: DatasetSize, planned: list[StagePlan], cpus: int) -> st
 
 def _shown_path(path: Path) -> str:
     """The profile's path as a user would type it: relative to the checkout if inside it."""
-    from orchestrator.config import REPO_ROOT
-
     try:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:
@@ -239,8 +238,6 @@ def verify_and_calibrate(plan: Plan, plan_path: Path, worker: str,
         PlanError: a GPU plan on a machine without a GPU.
         ConfigError: the calibration file exists but is not one.
     """
-    from orchestrator.planning.verify import VERIFY_STEPS, verify_plan
-
     plan = verify_plan(plan, plan_path, worker, steps or VERIFY_STEPS, progress=progress)
     plan = plan.model_copy(update={"stages": [_with_time(s) for s in plan.stages]})
     info = plan.assumptions.calibration or CalibrationRecord()

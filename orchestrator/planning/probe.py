@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ class Probe:
 
 def _probe_gpus() -> tuple[list[GpuInfo], str | None]:
     try:
-        import pynvml
+        import pynvml  # deferred: optional (nvidia-ml-py), only where a GPU is asked about
     except ImportError as err:  # nvidia-ml-py is a dependency; say so if it is missing
         return [], f"nvidia-ml-py not importable ({err})"
     try:
@@ -69,9 +71,6 @@ def _slurm_env() -> dict[str, str]:
 
 def slurm_answers(timeout_s: float = 5.0) -> bool:
     """Whether a SLURM controller answers here (`sinfo`): a login or compute node."""
-    import shutil
-    import subprocess
-
     if shutil.which("sinfo") is None:
         return False
     try:

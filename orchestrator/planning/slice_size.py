@@ -13,15 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
+import models
 from orchestrator.config import StageSpec
 
 
 def lcnn_multiple(spec: StageSpec) -> int:
     """H and W must be multiples of this for the stage's model (built once on the meta device)."""
-    import torch
-
-    import models
-
     kwargs = spec.model.constructor_kwargs()
     with torch.device("meta"):
         model = models.build_model(spec.model.arch, base_filters=spec.base_filters, **kwargs)

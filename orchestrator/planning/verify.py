@@ -31,9 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
-from orchestrator.planning.memory import DEFAULT_OVERHEADS, Overheads
+from orchestrator.planning.memory import DEFAULT_OVERHEADS, LivePeak, Overheads
 from orchestrator.planning.nvml import process_used_gb
 
 logger = logging.getLogger(__name__)
@@ -72,10 +74,6 @@ def measure(run: Callable[[], None], device_type: str) -> dict[str, Any]:
         "seconds"} plus "baseline_gb" (CPU) or "allocated_gb", "reserved_gb",
         "context_gb" (CUDA).
     """
-    import torch
-
-    from orchestrator.planning.memory import LivePeak
-
     gc.collect()
     out: dict[str, Any] = {"device": device_type}
     if device_type == "cuda":
@@ -167,8 +165,6 @@ def verify_plan(plan: Plan, plan_path: Path, worker: str, steps: int = VERIFY_ST
     Raises:
         PlanError: the plan is for a GPU and this machine has none.
     """
-    import torch
-
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise PlanError(f"--verify: plan {plan.run} is for cuda and this machine has no GPU; "
                         "run `plan --verify` on a GPU node (or plan with --device cpu)")

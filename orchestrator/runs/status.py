@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import ConfigError
 from orchestrator.runs import state as run_state
 from orchestrator.runs.cv_summary import stage_summary
 
@@ -38,8 +39,6 @@ def run_plan_path(runs_dir: Path, run: str) -> Path:
     """
     path = Path(runs_dir) / run / "plan.yaml"
     if not path.is_file():
-        from orchestrator.errors import ConfigError
-
         raise ConfigError(f"{path.parent}: no such run (no plan.yaml); expected one of the runs "
                           f"in {runs_dir}: {[p.name for p in list_runs(runs_dir)]}")
     return path

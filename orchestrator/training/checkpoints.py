@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import models
 from orchestrator.atomic import atomic_torch_save
 from orchestrator.errors import CheckpointError
 
@@ -156,8 +157,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> torch.nn.Module:
     """Rebuild the model a checkpoint was saved from and load its weights."""
-    import models
-
     try:
         model = models.build_model(ckpt["arch"], **ckpt["model_kwargs"])
         model.load_state_dict(ckpt["model"])

@@ -25,7 +25,9 @@ from orchestrator.runs import state as run_state
 from orchestrator.runs.cv_summary import metric_summary
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
 from orchestrator.training.devices import resolve_device
-from orchestrator.training.predict import InferenceModel
+from orchestrator.training.evaluate import evaluate_checkpoint
+from orchestrator.training.metrics import SUMMARY_METRICS
+from orchestrator.training.predict import InferenceModel, load_inference_model
 from orchestrator.training.run_model import run_model_file
 from orchestrator.training.validation import volume_predictor
 
@@ -133,9 +135,6 @@ def evaluate_folds(run_dir: Path, data_dir: Path | None = None, out_dir: Path | 
         ConfigError: not a K-fold run, or no data directory.
         CheckpointError, DataError: as `evaluate_checkpoint`.
     """
-    from orchestrator.training.evaluate import evaluate_checkpoint
-    from orchestrator.training.metrics import SUMMARY_METRICS
-
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     dirs = fold_dirs(run_dir)
@@ -166,8 +165,6 @@ def run_model(run_dir: Path, device: str | torch.device = "auto") -> InferenceMo
     Raises:
         ConfigError: the run has no model yet; CheckpointError: a fold has none.
     """
-    from orchestrator.training.predict import load_inference_model
-
     run_dir = Path(run_dir)
     if run_state.fold_run_dirs(run_dir):
         return load_fold_ensemble(run_dir, device)
@@ -183,8 +180,6 @@ def evaluate_run(run_dir: Path, data_dir: Path | None = None, out_dir: Path | No
     Raises:
         ConfigError: no data directory; CheckpointError: no model yet.
     """
-    from orchestrator.training.evaluate import evaluate_checkpoint
-
     run_dir = Path(run_dir)
     if run_state.fold_run_dirs(run_dir):
         return evaluate_folds(run_dir, data_dir, out_dir, device, progress=progress)

@@ -39,6 +39,7 @@ class StepDisplay:
 
     def __enter__(self) -> StepDisplay:
         if self.tty:
+            # deferred: rich's progress bar, only on a terminal
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -146,6 +146,7 @@ def write_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: 
     outline in green, the prediction's in red. Uses matplotlib's Agg canvas directly, so
     no global backend is set.
     """
+    # deferred: matplotlib, only for the figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

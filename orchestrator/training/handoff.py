@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from models.transformer import resize_pos_embed
+from orchestrator.errors import CheckpointError
+from orchestrator.training.checkpoints import model_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +274,6 @@ def checked_transfer(ckpt: dict[str, Any], src: Any, where: str, new_model: nn.M
         CheckpointError: the checkpoint is of another model family than `new_model`, or
             its tensors cannot be mapped onto it.
     """
-    from orchestrator.errors import CheckpointError
-    from orchestrator.training.checkpoints import model_from_checkpoint
-
     if ckpt["arch"] != arch:
         raise CheckpointError(f"{src}: a {ckpt['arch']} checkpoint ({where} trains {arch}) - "
                               "a hand-off needs a checkpoint of the same model family")

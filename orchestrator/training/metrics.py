@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from orchestrator.training.validation import dice_score, iou_score
@@ -106,8 +107,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float] = (1.0
         return 0.0
     if not p.any() or not t.any():
         return float(np.linalg.norm(np.asarray(p.shape) * np.asarray(spacing_mm, dtype=float)))
-    import torch
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance  # deferred: monai.metrics, only for HD95
 
     def onehot(m: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([~m, m])[None])

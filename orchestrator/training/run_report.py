@@ -24,8 +24,11 @@ import numpy as np
 
 from orchestrator.atomic import atomic_write
 from orchestrator.config import Plan, load_plan
+from orchestrator.data.sources import discover_subjects, load_subject
 from orchestrator.runs import state as run_state
+from orchestrator.training.predict import load_inference_model
 from orchestrator.training.run_model import RUN_MODEL_FILE
+from orchestrator.training.validation import dice_score
 
 REPORT_FILE = "report.png"
 
@@ -91,10 +94,6 @@ def memory_data(plan: Plan) -> list[dict[str, Any]]:
 def overlay_data(plan: Plan, model_record: dict[str, Any], device: str) -> dict[str, Any] | None:
     """The run's model on its stage's first validation subject: the axial slice with the
     most true lesion (the most predicted where the truth has none)."""
-    from orchestrator.data.sources import discover_subjects, load_subject
-    from orchestrator.training.predict import load_inference_model
-    from orchestrator.training.validation import dice_score
-
     split = plan.run_dir / model_record["stage"] / "split.json"
     if plan.data_dir is None or not split.exists():
         return None
@@ -120,6 +119,7 @@ def build_report(run_dir: Path, device: str = "cpu") -> RunReport:
         ConfigError: `run_dir` holds no valid plan.yaml.
         CheckpointError: the run's best.pt exists but cannot be loaded.
     """
+    # deferred: matplotlib, only for the figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -17,6 +17,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from models.sean import alignment_loss
 from orchestrator.config import ResUNetOptions, StageSpec
 from orchestrator.training.losses import GeneralizedDiceFocalLoss, RegionBoundaryLoss
 
@@ -130,8 +131,6 @@ class Objective:
         else:
             loss = self.seg_loss(out, y.unsqueeze(1).float())
         if aux is not None:
-            from models.sean import alignment_loss
-
             loss = loss + self.alignment_factor(epoch) * alignment_loss(aux)
         return loss
 

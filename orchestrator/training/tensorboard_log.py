@@ -32,6 +32,7 @@ import numpy as np
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.runs import state as run_state
+from orchestrator.training.metrics import largest_lesion_centroid
 
 logger = logging.getLogger(__name__)
 _OFF = object()  # a runner whose TensorBoard could not start
@@ -101,7 +102,7 @@ class StageBoard:
     """One stage's writer into its TensorBoard run."""
 
     def __init__(self, plan: Plan, sp: StagePlan) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard, only when logging
 
         self.sp = sp
         self.offset = step_offset(plan, sp)
@@ -180,8 +181,6 @@ def log_epoch(runner: Any, row: dict[str, Any]) -> None:
 def validation_overlay(runner: Any) -> np.ndarray:
     """(H, W, 3) uint8: an axial slice of the first validation subject through its largest
     lesion (the middle slice without one), truth green, prediction red, overlap yellow."""
-    from orchestrator.training.metrics import largest_lesion_centroid
-
     vol = runner.load(runner.val_recs[0])
     was_training = runner.model.training
     runner.model.eval()

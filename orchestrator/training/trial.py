@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import models
 from orchestrator.config import load_plan
 from orchestrator.planning.memory import prime_adamw
 from orchestrator.planning.verify import measure
@@ -33,8 +34,6 @@ def trial(plan_path: Path, stage: str, steps: int = 2, device: str | None = None
     The step is `TrainStep`, the one the trainer runs and the planner estimated, with the
     plan's device (or `device`) as its only difference: the same code on a GPU and here.
     """
-    import models
-
     plan = load_plan(plan_path)
     sp = plan.stage(stage)
     dev = torch.device(device or ("cuda" if plan.device == "cuda" else "cpu"))

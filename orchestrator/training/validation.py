@@ -9,6 +9,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from orchestrator.data.slices import predict_volume_slices
+from orchestrator.data.sources import load_subject
 from orchestrator.errors import DataError
 from orchestrator.planning.memory import SLIDING_WINDOW
 
@@ -22,7 +24,7 @@ def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def iou_score(pred: np.ndarray, truth: np.ndarray) -> float:
     """Foreground IoU (Jaccard) through MONAI's `compute_iou`; 1.0 when both are empty."""
-    from monai.metrics import compute_iou
+    from monai.metrics import compute_iou  # deferred: monai.metrics, only for IoU
 
     p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
     if not p.any() and not t.any():
@@ -56,8 +58,6 @@ def volume_predictor(kind: str, model_kwargs: dict[str, Any], roi_size: Sequence
                      ) -> Callable[[nn.Module, Any], np.ndarray]:
     """How a stage's model labels a whole volume: 3D sliding window, or LCNN slice by slice."""
     if kind == "lcnn":
-        from orchestrator.data.slices import predict_volume_slices
-
         in_slices = int(model_kwargs["in_slices"])  # model_kwargs holds every option
         h, w = roi_size  # LCNN's input is one slice
         return lambda model, vol: predict_volume_slices(
@@ -69,8 +69,6 @@ def validate(model: nn.Module, records: Sequence[Any],
              predict: Callable[[nn.Module, Any], np.ndarray],
              load: Callable[[Any], Any] | None = None) -> dict[str, float]:
     """Mean Dice and IoU over the validation subjects (each volume loaded, predicted, dropped)."""
-    from orchestrator.data.sources import load_subject
-
     load = load or load_subject  # the stage's normalisation (data/intensity.py)
     was_training = model.training
     model.eval()

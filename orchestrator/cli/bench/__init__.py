@@ -1,7 +1,7 @@
 """`orchestrator bench ...`: the benchmark commands; each bench is a module beside this one.
 
 The benches build models and data, so each command but `bench status` imports its module
-when it runs (defers torch): `orchestrator --help` stays fast.
+when it runs (`# deferred: torch (CLI start-up)`): `orchestrator --help` stays fast.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _bench(run: Callable[[], dict[str, Any]], what: str, json_out: bool) -> None
 @bench_app.command("data")
 def bench_data(json_out: Json = False) -> None:
     """Random crops from .nii.gz vs the HDF5 cache (96^3, 144^3), and loader samples/s."""
-    from orchestrator.cli.bench.data import bench_data as run  # defers torch
+    from orchestrator.cli.bench.data import bench_data as run  # deferred: torch (CLI start-up)
 
     _bench(run, "data loading (about 20 s)", json_out)
 
@@ -38,7 +38,7 @@ def bench_data(json_out: Json = False) -> None:
 @bench_app.command("step")
 def bench_step(json_out: Json = False, device: OnDevice = "auto") -> None:
     """Seconds per training step: the trainer and TrainStep against a bare PyTorch loop."""
-    from orchestrator.cli.bench.step import bench_step as run  # defers torch
+    from orchestrator.cli.bench.step import bench_step as run  # deferred: torch (CLI start-up)
 
     _bench(lambda: run(device=device), "the training step (about a minute)", json_out)
 
@@ -46,7 +46,7 @@ def bench_step(json_out: Json = False, device: OnDevice = "auto") -> None:
 @bench_app.command("plan")
 def bench_plan(json_out: Json = False) -> None:
     """Seconds to plan 4 stages + LCNN at 4, 6, 20 and 80 GB, CPU and GPU (cold estimates)."""
-    from orchestrator.cli.bench.plan import bench_plan as run  # defers torch
+    from orchestrator.cli.bench.plan import bench_plan as run  # deferred: torch (CLI start-up)
 
     _bench(run, "the planner at 8 budgets (about 3 minutes)", json_out)
 
@@ -76,7 +76,7 @@ def bench_gpu(json_out: Json = False,
     with the workers used.
     A failed section is recorded and the rest runs; the exit code is then 1.
     """
-    # defers torch
+    # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.gpu import bench_gpu as run
     from orchestrator.cli.bench.gpu import failed, section_lines
 
@@ -101,7 +101,7 @@ def bench_curriculum(json_out: Json = False,
                      = False) -> None:
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
     FLOPs, tested on held-out brain-anatomy subjects (about 15 min on 2 cores)."""
-    # defers torch
+    # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
     from orchestrator.cli.bench.curriculum import summary_lines
 
