@@ -139,9 +139,7 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         PlanError: a hand-off would start a stage afresh (without `allow_fresh_start`).
         SubmissionError: the run was submitted already, or sbatch refused a job.
     """
-    # deferred: submitit (CLI start-up)
-    from orchestrator.launch.folds import submit_folds
-    from orchestrator.launch.submit import submit_plan
+    from orchestrator.launch.submit import submit_plan  # deferred: submitit (CLI start-up)
 
     if executor not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor: expected slurm, local or debug, got {executor!r}")
@@ -151,6 +149,9 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
         if notice is not None:
             notice(line)
     if folds is not None:
+        # deferred: nibabel and scipy (only --folds reads the subjects)
+        from orchestrator.launch.folds import submit_folds
+
         _doc, jobs = submit_folds(p, path, executor, folds, include_lcnn=lcnn, dry_run=dry_run)
         return list(jobs)
     return list(submit_plan(p, path, executor, include_lcnn=lcnn, dry_run=dry_run))

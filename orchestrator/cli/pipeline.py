@@ -98,8 +98,6 @@ def submit(plan_path: PlanPath = None,
                "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
                "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
-    from orchestrator.launch.folds import submit_folds  # deferred: submitit (CLI start-up)
-
     if executor not in ("slurm", "local", "debug"):
         raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
     if plan_path is None:
@@ -108,6 +106,9 @@ def submit(plan_path: PlanPath = None,
     for line in check_fresh_starts(p, allow_fresh_start):  # PlanError (exit 2) if refused
         err.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
     if folds is not None:
+        # deferred: submitit, nibabel and scipy (CLI start-up; only --folds reads the subjects)
+        from orchestrator.launch.folds import submit_folds
+
         doc, fold_jobs = submit_folds(p, plan_path, executor, folds,  # type: ignore[arg-type]
                                       include_lcnn=lcnn, dry_run=dry_run)
         render.submitted(out, p, fold_jobs, executor, dry_run)
