@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError
+from orchestrator.planning.estimator import build_stage_model_meta
 from orchestrator.planning.explain import TENSOR_PARTS, explain_stage
 from orchestrator.planning.plan_file import PlanRequest, make_plan
-from orchestrator.planning.planner import build_stage_model_meta
 from orchestrator.training.step import estimation_step
 
 S1 = "stage1_basic_cnn"

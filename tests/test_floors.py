@@ -14,8 +14,9 @@ from tiny_plans import quick_tiny_plan
 from orchestrator.atomic import atomic_write_text
 from orchestrator.config import StagePlan, load_curriculum, plan_to_yaml
 from orchestrator.errors import PlanError
+from orchestrator.planning.estimator import Candidate
 from orchestrator.planning.floors import check_fresh_starts, fresh_tensors
-from orchestrator.planning.planner import Candidate, Shortfall, candidate_ladder
+from orchestrator.planning.planner import Shortfall, candidate_ladder
 from orchestrator.planning.schedule_floors import FloorSchedule
 
 

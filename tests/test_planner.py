@@ -12,16 +12,19 @@ from hypothesis import strategies as st
 
 from orchestrator.config import load_curriculum
 from orchestrator.errors import PlanError
-from orchestrator.planning import planner, pool
-from orchestrator.planning.memory import DEFAULT_OVERHEADS, FakeStep, LivePeak, estimate_step_peak
-from orchestrator.planning.planner import (
-    Budget,
-    Candidate,
-    StageEstimator,
-    build_stage_model,
-    candidate_ladder,
-    plan_stage,
+from orchestrator.planning import estimator, planner, pool
+from orchestrator.planning.estimator import Budget, Candidate, StageEstimator, build_stage_model
+from orchestrator.planning.memory import (
+    DEFAULT_OVERHEADS,
+    SLIDING_WINDOW,
+    FakeStep,
+    LivePeak,
+    estimate_eval_peak,
+    estimate_step_peak,
+    make_optimizer,
+    prime_adamw,
 )
+from orchestrator.planning.planner import candidate_ladder, plan_stage
 from orchestrator.planning.search import first_below, first_fit
 from orchestrator.training.step import estimation_step
 
@@ -287,14 +290,6 @@ def test_validation_estimate_equals_live_bytes_of_a_real_sliding_window(stage1) 
     a real volume (parameters and optimizer state held, as between epochs)."""
     from monai.inferers import sliding_window_inference
 
-    from orchestrator.planning.memory import (
-        SLIDING_WINDOW,
-        estimate_eval_peak,
-        make_optimizer,
-        prime_adamw,
-    )
-    from orchestrator.planning.planner import build_stage_model
-
     roi, vol = (32, 32, 32), (100, 90, 88)  # 4 x 4 x 4 windows: the estimate cuts to 3 per axis
 
     def build() -> torch.nn.Module:
@@ -360,10 +355,10 @@ def test_a_job_sent_with_the_parents_estimates_runs_none_again(stage1) -> None:
     (planning/pool.py): planning the same stage again then runs no estimate and gives the
     same plan."""
     args = (stage1, None, _budget(0.9), estimation_step, None, 0)
-    planner.clear_estimate_cache()
+    estimator.clear_estimate_cache()
     first, ran = pool._run(*args)
     assert isinstance(first, planner.StagePlan) and ran
-    planner.clear_estimate_cache()  # what a worker forked earlier knows
+    estimator.clear_estimate_cache()  # what a worker forked earlier knows
     again, ran_again = pool._run_knowing(ran, *args)
     assert again == first and ran_again == {}
-    planner.clear_estimate_cache()
+    estimator.clear_estimate_cache()

@@ -20,8 +20,7 @@ import torch
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import ConfigError
-from orchestrator.planning.memory import ATLAS_SHAPE_VOX, GIB, FakeStep, LivePeak, Overheads
-from orchestrator.planning.planner import (
+from orchestrator.planning.estimator import (
     Budget,
     Candidate,
     StageEstimator,
@@ -30,6 +29,7 @@ from orchestrator.planning.planner import (
     _shapes,
     build_stage_model,
 )
+from orchestrator.planning.memory import ATLAS_SHAPE_VOX, GIB, FakeStep, LivePeak, Overheads
 from orchestrator.planning.verify import plan_overheads
 
 TENSOR_PARTS = ("parameters", "gradients", "optimizer state", "input batch",

@@ -33,8 +33,8 @@ from orchestrator.plan_facts import (
     ProbeRecord,
 )
 from orchestrator.planning import calibration as cal
+from orchestrator.planning.estimator import Budget, StepFactory
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
-from orchestrator.planning.planner import Budget, StepFactory
 from orchestrator.planning.pool import plan_curriculum
 from orchestrator.planning.probe import Probe, host_budget_gb, probe, slurm_answers
 from orchestrator.planning.schedule import (

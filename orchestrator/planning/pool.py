@@ -23,15 +23,17 @@ from collections.abc import Callable
 
 from orchestrator.config import StagePlan, StageSpec
 from orchestrator.errors import PlanError
-from orchestrator.planning.planner import (
+from orchestrator.planning.estimator import (
     Budget,
     Candidate,
-    Shortfall,
     StepFactory,
     add_estimates,
     build_stage_model_meta,
-    candidate_ladder,
     known_estimates,
+)
+from orchestrator.planning.planner import (
+    Shortfall,
+    candidate_ladder,
     plan_or_shortfall,
     shortfall_message,
 )

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.config import StagePlan, StageSpec
+from orchestrator.planning.estimator import Candidate
 from orchestrator.planning.floors import fresh_tensors
-from orchestrator.planning.planner import Candidate, Shortfall
+from orchestrator.planning.planner import Shortfall
 
 Result = StagePlan | Shortfall | BaseException
 Ladder = Callable[[StageSpec, int], list[Candidate]]  # (spec, floor) -> its ladder

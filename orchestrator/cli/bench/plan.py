@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.cli.bench.data import machine_info
 from orchestrator.config import DEFAULT_CURRICULUM
-from orchestrator.planning import planner
+from orchestrator.planning import estimator
 from orchestrator.planning.plan_file import PlanRequest, make_plan
 from orchestrator.planning.pool import default_workers
 from orchestrator.training.step import estimation_step
@@ -34,14 +34,14 @@ def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
     """
     figures: dict[str, float] = {}
     for device, gb in cases:
-        planner.clear_estimate_cache()
+        estimator.clear_estimate_cache()
         req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=device,  # type: ignore[arg-type]
                           run="bench", calibrate=False)
         t0 = time.perf_counter()
         plan = make_plan(req, estimation_step)
         name = f"plan_{device}_{gb:g}gb"
         figures[f"{name}_s"] = time.perf_counter() - t0
-        figures[f"{name}_estimates"] = planner.estimates_run()
+        figures[f"{name}_estimates"] = estimator.estimates_run()
         figures["workers"] = default_workers(len(plan.stages))
     figures["slowest_case_s"] = max(v for k, v in figures.items() if k.endswith("gb_s"))
     return {"bench": "plan", "machine": {**machine_info(torch.__version__),

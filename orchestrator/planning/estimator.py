@@ -1,0 +1,234 @@
+"""What one stage's configurations need: the planner's vocabulary (a configuration, the
+budget, the stage's model) and its estimates.
+
+`StageEstimator` predicts the GB of a (configuration, batch) of one stage: the real
+training step on fake tensors (planning/memory.py), memoised, with overheads and
+calibration applied; validation's peak beside it. Each configuration's model lives in one
+`FakeStep` session that serves every batch size and validation. The live-tensor bytes are
+also kept per process (`_TENSOR_BYTES`), keyed by everything an estimate depends on, so
+that plans made in one process and its forked workers (planning/pool.py) share them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+import models
+from orchestrator.config import StageSpec
+from orchestrator.planning.calibration import entry_name
+from orchestrator.planning.memory import ATLAS_SHAPE_VOX, FakeStep, Overheads, StepFn
+
+logger = logging.getLogger(__name__)
+
+
+class StepFactory(Protocol):
+    """Makes the real training step of a stage (the planner does not import training/)."""
+
+    def __call__(self, spec: StageSpec, amp: bool) -> StepFn: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    input_size_vox: tuple[int, ...]
+    base_filters: int
+    checkpointing: bool
+
+    def describe(self) -> str:
+        return (f"{fmt_size(self.input_size_vox)}, base filters {self.base_filters}, "
+                f"{'checkpointing' if self.checkpointing else 'no checkpointing'}")
+
+
+@dataclass
+class Budget:
+    target_gb: float
+    overheads: Overheads
+    cuda_target: bool
+    # calibration entry (stage, with or without checkpointing: `calibration.entry_name`)
+    # -> (measured/predicted ratio from an earlier `plan --verify`, where from)
+    calibration: dict[str, tuple[float, str]] = field(default_factory=dict)
+    val_volume_vox: tuple[int, ...] = ATLAS_SHAPE_VOX  # what validation slides its window over
+
+
+def build_stage_model(spec: StageSpec, base_filters: int, checkpointing: bool,
+                      input_size_vox: tuple[int, ...] | None = None) -> nn.Module:
+    kwargs = spec.model.constructor_kwargs()
+    kwargs.update(base_filters=base_filters, checkpointing=checkpointing)
+    if input_size_vox is not None and spec.kind == "seg3d":  # the transformer's token grid
+        kwargs["input_size_vox"] = list(input_size_vox)
+    model = models.build_model(spec.model.arch, **kwargs)
+    if spec.freeze == "encoder":  # as the trainer fine-tunes: no gradients, no AdamW state
+        models.freeze_encoder(model)
+    return model
+
+
+def build_stage_model_meta(spec: StageSpec, base_filters: int | None = None,
+                           input_size_vox: tuple[int, ...] | None = None) -> nn.Module:
+    with torch.device("meta"):
+        return build_stage_model(spec, base_filters or spec.base_filters, False, input_size_vox)
+
+
+def _in_channels(spec: StageSpec) -> int:
+    return spec.model.input_channels
+
+
+def _shapes(spec: StageSpec, size: tuple[int, ...], batch: int) -> tuple[tuple, tuple]:
+    return (batch, _in_channels(spec), *size), (batch, *size)
+
+
+def fmt_size(size: Any) -> str:
+    return "x".join(str(s) for s in size)
+
+def amp_allowed(spec: StageSpec, size: tuple[int, ...], multiple: int, cuda_target: bool) -> bool:
+    """AMP as the stage asks, except on the CPU with a 2-voxel bottleneck side: there
+    oneDNN's bf16 conv3d weight gradient is garbage (torch 2.13; docs/known-issues.md)."""
+    if not spec.amp:
+        return False
+    return cuda_target or spec.kind != "seg3d" or all(s // multiple != 2 for s in size)
+
+
+# Live-tensor bytes by (step factory, stage spec, candidate, batch, CUDA emulation) and,
+# for validation, by ("val", stage spec, window, filters, volume, AMP, CUDA): an estimate
+# is a pure function of these, so plans made in one process (and its forked workers,
+# which send theirs back: planning/pool.py) share them.
+_TENSOR_BYTES: dict[tuple, int] = {}
+# The optimizer step's rise by its parameters (memory.FakeStep): shared by the sessions of
+# every stage's configurations in this process.
+_OPT_RISES: dict[tuple, int] = {}
+
+
+def clear_estimate_cache() -> None:
+    _TENSOR_BYTES.clear()
+    _OPT_RISES.clear()
+
+
+def estimates_run() -> int:
+    """Step and validation estimates run since the cache was last cleared (here and in
+    worker processes, which send theirs back; keys differ between stages, so none is
+    counted twice)."""
+    return len(_TENSOR_BYTES)
+
+
+def add_estimates(entries: dict[tuple, int]) -> None:
+    """Take in the estimates a worker process ran (planning/pool.py)."""
+    _TENSOR_BYTES.update(entries)
+
+
+def known_keys() -> set[tuple]:
+    """The keys of every estimate this process knows (`estimates_since`)."""
+    return set(_TENSOR_BYTES)
+
+
+def estimates_since(known: set[tuple]) -> dict[tuple, int]:
+    """The estimates run since `known_keys()` returned `known` (a job's, which a worker
+    process sends back to the parent's cache)."""
+    return {k: v for k, v in _TENSOR_BYTES.items() if k not in known}
+
+
+def known_estimates() -> dict[tuple, int]:
+    """A copy of every estimate this process knows (sent with a job to a worker forked
+    before they were run: planning/pool.py)."""
+    return dict(_TENSOR_BYTES)
+
+
+class StageEstimator:
+    """Memoised predicted GB of (candidate, batch) for one stage, calibrated if known.
+
+    Each candidate's model lives in one `FakeStep` session: estimates at other batch sizes
+    and validation's reuse it (no rebuild; the optimizer step's rise measured once)."""
+
+    def __init__(self, spec: StageSpec, budget: Budget, step_factory: StepFactory,
+                 multiple: int) -> None:
+        self.spec, self.budget, self.multiple = spec, budget, multiple
+        self.steps = {amp: step_factory(spec, amp) for amp in {spec.amp, False}}
+        self._key = (step_factory, spec.model_dump_json(), budget.cuda_target)
+        self._memo: dict[tuple, float] = {}
+        self._sessions: dict[Candidate, FakeStep] = {}
+
+    def emulate_cuda(self, cand: Candidate) -> bool:
+        """CUDA autocast's fp32 ops are emulated at the function level, which checkpoint's
+        recomputation in backward does not see (its metadata check fails): checkpointed
+        candidates are estimated with CPU autocast dtypes."""
+        return self.budget.cuda_target and not cand.checkpointing
+
+    def amp(self, cand: Candidate) -> bool:
+        return amp_allowed(self.spec, cand.input_size_vox, self.multiple, self.budget.cuda_target)
+
+    def session(self, cand: Candidate) -> FakeStep:
+        """The candidate's model and optimizer on fake tensors (built once)."""
+        if cand not in self._sessions:
+            self._sessions[cand] = FakeStep(
+                lambda: build_stage_model(self.spec, cand.base_filters, cand.checkpointing,
+                                          cand.input_size_vox),
+                self.budget.cuda_target, cuda_dtypes=self.emulate_cuda(cand), rises=_OPT_RISES)
+        return self._sessions[cand]
+
+    def raw_gb(self, cand: Candidate, batch: int) -> float:
+        """Predicted GB before calibration: live tensors x (1 + alloc) + workspace + context."""
+        key = (cand, batch)
+        if key not in self._memo:
+            shared = (*self._key, cand, batch, self.emulate_cuda(cand))
+            if shared not in _TENSOR_BYTES:
+                t0 = time.perf_counter()
+                x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
+                _TENSOR_BYTES[shared] = self.session(cand).peak(x_shape, y_shape,
+                                                                self.steps[self.amp(cand)])
+                logger.debug("%s %s bs=%d: %.3f GB tensors (%.1fs)", self.spec.name,
+                             cand.describe(), batch, _TENSOR_BYTES[shared] / 1024**3,
+                             time.perf_counter() - t0)
+            self._memo[key] = self.budget.overheads.total_gb(_TENSOR_BYTES[shared])
+        return self._memo[key]
+
+    def train_gb(self, cand: Candidate, batch: int) -> float:
+        """Predicted GB of a training step, calibrated if measured."""
+        return self.raw_gb(cand, batch) * self.ratio(cand)
+
+    def gb(self, cand: Candidate, batch: int, exact: bool = False) -> float:
+        """The stage's predicted peak: the training step's or validation's, the higher.
+
+        Validation is estimated only where the training step fits (or with `exact`): a
+        training step over the budget already rejects the configuration, and its GB is
+        then a lower bound of the peak."""
+        train = self.train_gb(cand, batch)
+        if self.spec.kind != "seg3d" or (train > self.budget.target_gb and not exact):
+            return train
+        return max(train, self.val_gb(cand))
+
+    def calibration(self, cand: Candidate) -> tuple[float, str] | None:
+        """(measured/predicted, where from) of this kind of configuration, if measured."""
+        return self.budget.calibration.get(entry_name(self.spec.name, cand.checkpointing))
+
+    def ratio(self, cand: Candidate) -> float:
+        known = self.calibration(cand)
+        return known[0] if known else 1.0
+
+    def val_gb(self, cand: Candidate) -> float:
+        """Predicted GB of validating the largest volume with this candidate's window
+        (sliding window, no gradients; parameters and optimizer state held)."""
+        amp = self.amp(cand)
+        key = ("val", self._key[1], cand.input_size_vox, cand.base_filters,
+               tuple(self.budget.val_volume_vox), amp, self.budget.cuda_target)
+        if key not in _TENSOR_BYTES:
+            # the same window and filters hold the same tensors, with or without checkpointing
+            twin = Candidate(cand.input_size_vox, cand.base_filters, not cand.checkpointing)
+            twins = [c for c in (cand, twin) if c in self._sessions]
+            session = self._sessions[twins[0]] if twins else self.session(cand)
+            _TENSOR_BYTES[key] = session.eval_peak(
+                cand.input_size_vox, self.budget.val_volume_vox, _in_channels(self.spec),
+                torch.bfloat16 if amp else None)
+        return self.budget.overheads.total_gb(_TENSOR_BYTES[key]) * self.ratio(cand)
+
+    def fits(self, cand: Candidate, batch: int) -> bool:
+        return self.gb(cand, batch) <= self.budget.target_gb
+
+    def estimated(self, cand: Candidate, batch: int) -> bool:
+        """Whether this (candidate, batch) has been estimated (not only extrapolated)."""
+        return (cand, batch) in self._memo
+
+    @property
+    def estimates(self) -> int:
+        return len(self._memo)
