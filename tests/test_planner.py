@@ -23,6 +23,7 @@ from orchestrator.planning.memory import (
     estimate_step_peak,
     make_optimizer,
     prime_adamw,
+    surely_live_bytes,
 )
 from orchestrator.planning.planner import candidate_ladder, plan_stage
 from orchestrator.planning.search import first_below, first_fit
@@ -163,6 +164,34 @@ def test_first_below_finds_the_boundary_with_few_estimates(steps, target, curvat
         assert got - 1 in seen  # the rung before was estimated and did not fit
     assert len(seen) == len(set(seen))  # no rung estimated twice
     assert len(seen) <= 2 + 2 * max(1, len(values)).bit_length() + 1
+    if values[0] > target:  # rung 0 known not to fit: the same search, without rung 0
+        rest: list[int] = []
+        assert first_below(lambda k: rest.append(k) or values[k], target, sizes,
+                           rung0_over=True) == want
+        assert rest == [k for k in seen if k != 0]
+
+
+@pytest.mark.parametrize(("freeze", "amp", "checkpointing"),
+                         [(None, False, False), (None, True, False), ("encoder", True, False),
+                          (None, True, True)])
+def test_surely_live_bytes_bound_the_estimate(stage1, freeze, amp, checkpointing) -> None:
+    """The bound that lets the search skip rung 0 never exceeds the estimate it stands for
+    (a fifth of it or more on a U-Net without checkpointing: it must be able to say
+    'over'); with checkpointing the planner does not use it."""
+    spec = stage1.model_copy(update={"freeze": freeze, "amp": amp})
+    shapes = (2, 1, 48, 48, 48), (2, 48, 48, 48)
+
+    def build() -> torch.nn.Module:
+        return build_stage_model(spec, 8, checkpointing)
+    peak = estimate_step_peak(build, *shapes, estimation_step(spec, amp), cuda_target=False)
+    low = surely_live_bytes(build, *shapes, amp)
+    assert 0 < low <= peak.tensor_bytes
+    if not checkpointing:
+        assert low > 0.2 * peak.tensor_bytes
+    cand = Candidate((48, 48, 48), 8, checkpointing)
+    est = StageEstimator(spec, _budget(0.01), estimation_step, 8)
+    assert est.surely_over(cand, 2) is not checkpointing  # nothing fits 10 MB
+    assert not StageEstimator(spec, _budget(100), estimation_step, 8).surely_over(cand, 2)
 
 
 def test_first_below_on_a_proportional_ladder_needs_about_four_estimates() -> None:

@@ -21,7 +21,13 @@ from torch import nn
 import models
 from orchestrator.config import StageSpec
 from orchestrator.planning.calibration import entry_name
-from orchestrator.planning.memory import ATLAS_SHAPE_VOX, FakeStep, Overheads, StepFn
+from orchestrator.planning.memory import (
+    ATLAS_SHAPE_VOX,
+    FakeStep,
+    Overheads,
+    StepFn,
+    surely_live_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +172,20 @@ class StageEstimator:
                                           cand.input_size_vox),
                 self.budget.cuda_target, cuda_dtypes=self.emulate_cuda(cand), rises=_OPT_RISES)
         return self._sessions[cand]
+
+    def surely_over(self, cand: Candidate, batch: int) -> bool:
+        """Whether the training step surely needs more than the budget, from a lower bound
+        of its bytes that costs no estimate (`memory.surely_live_bytes`): only for a 3D
+        candidate without checkpointing, calibrated as its estimate would be."""
+        if self.spec.kind != "seg3d" or cand.checkpointing:
+            return False
+        x_shape, y_shape = _shapes(self.spec, cand.input_size_vox, batch)
+        low = surely_live_bytes(
+            lambda: build_stage_model(self.spec, cand.base_filters, False, cand.input_size_vox),
+            x_shape, y_shape, self.amp(cand))
+        gb = self.budget.overheads.total_gb(low) * self.ratio(cand)
+        logger.debug("%s %s bs=%d: at least %.3f GB", self.spec.name, cand.describe(), batch, gb)
+        return gb > self.budget.target_gb
 
     def raw_gb(self, cand: Candidate, batch: int) -> float:
         """Predicted GB before calibration: live tensors x (1 + alloc) + workspace + context."""

@@ -125,7 +125,8 @@ def _plan_stage(spec: StageSpec, init_from: str | None, budget: Budget,
     # search on the training step (cheap to repeat at other batch sizes), then make sure
     # validation fits beside it; where it does not, go on down the ladder with both
     i = first_below(lambda k: est.train_gb(ladder[k], min_bs), target,
-                    [c.base_filters * math.prod(c.input_size_vox) for c in ladder])
+                    [c.base_filters * math.prod(c.input_size_vox) for c in ladder],
+                    rung0_over=est.surely_over(ladder[0], min_bs))
     if i is not None and not est.fits(ladder[i], min_bs):
         first = i  # int, for the lambda
         j = first_fit(len(ladder) - first, lambda k: est.fits(ladder[first + k], min_bs))

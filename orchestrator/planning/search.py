@@ -30,7 +30,8 @@ def first_fit(n: int, fits: Callable[[int], bool]) -> int | None:
     return good
 
 
-def first_below(value: Callable[[int], float], target: float, sizes: list[float]) -> int | None:
+def first_below(value: Callable[[int], float], target: float, sizes: list[float],
+                rung0_over: bool = False) -> int | None:
     """Smallest index i of a ladder with value(i) <= target, for values that fall along the
     ladder roughly in proportion to `sizes` (a rung's base filters x input voxels: what its
     activations scale with), using few values on a long ladder.
@@ -42,10 +43,12 @@ def first_below(value: Callable[[int], float], target: float, sizes: list[float]
     the rung before it was estimated and does not. (Rung 1 first, rung 0 only where rung 1
     fits, saves an estimate on a tight budget but costs one on a roomy one, where every
     stage fits at rung 0: measured, 18 -> 22 estimates at 20 GB; roomy budgets are the
-    common case on GPU nodes.)"""
+    common case on GPU nodes.) `rung0_over`: rung 0 is known not to fit (a lower bound of
+    its value is over the target), so rung 1 comes first and rung 0 is never valued here;
+    the steps after it are the same, as they use the rungs from 1 on."""
     n = len(sizes)
     known: dict[int, float] = {}
-    for k in range(min(2, n)):
+    for k in range(1 if rung0_over else 0, min(2, n)):
         known[k] = value(k)
         if known[k] <= target:
             return k
