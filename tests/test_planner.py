@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from orchestrator.config import load_curriculum
 from orchestrator.errors import PlanError
 from orchestrator.planning import estimator, planner, pool
-from orchestrator.planning.estimator import Budget, Candidate, StageEstimator, build_stage_model
+from orchestrator.planning.estimator import (
+    Budget,
+    Candidate,
+    StageEstimator,
+    build_stage_model,
+    surely_live_bytes,
+)
 from orchestrator.planning.memory import (
     DEFAULT_OVERHEADS,
     SLIDING_WINDOW,
@@ -23,7 +29,6 @@ from orchestrator.planning.memory import (
     estimate_step_peak,
     make_optimizer,
     prime_adamw,
-    surely_live_bytes,
 )
 from orchestrator.planning.planner import candidate_ladder, plan_stage
 from orchestrator.planning.search import first_below, first_fit

@@ -11,7 +11,9 @@ that plans made in one process and its forked workers (planning/pool.py) share t
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,7 +28,6 @@ from orchestrator.planning.memory import (
     FakeStep,
     Overheads,
     StepFn,
-    surely_live_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,55 @@ def known_estimates() -> dict[tuple, int]:
     """A copy of every estimate this process knows (sent with a job to a worker forked
     before they were run: planning/pool.py)."""
     return dict(_TENSOR_BYTES)
+
+
+def surely_live_bytes(build_model: Callable[[], nn.Module], x_shape: tuple[int, ...],
+                      y_shape: tuple[int, ...], low_precision: bool, round_to: int = 512) -> int:
+    """A lower bound of a training step's peak live-tensor bytes (as `FakeStep.peak`
+    counts them) without running the step: what is surely live when the forward pass
+    ends, from one forward pass on the meta device (no fake tensors; a small fraction of
+    an estimate's time). That is the parameters and buffers, AdamW's two moments of every
+    trainable parameter (held from the second step on), the batch, and the input of every
+    convolution and linear layer with a trainable weight, which autograd saves for the
+    weight's gradient: its own storage, or under autocast (`low_precision`) a 16-bit copy,
+    counted once per storage. Valid for a model without checkpointing (which frees those
+    inputs); 0 where the forward pass cannot run on the meta device.
+    """
+    def rounded(nbytes: int) -> int:
+        return -(-nbytes // round_to) * round_to
+
+    saved: dict[int, int] = {}  # storage -> bytes kept for its saved inputs
+    keep: list[torch.Tensor] = []  # the inputs, so that no storage id is reused
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        w = getattr(mod, "weight", None)
+        if (isinstance(w, torch.Tensor) and w.requires_grad and args
+                and isinstance(args[0], torch.Tensor)):
+            t = args[0]
+            keep.append(t)
+            size = t.numel() * (2 if low_precision else t.element_size())
+            key = t.untyped_storage()._cdata
+            saved[key] = max(saved.get(key, 0), size)
+
+    try:
+        with torch.device("meta"):
+            model = build_model().train()
+            x = torch.empty(x_shape)
+        handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+                   if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        try:
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    except Exception:  # noqa: BLE001  (a bound is an optimisation: none is no harm)
+        return 0
+    saved.pop(x.untyped_storage()._cdata, None)  # the batch is counted below
+    held = sum(rounded(p.numel() * p.element_size()) * (3 if p.requires_grad else 1)
+               for p in model.parameters())
+    held += sum(rounded(b.numel() * b.element_size()) for b in model.buffers())
+    batch = rounded(math.prod(x_shape) * 4) + rounded(math.prod(y_shape) * 8)
+    return held + batch + sum(rounded(n) for n in saved.values())
 
 
 class StageEstimator:

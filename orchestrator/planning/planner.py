@@ -7,10 +7,12 @@ size and base filters without checkpointing; with checkpointing; fewer base filt
 planning/floors.py plans it again with that floor); a smaller input (multiples of the model's
 required multiple, largest side first). The first rung whose training step fits at the
 minimum batch is found with secant steps on memory against base filters x input voxels
-(`first_below`: about four estimates on a long ladder), then validation is checked beside
-it; the headroom then goes to batch size, up to the stage's maximum and the dataset's
-cap, along the line through two estimates with the chosen batch estimated exactly. One
-fake model per configuration serves every batch size and validation (`FakeStep`). Every
+(`first_below`: about four estimates on a long ladder; rung 0 is not estimated where a
+lower bound of its bytes, from one forward pass on the meta device, is already over the
+budget), then validation is checked beside it; the headroom then goes to batch size, up
+to the stage's maximum and the dataset's cap, along the line through two estimates with
+the chosen batch estimated exactly. One fake model per configuration serves every batch
+size and validation (`FakeStep`, through planning/estimator.py's `StageEstimator`). Every
 decision is recorded with its reason and the numbers behind it. The planner is a pure
 function of (specs, budget, step factory, dataset size).
 
