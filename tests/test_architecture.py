@@ -28,12 +28,6 @@ def test_a_module_outside_the_layers_shows_as_its_own_node() -> None:
 # line above (a run of consecutive imports shares the first one's marker); any other belongs
 # at the top of its module (docs/architecture.md, "Deferred imports").
 MARKER = "# deferred:"
-# Left to the planning speed-up (issue 12), which is rewriting these files: (file, module).
-PLANNING_REWRITE = {
-    ("orchestrator/planning/floors.py", "orchestrator.planning.planner"),
-    ("orchestrator/planning/schedule.py", "orchestrator.data.folds"),
-    ("orchestrator/planning/schedule.py", "orchestrator.data.sources"),
-}
 
 
 def _internal(node: ast.Import | ast.ImportFrom) -> str | None:
@@ -78,8 +72,7 @@ def test_every_function_local_import_of_the_project_says_what_it_defers() -> Non
     for path in sorted((REPO / "orchestrator").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
         bad += [f"{rel}:{line} imports {module}"
-                for line, module in unmarked_local_imports(path.read_text())
-                if (rel, module) not in PLANNING_REWRITE]
+                for line, module in unmarked_local_imports(path.read_text())]
     assert not bad, (f"move these to the top of their module, or say `{MARKER} <what>` "
                      "on the line or above it:\n" + "\n".join(bad))
 

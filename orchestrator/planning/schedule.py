@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import StageSpec
+from orchestrator.data.folds import split_subjects
 from orchestrator.errors import DataError
 
 MAX_DATASET_COVERED = 0.05
@@ -38,8 +39,6 @@ class DatasetSize:
 
     def train_voxels(self, spec: StageSpec) -> tuple[int, int]:
         """(training subjects, their voxels) under the stage's validation split."""
-        from orchestrator.data.folds import split_subjects
-
         train, _val = split_subjects(self.records, spec.val_fraction, spec.seed)
         return len(train), sum(self.voxels[_key(r)] for r in train)
 
@@ -54,6 +53,7 @@ def measure_dataset(root: Path) -> DatasetSize:
     Raises:
         DataError: as `discover_subjects`, or an image whose header cannot be read.
     """
+    # deferred: nibabel, h5py (data.sources reads the images; a plan without --data needs none)
     from orchestrator.data.sources import discover_subjects
 
     records = discover_subjects(Path(root))
