@@ -33,6 +33,11 @@ def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
         assert abs(fractions[-1] - 1.0) <= biggest_step / budget, name
         assert 0.0 <= arm["test_dice"] <= 1.0 and arm["test_dice"] == arm["curve"][-1]["test_dice"]
         assert set(arm["reached_others_final_at"]) == set(ARMS) - {name}
+        cpu = [p["train_cpu_s"] for p in arm["curve"]]
+        assert cpu == sorted(cpu) and cpu[-1] == arm["train_cpu_s"] <= arm["cpu_s"], name
+    lr = {name: arm["lr"] for name, arm in doc["arms"].items()}
+    # from scratch at the curriculum's from-scratch rate (stage 1's), not stage 4's
+    assert lr["scratch"] == lr["scratch_growing_patch"] == lr["progressive"][:1] != lr["progressive"][-1:]
     stages = [p["stage"] for p in doc["arms"]["progressive"]["phases"]]
     assert len(stages) == 4 and len(set(stages)) == 4  # the chain: four models
     assert {p["stage"] for p in doc["arms"]["scratch"]["phases"]} == {stages[-1]}

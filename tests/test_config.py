@@ -30,8 +30,8 @@ def test_progressive_curriculum_loads_in_order_with_handoffs() -> None:
 
 def test_overrides_apply_to_every_stage_and_merge_model_keys() -> None:
     _cur, stages = load_curriculum(REPO / "stages" / "demo.yaml")
-    assert [s.base_filters for s, _ in stages] == [4, 8, 8, 8]  # stage entry beats curriculum
-    assert [s.max_epochs for s, _ in stages] == [10, 4, 4, 4]
+    assert [s.max_epochs for s, _ in stages] == [10, 4, 4, 4]  # stage entry beats curriculum
+    assert [s.base_filters for s, _ in stages] == [8, 8, 8, 8]  # curriculum beats stage file
     assert {tuple(s.input_size_vox) for s, _ in stages} == {(32, 32, 32)}
     s3 = stages[2][0]
     assert s3.model.transformer_dim == 32 and s3.model.se is True  # merged, not replaced

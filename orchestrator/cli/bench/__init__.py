@@ -98,13 +98,22 @@ def bench_gpu(json_out: Json = False,
 def bench_curriculum(json_out: Json = False,
                      quick: Annotated[bool, typer.Option(
                          "--quick", help="Tiny phantoms and a few steps (seconds): a smoke test.")]
-                     = False) -> None:
+                     = False,
+                     threads: Annotated[int | None, typer.Option(
+                         "--threads", min=1,
+                         help="torch's CPU threads (default: torch's choice). On a shared "
+                              "machine use 1: two threads that wait on other processes ran "
+                              "a step up to 20x slower.")] = None) -> None:
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
     FLOPs, tested on held-out brain-anatomy subjects (about 15 min on 2 cores)."""
     # deferred: torch (CLI start-up)
+    import torch
+
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
     from orchestrator.cli.bench.curriculum import summary_lines
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     with err.status("benchmarking the curriculum against scratch..."):
         doc = run(quick=quick, progress=lambda line: err.print(line, highlight=False))
     if json_out:
