@@ -20,7 +20,6 @@ from typing import Any
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
-from orchestrator.planning.estimator import build_stage_model_meta
 
 MOST = 0.5  # share of the transferable parameters beyond which `submit` refuses
 
@@ -37,6 +36,9 @@ def fresh_tensors(old: StagePlan, new: StagePlan) -> dict[str, Any]:
         {"from", "tensors": [names], "params": fresh parameter count, "transferable":
         parameters of the tensors both models hold, "fraction": their ratio}.
     """
+    # deferred: torch (api.py and the CLI import this module for check_fresh_starts)
+    from orchestrator.planning.estimator import build_stage_model_meta
+
     old_sd = build_stage_model_meta(old.spec, old.base_filters, old.input_size_vox).state_dict()
     new_sd = build_stage_model_meta(new.spec, new.base_filters, new.input_size_vox).state_dict()
     both = [k for k in new_sd if k in old_sd]

@@ -107,15 +107,12 @@ def bench_curriculum(json_out: Json = False,
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
     FLOPs, tested on held-out brain-anatomy subjects (about 15 min on 2 cores)."""
     # deferred: torch (CLI start-up)
-    import torch
-
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
     from orchestrator.cli.bench.curriculum import summary_lines
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     with err.status("benchmarking the curriculum against scratch..."):
-        doc = run(quick=quick, progress=lambda line: err.print(line, highlight=False))
+        doc = run(quick=quick, threads=threads,
+                  progress=lambda line: err.print(line, highlight=False))
     if json_out:
         emit_json(doc)
         return

@@ -54,14 +54,18 @@ ARMS = ("progressive", "scratch", "scratch_growing_patch")
 
 
 def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: int = 0,
-                     anatomy: str = "auto", progress: Callable[[str], None] | None = None) -> dict:
+                     anatomy: str = "auto", progress: Callable[[str], None] | None = None,
+                     threads: int | None = None) -> dict:
     """Train the three arms and test them; returns the JSON document (see the module doc).
 
     Args:
         quick: a tiny version (phantoms of 48^3, a few steps): for the test of the command.
         work_dir: where the data go (default: a temporary folder).
         anatomy: auto (MNI152 where the template can be had, else phantoms), mni152, phantom.
+        threads: torch's CPU threads (None: leave torch's setting).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     size: dict[str, Any] = QUICK if quick else FULL
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="bench-curriculum-") as tmp:
