@@ -105,7 +105,8 @@ def bench_curriculum(json_out: Json = False,
                               "machine use 1: two threads that wait on other processes ran "
                               "a step up to 20x slower.")] = None) -> None:
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
-    FLOPs, tested on held-out brain-anatomy subjects (about 15 min on 2 cores)."""
+    FLOPs, tested on held-out brain-anatomy subjects (17 CPU minutes with --threads 1;
+    32 min on 2 shared cores)."""
     # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
     from orchestrator.cli.bench.curriculum import summary_lines
