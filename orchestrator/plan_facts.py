@@ -1,6 +1,6 @@
 """What a plan was made from: the hardware probe and the assumptions, as plan.yaml holds them.
 
-`Plan.probe` is a `ProbeRecord` (planning/probe.py's `Probe`, written down) and
+`Plan.probe` is a `ProbeRecord` (what planning/probe.py's `probe()` returns) and
 `Plan.assumptions` a `PlanAssumptions`. The field names are the keys plan.yaml has always
 had, so a plan written before these were typed loads unchanged; every field a plan from
 an older version (or a test's hand-made plan) may lack has a default.
@@ -20,8 +20,8 @@ class GpuRecord(StrictModel):
     index: int = 0
     name: str
     total_gb: float
-    free_gb: float | None = None
-    bf16: bool | None = Field(default=None, description="Compute capability >= 8.0.")
+    free_gb: float
+    bf16: bool = Field(description="Compute capability >= 8.0.")
 
 
 class ProbeRecord(StrictModel):
@@ -42,9 +42,13 @@ class ProbeRecord(StrictModel):
 class OverheadsRecord(StrictModel):
     """Memory outside a step's live tensors that the estimate added (planning/memory.py)."""
 
-    alloc_fraction: float
-    workspace_gb: float
-    context_gb: float
+    alloc_fraction: float  # caching allocator's reserved/allocated gap (or CPU fragmentation)
+    workspace_gb: float  # cuDNN/cuBLAS workspace; 0 on CPU
+    context_gb: float  # CUDA context + handles, or the CPU process's baseline RSS
+
+    def total_gb(self, tensor_bytes: int) -> float:
+        """A step's memory: its live tensors' bytes plus these overheads."""
+        return tensor_bytes / 2**30 * (1 + self.alloc_fraction) + self.workspace_gb + self.context_gb
 
 
 class ClusterSource(StrictModel):

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.config import default_cluster, resolve_cluster
 from orchestrator.errors import ConfigError
+from orchestrator.plan_facts import ProbeRecord
 from orchestrator.planning import plan_file
 from orchestrator.planning.plan_file import PlanRequest, cpu_plan_notice, make_plan
-from orchestrator.planning.probe import Probe, slurm_answers
+from orchestrator.planning.probe import slurm_answers
 from orchestrator.training import devices, predict
 from orchestrator.training.step import estimation_step
 from orchestrator.training.trainer import run_stage
@@ -83,7 +84,7 @@ def test_the_default_profile_with_a_gpu_makes_plan_plan_for_it(
 
 def test_the_device_follows_the_flag_the_profile_and_the_user_config(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    no_gpu = Probe(host_available_gb=16.0)
+    no_gpu = ProbeRecord(host_available_gb=16.0)
 
     def choose(device: str = "auto", cluster: str | None = None) -> str:
         req = PlanRequest(curriculum=TINY_CURRICULUM, target_mem_gb=20.0, device=device)  # type: ignore[arg-type]

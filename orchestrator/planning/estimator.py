@@ -22,11 +22,11 @@ from torch import nn
 
 import models
 from orchestrator.config import StageSpec
+from orchestrator.plan_facts import OverheadsRecord
 from orchestrator.planning.calibration import entry_name
 from orchestrator.planning.memory import (
     ATLAS_SHAPE_VOX,
     FakeStep,
-    Overheads,
     StepFn,
 )
 
@@ -53,7 +53,7 @@ class Candidate:
 @dataclass
 class Budget:
     target_gb: float
-    overheads: Overheads
+    overheads: OverheadsRecord
     cuda_target: bool
     # calibration entry (stage, with or without checkpointing: `calibration.entry_name`)
     # -> (measured/predicted ratio from an earlier `plan --verify`, where from)

@@ -20,6 +20,7 @@ import torch
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import ConfigError
+from orchestrator.plan_facts import OverheadsRecord
 from orchestrator.planning.estimator import (
     Budget,
     Candidate,
@@ -29,7 +30,7 @@ from orchestrator.planning.estimator import (
     _shapes,
     build_stage_model,
 )
-from orchestrator.planning.memory import ATLAS_SHAPE_VOX, GIB, FakeStep, LivePeak, Overheads
+from orchestrator.planning.memory import ATLAS_SHAPE_VOX, GIB, FakeStep, LivePeak
 from orchestrator.planning.verify import plan_overheads
 
 TENSOR_PARTS = ("parameters", "gradients", "optimizer state", "input batch",
@@ -146,7 +147,7 @@ def explain_stage(plan: Plan, stage: str, step_factory: StepFactory) -> Breakdow
 
 
 def _validation_parts(sp: StagePlan, plan: Plan, est: StageEstimator, cand: Candidate,
-                      overheads: Overheads, ratio: float, train_gb: float) -> Breakdown:
+                      overheads: OverheadsRecord, ratio: float, train_gb: float) -> Breakdown:
     session = est.session(Candidate(cand.input_size_vox, cand.base_filters, False))
     params = sum(-(-p.untyped_storage().nbytes() // 512) * 512
                  for p in list(session.model.parameters()) + list(session.model.buffers()))
@@ -160,7 +161,7 @@ def _validation_parts(sp: StagePlan, plan: Plan, est: StageEstimator, cand: Cand
                            parts, overheads, ratio)
 
 
-def _with_overheads(b: Breakdown, parts: dict[str, int], o: Overheads, ratio: float) -> Breakdown:
+def _with_overheads(b: Breakdown, parts: dict[str, int], o: OverheadsRecord, ratio: float) -> Breakdown:
     tensors = sum(parts.values())
     b.parts_gb = {k: v / GIB for k, v in parts.items()}
     b.parts_gb["allocator gap"] = tensors / GIB * o.alloc_fraction

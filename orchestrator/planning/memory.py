@@ -9,7 +9,7 @@ CUDA autocast runs in fp32 are promoted, so the estimate sees CUDA's dtypes.
 
 What the tensor count cannot see (CUDA context, cuDNN workspace, the allocator's
 reserved-minus-allocated gap, the process's own baseline on CPU) is added by
-`Overheads`, each term configurable and reported; docs/benchmarks.md ("Planner")
+`plan_facts.OverheadsRecord`, each term configurable and reported; docs/benchmarks.md ("Planner")
 has what was measured.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
 import torch
@@ -32,24 +32,10 @@ from torch.utils._pytree import tree_map, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from orchestrator.errors import PlanError
+from orchestrator.plan_facts import OverheadsRecord
 
 GIB = 1024**3
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class Overheads:
-    """Memory outside the step's live tensors, added to the estimate."""
-
-    alloc_fraction: float  # caching allocator's reserved/allocated gap (or CPU fragmentation)
-    workspace_gb: float  # cuDNN/cuBLAS workspace; 0 on CPU
-    context_gb: float  # CUDA context + handles, or the CPU process's baseline RSS
-
-    def total_gb(self, tensor_bytes: int) -> float:
-        return tensor_bytes / GIB * (1 + self.alloc_fraction) + self.workspace_gb + self.context_gb
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 # Validation: sliding-window inference over whole volumes (training/validation.py uses
@@ -73,8 +59,8 @@ ATLAS_SHAPE_VOX = (197, 233, 189)
 # `plan --verify` measures each stage and stores measured/predicted, which later plans on
 # the same hardware apply (planning/calibration.py).
 DEFAULT_OVERHEADS = {
-    "cuda": Overheads(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
-    "cpu": Overheads(alloc_fraction=0.22, workspace_gb=0.0, context_gb=0.45),
+    "cuda": OverheadsRecord(alloc_fraction=0.10, workspace_gb=0.5, context_gb=0.6),
+    "cpu": OverheadsRecord(alloc_fraction=0.22, workspace_gb=0.0, context_gb=0.45),
 }
 
 

@@ -28,7 +28,6 @@ from orchestrator.plan_facts import (
     CalibrationWrite,
     ClusterSource,
     DatasetRecord,
-    OverheadsRecord,
     PlanAssumptions,
     ProbeRecord,
 )
@@ -36,7 +35,7 @@ from orchestrator.planning import calibration as cal
 from orchestrator.planning.estimator import Budget, StepFactory
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
 from orchestrator.planning.pool import plan_curriculum
-from orchestrator.planning.probe import Probe, host_budget_gb, probe, slurm_answers
+from orchestrator.planning.probe import host_budget_gb, probe, slurm_answers
 from orchestrator.planning.schedule import (
     DatasetSize,
     batch_cap,
@@ -86,7 +85,7 @@ class DeviceChoice:
     device_source: str  # why this device
 
 
-def choose_budget(req: PlanRequest, p: Probe, cluster: ClusterProfile) -> DeviceChoice:
+def choose_budget(req: PlanRequest, p: ProbeRecord, cluster: ClusterProfile) -> DeviceChoice:
     """The device planned for and its budget, each with where it came from.
 
     `--device auto`: a GPU here; else the cluster profile's GPU when it has one (planning
@@ -162,7 +161,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         notice(said)  # before the stages are planned: the command's first line
     overheads = DEFAULT_OVERHEADS[device]
     cal_path = cal.calibration_path() if req.calibrate else None
-    hardware = cal.hardware_key(device, p.as_dict())
+    hardware = cal.hardware_key(device, p.model_dump())
     ratios = cal.load_ratios(cal_path, hardware, [s for s, _ in stages])
     budget = Budget(budget_gb, overheads, cuda_target=device == "cuda", calibration=ratios)
     if ds is not None and ds.largest_shape_vox:  # validation slides over the largest volume
@@ -179,7 +178,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     assumptions = PlanAssumptions(
         budget_source=source, device_source=choice.device_source,
         val_volume_vox=tuple(budget.val_volume_vox),
-        overheads=OverheadsRecord(**overheads.as_dict()),
+        overheads=overheads,
         cluster=ClusterSource(file=_shown_path(cluster_path), chosen_by=cluster_source,
                               set=sorted(cluster.model_fields_set)),
         estimate="peak live tensors of a real training step (optimizer state present) on fake "
@@ -197,7 +196,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     return Plan(run=name, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device=device,
                 budget_gb=budget_gb, data_dir=str(Path(req.data_dir).resolve()) if req.data_dir else None,
                 runs_dir=str(Path(req.runs_dir).resolve()), curriculum=str(Path(req.curriculum).resolve()),
-                cluster=cluster, probe=ProbeRecord.model_validate(p.as_dict()), assumptions=assumptions,
+                cluster=cluster, probe=p, assumptions=assumptions,
                 handoff_noise_std=cur.handoff_noise_std, stages=planned)
 
 

@@ -9,38 +9,16 @@ import logging
 import os
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import psutil
+
+from orchestrator.plan_facts import GpuRecord, ProbeRecord
 
 logger = logging.getLogger(__name__)
 GIB = 1024**3
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    total_gb: float
-    free_gb: float
-    bf16: bool  # compute capability >= 8.0
-
-
-@dataclass(frozen=True)
-class Probe:
-    gpus: list[GpuInfo] = field(default_factory=list)
-    host_total_gb: float = 0.0
-    host_available_gb: float = 0.0
-    cpus: int = 1
-    slurm: dict[str, str] = field(default_factory=dict)
-    gpu_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _probe_gpus() -> tuple[list[GpuInfo], str | None]:
+def _probe_gpus() -> tuple[list[GpuRecord], str | None]:
     try:
         import pynvml  # deferred: optional (nvidia-ml-py), only where a GPU is asked about
     except ImportError as err:  # nvidia-ml-py is a dependency; say so if it is missing
@@ -56,8 +34,8 @@ def _probe_gpus() -> tuple[list[GpuInfo], str | None]:
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
             major, _minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else name,
-                                mem.total / GIB, mem.free / GIB, major >= 8))
+            gpus.append(GpuRecord(index=i, name=name.decode() if isinstance(name, bytes) else name,
+                                  total_gb=mem.total / GIB, free_gb=mem.free / GIB, bf16=major >= 8))
         return gpus, None
     finally:
         pynvml.nvmlShutdown()
@@ -80,16 +58,17 @@ def slurm_answers(timeout_s: float = 5.0) -> bool:
     return res.returncode == 0
 
 
-def probe() -> Probe:
+def probe() -> ProbeRecord:
     """Probe GPUs, host memory and CPUs, and the SLURM allocation this process runs in."""
     gpus, err = _probe_gpus()
     vm = psutil.virtual_memory()
     slurm = _slurm_env()
     cpus = int(slurm.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
-    return Probe(gpus, vm.total / GIB, vm.available / GIB, cpus, slurm, err)
+    return ProbeRecord(gpus=gpus, host_total_gb=vm.total / GIB, host_available_gb=vm.available / GIB,
+                       cpus=cpus, slurm=slurm, gpu_error=err)
 
 
-def host_budget_gb(p: Probe) -> float:
+def host_budget_gb(p: ProbeRecord) -> float:
     """RAM this process may use: the SLURM allocation if there is one, else available RAM."""
     mem_mb = p.slurm.get("SLURM_MEM_PER_NODE")
     if mem_mb:

@@ -35,7 +35,8 @@ import torch
 
 from orchestrator.config import Plan, StagePlan
 from orchestrator.errors import PlanError
-from orchestrator.planning.memory import DEFAULT_OVERHEADS, LivePeak, Overheads
+from orchestrator.plan_facts import OverheadsRecord
+from orchestrator.planning.memory import DEFAULT_OVERHEADS, LivePeak
 from orchestrator.planning.nvml import process_used_gb
 
 logger = logging.getLogger(__name__)
@@ -107,13 +108,10 @@ def measure(run: Callable[[], None], device_type: str) -> dict[str, Any]:
     return out
 
 
-def plan_overheads(plan: Plan) -> Overheads:
+def plan_overheads(plan: Plan) -> OverheadsRecord:
     """The overheads the plan's estimate added; the device's defaults for a plan that
     records none (one made by hand, as the tests' and benches' are)."""
-    o = plan.assumptions.overheads
-    if o is None:
-        return DEFAULT_OVERHEADS[plan.device]
-    return Overheads(o.alloc_fraction, o.workspace_gb, o.context_gb)
+    return plan.assumptions.overheads or DEFAULT_OVERHEADS[plan.device]
 
 
 def predicted_tensor_gb(plan: Plan, sp: StagePlan) -> float:
