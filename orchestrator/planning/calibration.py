@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from orchestrator.atomic import atomic_write_text
-from orchestrator.config import StageSpec
+from orchestrator.config import ProbeRecord, StageSpec
 from orchestrator.errors import ConfigError
 
 ENV_VAR = "ORCHESTRATOR_CALIBRATION"
@@ -55,12 +55,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware_key(device: str, probe: dict[str, Any]) -> str | None:
+def hardware_key(device: str, probe: ProbeRecord) -> str | None:
     """`device|model|torch version`; None for a GPU plan on a machine without the GPU."""
     if device == "cuda":
-        if not probe.get("gpus"):
+        if not probe.gpus:
             return None
-        model = probe["gpus"][0]["name"]
+        model = probe.gpus[0].name
     else:
         model = cpu_model()
     return f"{device}|{model}|torch {torch.__version__}"

@@ -161,7 +161,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
         notice(said)  # before the stages are planned: the command's first line
     overheads = DEFAULT_OVERHEADS[device]
     cal_path = cal.calibration_path() if req.calibrate else None
-    hardware = cal.hardware_key(device, p.model_dump())
+    hardware = cal.hardware_key(device, p)
     ratios = cal.load_ratios(cal_path, hardware, [s for s, _ in stages])
     budget = Budget(budget_gb, overheads, cuda_target=device == "cuda", calibration=ratios)
     if ds is not None and ds.largest_shape_vox:  # validation slides over the largest volume
