@@ -21,7 +21,8 @@ class GpuRecord(StrictModel):
     name: str
     total_gb: float
     free_gb: float
-    bf16: bool = Field(description="Compute capability >= 8.0.")
+    bf16: bool | None = Field(default=None, description="Compute capability >= 8.0; None in a "
+                              "plan written before the probe recorded it.")
 
 
 class ProbeRecord(StrictModel):

@@ -44,6 +44,16 @@ def test_an_old_plan_yaml_loads_typed_and_writes_back_the_same(tmp_path: Path) -
     assert again["probe"] == OLD_PROBE and again["assumptions"] == OLD_ASSUMPTIONS
 
 
+def test_a_plan_whose_probe_did_not_record_bf16_still_loads(tmp_path: Path) -> None:
+    plan, _ = quick_tiny_plan(tmp_path / "runs", tmp_path)
+    data = yaml.safe_load(plan_to_yaml(plan))
+    data.update(probe={**OLD_PROBE, "gpus": [{"name": "Tesla V100", "total_gb": 32.0,
+                                              "free_gb": 31.0}]})
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_plan(path).probe.gpus[0].bf16 is None
+
+
 def test_a_hand_made_plan_needs_no_probe_or_assumptions(tmp_path: Path) -> None:
     plan, _ = quick_tiny_plan(tmp_path / "runs", tmp_path)
     assert plan.probe.gpus_text() == "none (None)" and plan.assumptions.overheads is None

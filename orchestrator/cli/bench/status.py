@@ -55,7 +55,8 @@ def _plan_yaml(run: str, runs_dir: Path) -> str:
                          reasons=[f"fits {20} GB at batch {spec.batch_size}",
                                   "gradient checkpointing: activations exceed the budget"])
                for i, (spec, init) in enumerate(stages)]
-    probe = {"gpus": [{"name": "NVIDIA A100-SXM4-40GB", "total_gb": 40.0, "free_gb": 39.4}],
+    probe = {"gpus": [{"name": "NVIDIA A100-SXM4-40GB", "total_gb": 40.0, "free_gb": 39.4,
+                          "bf16": True}],
              "gpu_error": None, "host_total_gb": 512.0, "host_available_gb": 480.0, "cpus": 64,
              "slurm": {"job_id": "123456", "partition": "gpu"}}
     plan = Plan(run=run, created="2026-11-22T10:00:00+0000", device="cuda", budget_gb=20.0,
