@@ -14,13 +14,25 @@ from conftest import REPO
 from orchestrator.cli.bench.curriculum import ARMS, EVAL_FRACTIONS
 
 
-@pytest.mark.timeout(900)  # about a minute on 2 idle cores; 10 when four agents share them
-def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
+def _quick(tmp_path: Path, *flags: str) -> dict:
     res = subprocess.run([sys.executable, "-m", "orchestrator", "bench", "curriculum", "--quick",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          "--json", *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert res.returncode == 0, res.stderr[-2000:]
-    doc = json.loads(res.stdout)
+    return json.loads(res.stdout)
+
+
+@pytest.mark.timeout(900)  # about 30 s on 2 idle cores; minutes when four agents share them
+def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
+    doc = _quick(tmp_path, "--jobs", "2", "--threads", "1")
+    # the arms in two processes give what they give one after the other in one
+    alone = _quick(tmp_path, "--jobs", "1", "--threads", "1")
+    assert doc["machine"]["jobs"] == 2 and alone["machine"]["jobs"] == 1
+    for name in ARMS:
+        for key in ("curve", "handoffs", "phases"):
+            got = [{k: v for k, v in p.items() if k != "train_cpu_s"} for p in doc["arms"][name][key]]
+            want = [{k: v for k, v in p.items() if k != "train_cpu_s"} for p in alone["arms"][name][key]]
+            assert got == want, (name, key)
     assert doc["bench"] == "curriculum" and doc["quick"] is True
     assert doc["data"]["test_subjects"] >= 1 and doc["data"]["train_subjects"] >= 1
     assert set(doc["arms"]) == set(ARMS)

@@ -37,6 +37,7 @@ from orchestrator.planning.planner import (
     plan_or_shortfall,
     shortfall_message,
 )
+from orchestrator.planning.probe import usable_cpus
 from orchestrator.planning.schedule_floors import FloorSchedule, Job
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,7 @@ def default_workers(n_stages: int) -> int:
     env = os.environ.get(ENV_WORKERS, "").strip()
     if env.isdigit() and int(env) > 0:
         return min(int(env), n_stages)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, n_stages, MAX_WORKERS))
+    return max(1, min(usable_cpus(), n_stages, MAX_WORKERS))
 
 
 def _context() -> mp.context.BaseContext:

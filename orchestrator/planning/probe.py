@@ -58,12 +58,20 @@ def slurm_answers(timeout_s: float = 5.0) -> bool:
     return res.returncode == 0
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: SLURM's, taskset's), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def probe() -> ProbeRecord:
     """Probe GPUs, host memory and CPUs, and the SLURM allocation this process runs in."""
     gpus, err = _probe_gpus()
     vm = psutil.virtual_memory()
     slurm = _slurm_env()
-    cpus = int(slurm.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
+    cpus = int(slurm.get("SLURM_CPUS_PER_TASK", 0)) or usable_cpus()
     return ProbeRecord(gpus=gpus, host_total_gb=vm.total / GIB, host_available_gb=vm.available / GIB,
                        cpus=cpus, slurm=slurm, gpu_error=err)
 

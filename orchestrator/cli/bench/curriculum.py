@@ -17,13 +17,22 @@ comparable between arms, and voxel-steps ignore that stage 4's model costs more 
 than stage 1's; FLOPs count both the patch and the model. Process CPU seconds are
 reported too, for reference. Validation is not part of the budget: each arm is tested at
 the same budget fractions (`EVAL_FRACTIONS`) on the held-out subjects.
+
+The arms are independent (each seeds its own phases), so they run in `jobs` worker
+processes at once, one torch thread each by default: on 2 cores the progressive arm
+takes one and the two scratch arms the other, and the results equal a run one arm
+after the other (`tests/test_bench_curriculum.py` checks that).
 """
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +46,7 @@ from orchestrator.data.dataset import PatchDataset
 from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
 from orchestrator.data.sources import discover_subjects
 from orchestrator.data.synth import synthesize_atlas
+from orchestrator.planning.probe import usable_cpus
 from orchestrator.training.handoff import transfer_weights
 from orchestrator.training.lr_schedule import lr_factor
 from orchestrator.training.step import TrainStep, sdm_placeholder
@@ -55,17 +65,22 @@ ARMS = ("progressive", "scratch", "scratch_growing_patch")
 
 def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: int = 0,
                      anatomy: str = "auto", progress: Callable[[str], None] | None = None,
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, jobs: int | None = None) -> dict:
     """Train the three arms and test them; returns the JSON document (see the module doc).
 
     Args:
         quick: a tiny version (phantoms of 48^3, a few steps): for the test of the command.
         work_dir: where the data go (default: a temporary folder).
         anatomy: auto (MNI152 where the template can be had, else phantoms), mni152, phantom.
-        threads: torch's CPU threads (None: leave torch's setting).
+        threads: torch's CPU threads in each arm's process (None: the usable CPUs shared
+            among the jobs, at least 1).
+        jobs: arms trained at once, each in its own process (None: as many as there are
+            usable CPUs, at most 3; 1: one after the other in this process).
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
+    cpus = usable_cpus()
+    jobs = jobs or max(1, min(len(ARMS), cpus))
+    threads = threads or max(1, cpus // jobs)
+    torch.set_num_threads(threads)
     size: dict[str, Any] = QUICK if quick else FULL
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="bench-curriculum-") as tmp:
@@ -84,11 +99,11 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
         # stage 4's rate is a rate for continuing a handed-off model; from scratch it trains
         # at the curriculum's from-scratch rate, stage 1's
         scratch_specs = [*specs[:last], specs[last].model_copy(update={"lr": specs[0].lr})]
-        arms = {}
+        work = {name: (plans[name], specs if name == "progressive" else scratch_specs, flops,
+                       budget, train, test, seed) for name in ARMS}
+        arms = _run_arms(work, jobs, threads, say)
         for name in ARMS:
-            say(f"{name}: {len(plans[name])} phase(s)")
-            arm_specs = specs if name == "progressive" else scratch_specs
-            arms[name] = _run_arm(plans[name], arm_specs, flops, budget, train, test, seed, say)
+            arm_specs = work[name][1]
             arms[name]["lr"] = [arm_specs[i].lr for i in sorted({i for i, _, _ in plans[name]})]
     for name, arm in arms.items():
         arm["reached_others_final_at"] = {
@@ -97,12 +112,58 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
         arm["reached_others_final_at_train_cpu_s"] = {
             other: _first_reach(arm["curve"], arms[other]["test_dice"], "train_cpu_s")
             for other in arms if other != name}
-    machine = {**machine_info(torch.__version__), "torch_threads": torch.get_num_threads(),
+    machine = {**machine_info(torch.__version__), "torch_threads": threads, "jobs": jobs,
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     return {"bench": "curriculum", "quick": quick, "machine": machine,
             "data": what, "budget_unit": "GFLOP of training steps (torch.utils.flop_counter)",
             "budget_gflop": round(budget / 1e9, 3), "eval_fractions": list(EVAL_FRACTIONS),
             "arms": arms}
+
+
+def _run_arms(work: dict[str, tuple], jobs: int, threads: int,
+              say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Each arm's record; `jobs` > 1 trains them in that many spawned processes (forking
+    after torch has run its thread pool can hang the child), their progress lines relayed
+    here as they come."""
+    if jobs == 1:
+        out = {}
+        for name, args in work.items():
+            say(f"{name}: {len(args[0])} phase(s)")
+            out[name] = _run_arm(*args, say=functools.partial(_prefixed, say, f"{name}: "))
+        return out
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        lines = manager.Queue()
+        # the longest arm first: with two workers it gets one to itself
+        pending: dict[Future, str] = {pool.submit(_arm_worker, name, args, threads, lines): name
+                                      for name, args in work.items()}
+        out = {}
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _relay(lines, say)
+            for future in done:
+                out[pending.pop(future)] = future.result()
+        _relay(lines, say)
+    return {name: out[name] for name in work}
+
+
+def _prefixed(say: Callable[[str], None], prefix: str, line: str) -> None:
+    say(prefix + line)
+
+
+def _relay(lines: Any, say: Callable[[str], None]) -> None:
+    while True:
+        try:
+            say(lines.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _arm_worker(name: str, args: tuple, threads: int, lines: Any) -> dict[str, Any]:
+    """One arm in a worker process (module level, so the spawned process can import it)."""
+    torch.set_num_threads(threads)
+    lines.put(f"{name}: {len(args[0])} phase(s), pid {os.getpid()}")
+    return _run_arm(*args, say=functools.partial(_prefixed, lines.put, f"{name}: "))
 
 
 def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
@@ -163,7 +224,7 @@ def _same_flops_per_patch(chain, flops, last: int):
     return phases
 
 
-def _run_arm(phases, specs, flops, budget: int, train, test, seed: int,
+def _run_arm(phases, specs, flops, budget: int, train, test, seed: int, *,
              say: Callable[[str], None]) -> dict[str, Any]:
     """Train the phases in order, testing at the budget fractions; returns the arm's record.
 

@@ -28,6 +28,7 @@ from orchestrator.data.dataset import PatchDataset
 from orchestrator.data.nifti import load_image
 from orchestrator.data.sources import discover_subjects
 from orchestrator.data.synth import REFERENCE_SHAPE_VOX, synthesize_atlas
+from orchestrator.planning.probe import usable_cpus
 
 CROP_SIZES_VOX = (96, 144)
 PATCH_SIZE_VOX = 96
@@ -93,11 +94,7 @@ def bench_data(
 
 def machine_info(torch_version: str) -> dict:
     """What the figures were measured on."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 0
-    return {"cpu_count": os.cpu_count(), "usable_cpus": usable, "platform": platform.platform(),
+    return {"cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch_version, "numpy": np.__version__,
             "h5py": h5py.__version__, "nibabel": nib.__version__}

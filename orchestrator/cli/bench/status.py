@@ -37,6 +37,7 @@ from orchestrator.config import (
     resolve_cluster,
 )
 from orchestrator.launch.sacct import SACCT_MIN_INTERVAL_S, rate_limited_sacct, sacct_states
+from orchestrator.planning.probe import usable_cpus
 from orchestrator.runs import state as run_state
 from orchestrator.runs.status import collect_status
 
@@ -175,9 +176,5 @@ def bench_status(n_runs: int = 50, repeats: int = 5, tmp_dir: Path | None = None
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 0
-    return {"cpu_count": os.cpu_count(), "usable_cpus": usable, "platform": platform.platform(),
+    return {"cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
             "python": platform.python_version(), "sacct": shutil.which("sacct")}
