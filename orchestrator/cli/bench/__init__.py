@@ -101,17 +101,17 @@ def bench_curriculum(json_out: Json = False,
                      = False,
                      threads: Annotated[int | None, typer.Option(
                          "--threads", min=1,
-                         help="torch's CPU threads (default: torch's choice). On a shared "
-                              "machine use 1: two threads that wait on other processes ran "
-                              "a step up to 20x slower.")] = None,
+                         help="torch's CPU threads per arm (default: the usable CPUs shared "
+                              "among the jobs, at least 1; threads that wait on other "
+                              "processes ran a step up to 20x slower).")] = None,
                      jobs: Annotated[int | None, typer.Option(
                          "--jobs", min=1,
                          help="Arms trained at once, each in its own process (default: the "
                               "usable CPUs, at most 3; 1: one after the other). The figures "
                               "do not depend on it; the wall time does.")] = None) -> None:
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
-    FLOPs, tested on held-out brain-anatomy subjects (17 CPU minutes; on 2 cores the arms
-    run two at a time, one thread each)."""
+    FLOPs, tested on held-out brain-anatomy subjects (10 CPU minutes: 6 min on 2 idle cores,
+    where the arms run two at a time, one thread each)."""
     # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
     from orchestrator.cli.bench.curriculum import summary_lines

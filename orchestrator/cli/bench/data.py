@@ -95,9 +95,20 @@ def bench_data(
 def machine_info(torch_version: str) -> dict:
     """What the figures were measured on."""
     return {"cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
             "python": platform.python_version(), "torch": torch_version, "numpy": np.__version__,
             "h5py": h5py.__version__, "nibabel": nib.__version__}
+
+
+def _cpu_model() -> str | None:
+    """The CPU's name (/proc/cpuinfo's "model name"; None elsewhere): figures from two
+    machines differ in speed and, through their kernels, in the last digits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _dataset_rates(nifti: list, cached: list, repeats: int) -> dict[str, float]:
