@@ -221,25 +221,22 @@ def _mlp() -> torch.nn.Module:  # 4M parameters, tiny activations: the optimizer
     return torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2))
 
 
+def _step_case(stage1, where: str, size: tuple[int, int, int], filters: int):  # noqa: ANN202
+    """(step, model builder, shapes by batch) of a U-Net whose forward/backward holds the
+    peak, or of an MLP whose optimizer step does."""
+    if where == "optimizer step":
+        return _mlp_step, _mlp, lambda bs: ((bs, 2048), (bs,))
+    return (estimation_step(stage1, amp=False),
+            lambda: build_stage_model(stage1, filters, False, size),
+            lambda bs: ((bs, 1, *size), (bs, *size)))
+
+
 @pytest.mark.parametrize("where", ["forward/backward", "optimizer step"])
 def test_a_kept_session_estimates_other_batches_as_a_fresh_one(stage1, where) -> None:
     """The batch search reuses one fake model and measures the optimizer step's rise once:
     later batches give the bytes a fresh model gives, whether forward/backward (a U-Net)
     or the optimizer step (many parameters, tiny activations) holds the peak."""
-    if where == "forward/backward":
-        size = (32, 32, 32)
-        step = estimation_step(stage1, amp=False)
-
-        def build() -> torch.nn.Module:
-            return build_stage_model(stage1, 4, False, size)
-
-        def shapes(bs: int) -> tuple[tuple, tuple]:
-            return (bs, 1, *size), (bs, *size)
-    else:
-        step, build = _mlp_step, _mlp
-
-        def shapes(bs: int) -> tuple[tuple, tuple]:
-            return (bs, 2048), (bs,)
+    step, build, shapes = _step_case(stage1, where, (32, 32, 32), 4)
     kept = FakeStep(build, cuda_target=True)
     for bs in (2, 3, 5):
         fresh = estimate_step_peak(build, *shapes(bs), step, cuda_target=True).tensor_bytes
@@ -249,6 +246,44 @@ def test_a_kept_session_estimates_other_batches_as_a_fresh_one(stage1, where) ->
     without = kept.peak(*shapes(5), step)
     assert (without < fresh) == (where == "optimizer step")
     kept.opt_rise = rise
+
+
+@pytest.mark.parametrize("where", ["forward/backward", "optimizer step"])
+def test_the_batch_bound_never_exceeds_the_step_it_stands_for(stage1, where) -> None:
+    """From one batch's step, `batch_free_bytes` bounds every larger batch's peak from
+    below, whether activations (a U-Net) or the optimizer step (many parameters, tiny
+    activations) hold the peak; on the U-Net, at one sample more, it is close enough to
+    say 'over'."""
+    # a 48^3 U-Net: activations above the batch-free slack
+    step, build, shapes = _step_case(stage1, where, (48, 48, 48), 8)
+    session = FakeStep(build, cuda_target=False)
+    at2 = session.peak(*shapes(2), step)
+    free = session.batch_free_bytes()
+    for bs in (3, 5):
+        low = at2 + max(0, at2 - free) * (bs - 2) / 2
+        exact = session.peak(*shapes(bs), step)
+        assert low <= exact, bs
+        if where == "forward/backward" and bs == 3:  # the one sample more the planner asks
+            assert low > 0.75 * exact
+
+
+def test_a_batch_over_by_the_bound_is_not_estimated(stage1) -> None:
+    """Where the bound from the minimum batch already puts one sample more over the
+    budget, the batch search stops there without estimating it, and says so."""
+    spec = stage1.model_copy(update={"input_size_vox": (48, 48, 48)})
+    cand = Candidate((48, 48, 48), 8, False)
+    est = StageEstimator(spec, _budget(100), estimation_step, 8)
+    at2 = est.gb(cand, 2)
+    low, src = est.train_gb_at_least(cand, 3)
+    assert src == 2 and at2 < low
+    assert est.train_gb_at_least(Candidate((48, 48, 48), 8, True), 3) is None  # not estimated
+    before = estimator.estimates_run()
+    target = (at2 + low) / 2
+    assert planner._grow_batch(est, cand, 2, 4, target) == (
+        2, f"batch 3 needs at least {low:.2f} GB (batch 2's step, its activations grown in "
+           "proportion)")
+    assert estimator.estimates_run() == before and not est.estimated(cand, 3)
+    assert est.gb(cand, 3) >= low  # and the bound was right to stop
 
 
 def test_tight_budget_turns_on_checkpointing_then_shrinks(stage1) -> None:

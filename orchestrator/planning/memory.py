@@ -64,6 +64,10 @@ DEFAULT_OVERHEADS = {
 }
 
 
+# batch-free bytes besides parameter-sized tensors, in `FakeStep.batch_free_bytes`
+BATCH_FREE_SLACK = 64 * 2**20
+
+
 class LivePeak(TorchDispatchMode):
     """Bytes of live storages created inside this mode, and their peak."""
 
@@ -288,6 +292,15 @@ class FakeStep:
             raise PlanError(f"memory estimate failed for input {tuple(x_shape)}: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
         return self.tracker.peak
+
+    def batch_free_bytes(self) -> int:
+        """An upper bound of the bytes live at any moment of a step that do not grow with
+        the batch: the parameters and optimizer state (`held`), gradients and any other
+        parameter-sized copy (at most `held` again), the optimizer step's rise, and
+        `BATCH_FREE_SLACK` for the rest (loss scalars, norms, attention tables). Known
+        once this session has estimated a step (the rise is measured then)."""
+        assert self.opt_rise is not None, "estimate a step first"
+        return 2 * self.held + self.opt_rise + BATCH_FREE_SLACK
 
     def eval_peak(self, roi_vox: tuple[int, ...], volume_vox: tuple[int, ...], in_channels: int,
                   amp_dtype: torch.dtype | None) -> int:

@@ -205,12 +205,18 @@ def _grow_batch(est: StageEstimator, cand: Candidate, min_bs: int, max_bs: int,
                 target: float) -> tuple[int, str]:
     """Largest batch in [min_bs, max_bs] that fits, and why it is not larger.
 
-    A step's peak is affine in the batch size: the line through two estimates gives the
-    batch; that batch is estimated exactly (stepping down while the line was short), and
-    one more sample is estimated too only where the line puts it within 1 % of the budget;
+    A step's peak is affine in the batch size. Where a lower bound from the minimum
+    batch's estimate already puts one sample more over the budget, that is the answer,
+    with no estimate run. Otherwise the line through two estimates gives the batch; that
+    batch is estimated exactly (stepping down while the line was short), and one more
+    sample is estimated too only where the line puts it within 1 % of the budget;
     otherwise the line's figure says why the batch is not larger."""
     if max_bs <= min_bs:
         return min_bs, f"the stage's batch range is {min_bs}..{max_bs}"
+    low = est.train_gb_at_least(cand, min_bs + 1)
+    if low is not None and low[0] > target:  # one estimate fewer on a tight budget
+        return min_bs, (f"batch {min_bs + 1} needs at least {low[0]:.2f} GB (batch {low[1]}'s "
+                        f"step, its activations grown in proportion)")
     g2 = est.gb(cand, min_bs + 1)
     if g2 > target:
         return min_bs, f"batch {min_bs + 1} needs {g2:.2f} GB"
