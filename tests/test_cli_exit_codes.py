@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cli_runner import invoke
 from conftest import REPO
+from typer.testing import CliRunner
 
 from orchestrator.cli import app
 
@@ -43,6 +44,19 @@ def test_every_command_goes_through_the_exit_code_mapping() -> None:
     assert len(commands) >= 20
     unmapped = [c.name for c in commands if getattr(c.callback, "__wrapped__", None) is None]
     assert unmapped == []
+
+
+def test_a_help_paragraph_flows_as_one_line_at_any_width() -> None:
+    """Rich help keeps a docstring's line breaks inside a paragraph; `Commands` reflows them,
+    so a wide terminal shows run-chain's second paragraph on one line, not cut at 88 columns."""
+    groups = [app, *(g.typer_instance for g in app.registered_groups if g.typer_instance)]
+    broken = [c.name for g in groups for c in g.registered_commands
+              if c.help is None or any("\n" in para for para in c.help.split("\n\n"))]
+    assert broken == []
+    res = CliRunner().invoke(app, ["run-chain", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert any(line.strip().startswith("Each stage is a job step") and "max_requeues)" in line
+               for line in res.stdout.splitlines()), res.stdout
 
 
 def test_the_command_line_loads_without_the_heavy_dependencies() -> None:

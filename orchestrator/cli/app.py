@@ -8,6 +8,7 @@ Exit codes: 0 done; 2 bad input or a plan that cannot fit (one line on stderr);
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import sys
@@ -42,14 +43,21 @@ def exit_codes(command: Command) -> Command:
     return cast(Command, run)
 
 
+def reflowed(doc: str) -> str:
+    """`doc` with each paragraph on one line (rich help keeps a paragraph's line breaks, and
+    wraps the lines again at the terminal's width)."""
+    return "\n\n".join(" ".join(para.split()) for para in inspect.cleandoc(doc).split("\n\n"))
+
+
 class Commands(typer.Typer):
-    """A Typer app whose every command goes through `exit_codes`."""
+    """A Typer app whose every command goes through `exit_codes`, its docstring reflowed."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Command], Command]:
-        register = super().command(*args, **kwargs)
-
         def decorator(command: Command) -> Command:
-            register(exit_codes(command))
+            options = dict(kwargs)
+            if options.get("help") is None and command.__doc__:
+                options["help"] = reflowed(command.__doc__)
+            super(Commands, self).command(*args, **options)(exit_codes(command))
             return command
 
         return decorator

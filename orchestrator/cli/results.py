@@ -78,8 +78,11 @@ def predict(input_path: Annotated[Path, typer.Option("--input", help="A T1w .nii
 @app.command()
 def report(run: RunArg, runs_dir: RunsDir = Path("runs"),
            device: OnDevice = "auto", json_out: Json = False) -> None:
-    """Write runs/RUN/report.png: Dice and loss across stages with the hand-offs, memory
-    plan vs measured, the run's model on a validation slice."""
+    """Write runs/RUN/report.png: Dice and loss by epoch, memory, the run's model on a slice.
+
+    The picture: validation Dice and training loss across all stages with the hand-offs
+    marked; predicted vs measured peak memory per stage; the run's model against the truth
+    on a validation slice."""
     from orchestrator.training.run_report import write_report  # deferred: torch (CLI start-up)
 
     rep = write_report(run_plan_path(runs_dir, run).parent, device)

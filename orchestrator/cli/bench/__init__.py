@@ -51,29 +51,7 @@ def bench_plan(json_out: Json = False) -> None:
     _bench(run, "the planner at 8 budgets (about 3 minutes)", json_out)
 
 
-# `bench gpu --help`: one paragraph a section (rich help keeps a paragraph's line breaks,
-# so each is one string here).
-_GPU_HELP = "\n\n".join([
-    "GPU acceptance bench (sized for at most 8 minutes on one H200), progress on stderr.",
-    "1 plan: every stage of stages/progressive.yaml at 20 GB and at the GPU's own size, with "
-    "plan seconds.",
-    "2 verify: each stage of the 20 GB plan for 3 real steps in a fresh process, measured "
-    "(max_memory_reserved + context, and NVML's used memory of the process) against predicted.",
-    "3 step: steady TrainStep time of each stage at its planned size with bf16; samples/s, "
-    "voxels/s.",
-    "4 fp16: stage 1 with fp16 autocast and a GradScaler through the trainer: finite losses, "
-    "the scale.",
-    "5 oom: stage 1 under half the memory its planned step needs: the out-of-memory error in "
-    "the first steps falls back (state.json memory_fallback) and the steps complete (CUDA only).",
-    "6 loader: one short epoch of stage 1 at 96^3 on ATLAS-size subjects from the HDF5 cache: "
-    "loader samples/s against what the GPU consumes (batch / the trainer's step on a loaded "
-    "batch), with the workers used.",
-    "A failed section is recorded and the rest runs; the exit code is then 1. On a node "
-    'without network access: docs/benchmarks.md, "GPU acceptance bench".',
-])
-
-
-@bench_app.command("gpu", help=_GPU_HELP)
+@bench_app.command("gpu")
 def bench_gpu(json_out: Json = False,
               device: Annotated[str, typer.Option(
                   "--device", help="auto | cuda | cpu (a CPU runs the quick sizes).")] = "auto",
@@ -83,7 +61,32 @@ def bench_gpu(json_out: Json = False,
               quick: Annotated[bool, typer.Option(
                   "--quick", help="Tiny sizes (16^3 patches, 2 steps): a smoke test in a minute.")]
               = False) -> None:
-    """GPU acceptance bench: what it measures is in its --help (`_GPU_HELP`)."""
+    """GPU acceptance bench (sized for at most 8 minutes on one H200), progress on stderr.
+
+    1 plan: every stage of stages/progressive.yaml at 20 GB and at the GPU's own size,
+    with plan seconds.
+
+    2 verify: each stage of the 20 GB plan for 3 real steps in a fresh process, measured
+    (max_memory_reserved + context, and NVML's used memory of the process) against
+    predicted.
+
+    3 step: steady TrainStep time of each stage at its planned size with bf16; samples/s,
+    voxels/s.
+
+    4 fp16: stage 1 with fp16 autocast and a GradScaler through the trainer: finite losses,
+    the scale.
+
+    5 oom: stage 1 under half the memory its planned step needs: the out-of-memory error in
+    the first steps falls back (state.json memory_fallback) and the steps complete (CUDA
+    only).
+
+    6 loader: one short epoch of stage 1 at 96^3 on ATLAS-size subjects from the HDF5
+    cache: loader samples/s against what the GPU consumes (batch / the trainer's step on a
+    loaded batch), with the workers used.
+
+    A failed section is recorded and the rest runs; the exit code is then 1. On a node
+    without network access: docs/benchmarks.md, "GPU acceptance bench".
+    """
     # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.gpu import bench_gpu as run
     from orchestrator.cli.bench.gpu import failed, section_lines
