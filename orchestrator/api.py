@@ -17,16 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
-from orchestrator.config import DEFAULT_CURRICULUM, Plan, load_plan
+from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, ExecutorName, Plan, load_plan
 from orchestrator.errors import ConfigError
 from orchestrator.launch.sacct import rate_limited_sacct
 from orchestrator.planning.floors import check_fresh_starts
 from orchestrator.runs.status import collect_status
-
-DeviceName = Literal["auto", "cuda", "cpu"]
-ExecutorName = Literal["slurm", "local", "debug"]
 
 
 class StageRow(TypedDict, total=False):

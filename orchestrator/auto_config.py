@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.api import plan
-from orchestrator.config import DEFAULT_CURRICULUM, Plan, StagePlan
+from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, Plan, StagePlan
 from orchestrator.data.records import SubjectRecord
 from orchestrator.errors import ConfigError
 from orchestrator.planning.schedule import DatasetSize
@@ -58,7 +58,7 @@ class AutoConfig:
     """A memory budget and a device, ready to plan the curriculum for a dataset size."""
 
     target_memory_gb: float | None = 20.0
-    device: str = "cuda"
+    device: DeviceName = "cuda"
     curriculum: Path = DEFAULT_CURRICULUM
     cluster: str | None = None
     last_plan: Plan | None = None
@@ -68,7 +68,7 @@ class AutoConfig:
         """The planner's `Plan` for `dataset_size` subjects of `subject_shape_vox` voxels
         (None: no dataset, as `plan` without --data)."""
         ds = atlas_like_dataset(dataset_size, subject_shape_vox) if dataset_size is not None else None
-        self.last_plan = plan(self.target_memory_gb, device=self.device,  # type: ignore[arg-type]
+        self.last_plan = plan(self.target_memory_gb, device=self.device,
                               curriculum=self.curriculum, cluster=self.cluster, write=False,
                               dataset=ds, run="auto-config")
         return self.last_plan
@@ -97,7 +97,7 @@ class AutoConfig:
                 "stages": {s.name: stage_choices(s) for s in p.stages}}
 
 
-def create_auto_config(target_memory_gb: float | None = 20.0, device: str = "cuda",
+def create_auto_config(target_memory_gb: float | None = 20.0, device: DeviceName = "cuda",
                        curriculum: str | Path = DEFAULT_CURRICULUM,
                        cluster: str | None = None) -> AutoConfig:
     """The guide's factory: an `AutoConfig` for this budget (GB per stage) and device.

@@ -17,6 +17,9 @@ from orchestrator.errors import ConfigError
 
 CLUSTERS_DIR = REPO_ROOT / "envs" / "clusters"
 
+# Where jobs run: SLURM through submitit, processes on this machine, or in this process.
+ExecutorName = Literal["slurm", "local", "debug"]
+
 
 class StageResources(StrictModel):
     """One stage's own job resources in a cluster profile (`stages: {NAME: {...}}`); what it
@@ -39,7 +42,7 @@ class ClusterProfile(StrictModel):
     """Where and how jobs run (envs/clusters/*.yaml)."""
 
     name: str = Field(description="The profile's name (shown by plan and status).")
-    executor: Literal["slurm", "local", "debug"] = Field("slurm", description=(
+    executor: ExecutorName = Field("slurm", description=(
         "slurm: sbatch through submitit; local: processes on this machine; debug: in-process."))
     partition: str | None = Field(None, description="sbatch --partition; None: the site's default.")
     account: str | None = Field(None, description="sbatch --account (many sites require one).")

@@ -22,6 +22,7 @@ from orchestrator.cluster_config import (
     ENV_CLUSTER,
     ENV_USER_CONFIG,
     ClusterProfile,
+    ExecutorName,
     StageResources,
     UserConfig,
     default_cluster,
@@ -36,6 +37,7 @@ from orchestrator.plan_facts import PlanAssumptions, ProbeRecord
 
 __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTER",
            "ENV_USER_CONFIG", "REPO_ROOT", "ClusterProfile", "Curriculum", "CurriculumEntry",
+           "DeviceName", "ExecutorName",
            "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
            "ProbeRecord", "ResUNetOptions", "StagePlan",
            "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
@@ -43,6 +45,9 @@ __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTE
            "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
 
 DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
+
+# What --device takes: auto is the GPU where there is one (training/devices.py).
+DeviceName = Literal["auto", "cuda", "cpu"]
 
 
 class PlannerLimits(StrictModel):

@@ -66,3 +66,23 @@ def test_the_command_line_loads_without_the_heavy_dependencies() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          timeout=120, check=True)
     assert res.stdout.strip() == ""
+
+
+def test_resume_uses_the_executor_the_run_was_submitted_with(tmp_path: Path) -> None:
+    from orchestrator.cli.jobs import _submitted_with
+    from orchestrator.runs.state import update_run
+
+    assert _submitted_with(tmp_path) == "slurm"  # no state.json: as submitted by default
+    for kind in ("local", "debug", "slurm"):
+        update_run(tmp_path, executor=kind)
+        assert _submitted_with(tmp_path) == kind
+    update_run(tmp_path, executor="pbs")  # a hand-edited state: the default, not a crash later
+    assert _submitted_with(tmp_path) == "slurm"
+
+
+def test_a_value_outside_a_choice_is_one_line_exit_2() -> None:
+    for args in (["submit", "--executor", "pbs"], ["plan", "--device", "gpu"],
+                 ["data", "synth", "--out", "x", "--anatomy", "brain"]):
+        res = invoke(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert f"'{args[-1]}' is not one of" in res.output, res.output

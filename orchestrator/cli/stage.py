@@ -8,15 +8,14 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli.app import app, err, out
+from orchestrator.cli.options import OnDevice
 from orchestrator.training.interrupt import EXIT_INTERRUPTED
 
 
 @app.command("run-stage")
 def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
               stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")],
-              device: Annotated[str, typer.Option(
-                  "--device", help="auto | cuda | cpu. auto: the GPU where there is one.")] = "auto"
-              ) -> None:
+              device: OnDevice = "auto") -> None:
     """Run one stage in this process (what a job executes; also for debugging).
 
     On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits

@@ -19,13 +19,13 @@ from typing import Any
 import submitit
 
 from orchestrator.atomic import atomic_write_text
-from orchestrator.config import Plan, load_plan, plan_to_yaml
+from orchestrator.config import ExecutorName, Plan, load_plan, plan_to_yaml
 from orchestrator.data.folds import folds_document, make_folds
 from orchestrator.data.sources import discover_subjects
 from orchestrator.errors import ConfigError, SubmissionError
 from orchestrator.launch.job import StageJob
 from orchestrator.launch.snapshot import snapshot_code
-from orchestrator.launch.submit import ExecutorKind, Submitted, job_parameters, logs_dir, submit_plan
+from orchestrator.launch.submit import Submitted, job_parameters, logs_dir, submit_plan
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def fold_plans(plan: Plan, k: int) -> tuple[dict[str, Any], list[Plan]]:
     return doc, plans
 
 
-def submit_folds(plan: Plan, plan_path: Path, kind: ExecutorKind, k: int, *,
+def submit_folds(plan: Plan, plan_path: Path, kind: ExecutorName, k: int, *,
                  include_lcnn: bool = True, only: list[str] | None = None,
                  dry_run: bool = False) -> tuple[dict[str, Any], list[Submitted]]:
     """Submit K-fold cross-validation of the plan's stages.
@@ -89,7 +89,7 @@ def submit_folds(plan: Plan, plan_path: Path, kind: ExecutorKind, k: int, *,
     return doc, _submit_arrays(plan, plans, paths, kind, include_lcnn, only, dry_run)
 
 
-def _submit_arrays(plan: Plan, plans: list[Plan], paths: list[Path], kind: ExecutorKind,
+def _submit_arrays(plan: Plan, plans: list[Plan], paths: list[Path], kind: ExecutorName,
                    include_lcnn: bool, only: list[str] | None, dry_run: bool) -> list[Submitted]:
     stages = [s for s in plan.stages if (include_lcnn or s.kind != "lcnn")
               and (only is None or s.name in only)]
@@ -130,7 +130,7 @@ def _submit_arrays(plan: Plan, plans: list[Plan], paths: list[Path], kind: Execu
     return rows
 
 
-def resume_folds(plan: Plan, kind: ExecutorKind, todo: list[str]) -> list[Submitted]:
+def resume_folds(plan: Plan, kind: ExecutorName, todo: list[str]) -> list[Submitted]:
     """Resubmit the unfinished stages of a cross-validation run, fold by fold.
 
     Args:

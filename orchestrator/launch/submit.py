@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import submitit
 
-from orchestrator.config import Plan, StagePlan
+from orchestrator.config import ExecutorName, Plan, StagePlan
 from orchestrator.errors import SubmissionError
 from orchestrator.launch.job import StageJob
 from orchestrator.launch.sacct import scancel
@@ -24,7 +24,6 @@ from orchestrator.planning.resources import stage_resources
 from orchestrator.runs import state as run_state
 
 logger = logging.getLogger(__name__)
-ExecutorKind = Literal["slurm", "local", "debug"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def logs_dir(plan: Plan) -> Path:
     return Path(plan.runs_dir).resolve().parent / "logs" / plan.run
 
 
-def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorKind,
+def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorName,
                    depends_on: str | None) -> dict[str, Any]:
     """submitit parameters of one stage's job, from the cluster profile."""
     c = plan.cluster
@@ -72,7 +71,7 @@ def job_parameters(plan: Plan, sp: StagePlan, kind: ExecutorKind,
     return params
 
 
-def _executor(plan: Plan, kind: ExecutorKind) -> submitit.AutoExecutor:
+def _executor(plan: Plan, kind: ExecutorName) -> submitit.AutoExecutor:
     folder = logs_dir(plan) / "%j"
     return submitit.AutoExecutor(folder=folder, cluster=kind,
                                  slurm_max_num_timeout=plan.cluster.max_requeues)
@@ -85,7 +84,7 @@ def _stages(plan: Plan, include_lcnn: bool, only: list[str] | None) -> list[Stag
     return out
 
 
-def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorKind, *, include_lcnn: bool = True,
+def submit_plan(plan: Plan, plan_path: Path, kind: ExecutorName, *, include_lcnn: bool = True,
                 only: list[str] | None = None, dry_run: bool = False,
                 poll: Callable[[], None] | None = None, resubmit: bool = False) -> list[Submitted]:
     """Submit the plan's stages (all, or `only` those named) and record them in state.json.

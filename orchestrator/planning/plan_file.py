@@ -13,6 +13,7 @@ from orchestrator.config import (
     ENV_CLUSTER,
     REPO_ROOT,
     ClusterProfile,
+    DeviceName,
     Plan,
     StagePlan,
     default_cluster,
@@ -55,7 +56,7 @@ GPU_SHARE = 0.95  # of the smallest GPU's free memory, without --target-mem
 class PlanRequest:
     curriculum: Path
     target_mem_gb: float | None = None
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: DeviceName = "auto"
     cluster: str | None = None
     data_dir: Path | None = None
     run: str | None = None

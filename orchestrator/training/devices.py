@@ -5,14 +5,14 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 
+from orchestrator.config import DeviceName
 from orchestrator.errors import ConfigError
 
-DeviceName = Literal["auto", "cuda", "cpu"]
-DEVICE_NAMES = ("auto", "cuda", "cpu")
+DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

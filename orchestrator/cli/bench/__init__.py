@@ -15,6 +15,7 @@ from orchestrator.cli import render
 from orchestrator.cli.app import bench_app, emit_json, err, out
 from orchestrator.cli.bench import status as status_bench
 from orchestrator.cli.options import Json, OnDevice
+from orchestrator.config import DeviceName
 
 
 def _bench(run: Callable[[], dict[str, Any]], what: str, json_out: bool) -> None:
@@ -53,8 +54,8 @@ def bench_plan(json_out: Json = False) -> None:
 
 @bench_app.command("gpu")
 def bench_gpu(json_out: Json = False,
-              device: Annotated[str, typer.Option(
-                  "--device", help="auto | cuda | cpu (a CPU runs the quick sizes).")] = "auto",
+              device: Annotated[DeviceName, typer.Option(
+                  "--device", help="auto: the GPU where there is one; a CPU runs the quick sizes.")] = "auto",
               out_file: Annotated[Path | None, typer.Option(
                   "--out", help="JSON file rewritten after each section (a run cut short keeps "
                   "what it measured).")] = None,

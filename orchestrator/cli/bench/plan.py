@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 from orchestrator.cli.bench.data import machine_info
-from orchestrator.config import DEFAULT_CURRICULUM
+from orchestrator.config import DEFAULT_CURRICULUM, DeviceName
 from orchestrator.planning import estimator
 from orchestrator.planning.plan_file import PlanRequest, make_plan
 from orchestrator.planning.pool import default_workers
 from orchestrator.training.step import estimation_step
 
-CASES = tuple((device, gb) for gb in (4.0, 6.0, 20.0, 80.0) for device in ("cpu", "cuda"))
+CASES: tuple[tuple[DeviceName, float], ...] = tuple(
+    (device, gb) for gb in (4.0, 6.0, 20.0, 80.0) for device in ("cpu", "cuda"))
 
 
 def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
-               cases: tuple[tuple[str, float], ...] = CASES) -> dict:
+               cases: tuple[tuple[DeviceName, float], ...] = CASES) -> dict:
     """Time `make_plan` for each (device, budget GB) case.
 
     Returns:
@@ -35,7 +36,7 @@ def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
     figures: dict[str, float] = {}
     for device, gb in cases:
         estimator.clear_estimate_cache()
-        req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=device,  # type: ignore[arg-type]
+        req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=device,
                           run="bench", calibrate=False)
         t0 = time.perf_counter()
         plan = make_plan(req, estimation_step)
