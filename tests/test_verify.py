@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_plan
+from orchestrator.config import load_plan, load_stage
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.plan_file import PlanRequest, make_plan, verify_and_calibrate, write_plan
@@ -84,6 +84,37 @@ def test_verify_measures_a_real_step_records_and_calibrates_the_next_plan(tmp_pa
     # another stage spec under the same name is not calibrated by it
     other = _plan(tmp_path, _curriculum(tmp_path, "other", lr=0.01), "third").stages[0]
     assert other.calibration_ratio is None
+
+
+def test_a_plan_applies_the_highest_of_an_entrys_last_runs(tmp_path: Path) -> None:
+    """A process's peak moves a few percent between runs of one configuration; the plan
+    takes the highest of the last `HISTORY` runs (too low a prediction is an OOM)."""
+    path, key = tmp_path / "cal.json", "cpu|x|torch"
+    spec = load_stage(REPO / "stages" / "stage3_hybrid_small.yaml")
+    name = cal.entry_name(spec.name, True)
+
+    def verify_once(ratio: float, stage=spec) -> None:
+        cal.record_ratios(path, key, {name: {"stage": stage.name, "ratio": ratio}}, {stage.name: stage})
+
+    verify_once(1.076)
+    ((ratio, where),) = cal.load_ratios(path, key, [spec]).values()
+    assert ratio == 1.076 and where.startswith("`plan --verify` on ")
+    for r in (1.138, 1.05):
+        verify_once(r)
+    ((ratio, where),) = cal.load_ratios(path, key, [spec]).values()
+    assert ratio == 1.138 and "the highest of its last 3 runs" in where
+    for r in (1.0,) * cal.HISTORY:  # the old ones age out
+        verify_once(r)
+    assert cal.load_ratios(path, key, [spec])[name][0] == 1.0
+    # a changed stage starts its history over
+    changed = spec.model_copy(update={"lr": spec.lr / 2})
+    verify_once(0.9, changed)
+    assert json.loads(path.read_text())["hardware"][key][name]["ratios"] == [0.9]
+    # an entry written before the history was kept: its one ratio
+    doc = json.loads(path.read_text())
+    del doc["hardware"][key][name]["ratios"]
+    path.write_text(json.dumps(doc))
+    assert cal.load_ratios(path, key, [changed])[name][0] == 0.9
 
 
 def test_a_failing_worker_is_reported_not_raised(tmp_path, cal_file) -> None:

@@ -10,6 +10,11 @@ that stage's configurations of the same kind by the ratio, and says so, if the s
 spec is the one measured (a fingerprint of the resolved stage YAML: a stage changed
 since, or the same name in another curriculum, is not calibrated).
 
+An entry keeps the ratios of its last `HISTORY` runs and a plan applies the highest: a
+process's peak on the CPU moves by a few percent between runs of the same configuration
+(measured: 1.076 and 1.138 for stage 3 at 4 GB, docs/benchmarks.md), and a prediction
+too low is an out-of-memory error where one too high costs a few percent of the budget.
+
 The file is JSON at $ORCHESTRATOR_CALIBRATION, else $XDG_CACHE_HOME/orchestrator/
 calibration.json (~/.cache/...); ORCHESTRATOR_CALIBRATION=off disables it. Written
 atomically.
@@ -32,6 +37,7 @@ from orchestrator.errors import ConfigError
 
 ENV_VAR = "ORCHESTRATOR_CALIBRATION"
 VERSION = 1
+HISTORY = 5  # ratios kept per entry; the highest is applied
 
 
 def calibration_path() -> Path | None:
@@ -91,10 +97,19 @@ def _read(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _ratios(entry: dict[str, Any]) -> list[float]:
+    """The entry's measured ratios, oldest first (an entry written before the history was
+    kept holds one, as `ratio`); positive numbers only."""
+    kept = entry.get("ratios")
+    values = kept if isinstance(kept, list) else [entry.get("ratio")]
+    return [float(r) for r in values if isinstance(r, (int, float)) and r > 0]
+
+
 def load_ratios(path: Path | None, key: str | None,
                 specs: list[StageSpec]) -> dict[str, tuple[float, str]]:
     """{entry name: (ratio, where from)} for the stages measured on this hardware as they
-    are, an entry for each of checkpointing off and on that was measured (`entry_name`).
+    are, an entry for each of checkpointing off and on that was measured (`entry_name`);
+    the ratio is the highest of the entry's last runs.
 
     Raises:
         ConfigError: the file exists but is not a calibration file.
@@ -106,16 +121,20 @@ def load_ratios(path: Path | None, key: str | None,
     for spec in specs:
         for name in (entry_name(spec.name, False), entry_name(spec.name, True)):
             e = entries.get(name)
-            if isinstance(e, dict) and e.get("fingerprint") == stage_fingerprint(spec) \
-                    and isinstance(e.get("ratio"), (int, float)) and e["ratio"] > 0:
-                out[name] = (float(e["ratio"]), f"`plan --verify` on {e.get('date', '?')} "
-                                                f"({path})")
+            if not isinstance(e, dict) or e.get("fingerprint") != stage_fingerprint(spec):
+                continue
+            ratios = _ratios(e)
+            if not ratios:
+                continue
+            runs = f": the highest of its last {len(ratios)} runs, the latest" if len(ratios) > 1 else ""
+            out[name] = (max(ratios), f"`plan --verify`{runs} on {e.get('date', '?')} ({path})")
     return out
 
 
 def record_ratios(path: Path, key: str, measured: dict[str, dict[str, Any]],
                   specs: dict[str, StageSpec], fingerprints: dict[str, str] | None = None) -> None:
-    """Store {entry name: {"stage", "ratio", ...}} under `key`, replacing those entries.
+    """Store {entry name: {"stage", "ratio", ...}} under `key`, replacing those entries;
+    each keeps the ratios of its last `HISTORY` runs (`ratios`) while its stage is unchanged.
 
     `fingerprints` are those of the stage YAMLs as planned from (the plan's own specs may
     carry epochs the dataset set); missing ones are taken from `specs`.
@@ -129,5 +148,8 @@ def record_ratios(path: Path, key: str, measured: dict[str, dict[str, Any]],
     for name, m in measured.items():
         stage = m.get("stage", name)
         fp = (fingerprints or {}).get(stage) or stage_fingerprint(specs[stage])
-        entries[name] = {**m, "fingerprint": fp, "date": date}
+        before = entries.get(name)
+        kept = _ratios(before) if isinstance(before, dict) and before.get("fingerprint") == fp else []
+        entries[name] = {**m, "fingerprint": fp, "date": date,
+                         "ratios": [*kept, float(m["ratio"])][-HISTORY:]}
     atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
