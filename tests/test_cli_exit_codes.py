@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cli_runner import invoke
 from conftest import REPO
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.errors import ConfigError
 
 HEAVY = ("torch", "monai", "matplotlib", "nibabel", "h5py", "scipy", "submitit", "tensorboard")
 
@@ -76,8 +78,9 @@ def test_resume_uses_the_executor_the_run_was_submitted_with(tmp_path: Path) -> 
     for kind in ("local", "debug", "slurm"):
         update_run(tmp_path, executor=kind)
         assert _submitted_with(tmp_path) == kind
-    update_run(tmp_path, executor="pbs")  # a hand-edited state: the default, not a crash later
-    assert _submitted_with(tmp_path) == "slurm"
+    update_run(tmp_path, executor="pbs")  # a hand-edited state: one line naming file and field
+    with pytest.raises(ConfigError, match=r"state\.json: executor 'pbs'; expected slurm, local or debug"):
+        _submitted_with(tmp_path)
 
 
 def test_a_value_outside_a_choice_is_one_line_exit_2() -> None:

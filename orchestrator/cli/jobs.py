@@ -11,6 +11,7 @@ from orchestrator.cli import render
 from orchestrator.cli.app import app, emit_json, err, out
 from orchestrator.cli.options import Cluster, DataDir, Json, RunsDir
 from orchestrator.config import ExecutorName, load_plan
+from orchestrator.errors import ConfigError
 from orchestrator.launch.doctor import run_doctor
 from orchestrator.launch.sacct import sacct_states
 from orchestrator.runs.state import read_state, request_fresh_start
@@ -44,14 +45,20 @@ def cancel(run: RunArg, runs_dir: RunsDir = Path("runs")) -> None:
 
 
 def _submitted_with(run_dir: Path) -> ExecutorName:
-    """The executor state.json says the run was submitted with (slurm where it says none)."""
-    match read_state(run_dir).get("executor"):
+    """The executor state.json says the run was submitted with (slurm where it says none).
+
+    Raises:
+        ConfigError: state.json names another executor.
+    """
+    match recorded := read_state(run_dir).get("executor"):
+        case "slurm" | None:
+            return "slurm"
         case "local":
             return "local"
         case "debug":
             return "debug"
-        case _:
-            return "slurm"
+    raise ConfigError(f"{run_dir / 'state.json'}: executor {recorded!r}; expected slurm, local or "
+                      f"debug (or choose one with --executor)")
 
 
 @app.command()
