@@ -175,7 +175,10 @@ def _draw_curves(ax: Any, curves: dict[str, Any], model: dict[str, Any] | None) 
     loss_ax.set_ylabel("training loss (dashed)")
     ax.set_title("validation Dice and training loss per epoch; dotted lines: hand-offs")
     if curves["stages"]:
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
+        # the Dice axes (and its legend) above the loss's twin, whose lines crossed the legend
+        ax.set_zorder(loss_ax.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        ax.legend(loc="best", fontsize=8, ncol=2, framealpha=0.9)
 
 
 def _draw_memory(ax: Any, memory: list[dict[str, Any]], device: str) -> None:
