@@ -72,6 +72,7 @@ def test_cli_explain_prints_the_parts_and_a_bad_stage_is_one_line(tmp_path: Path
     assert explained["total_gb"] == pytest.approx(doc["stages"][0]["predicted_gb"], abs=1e-3)
     res = CliRunner().invoke(app, [*args, "--run", "b", "--explain", S1])
     assert res.exit_code == 0 and "where the" in res.stdout and "temporaries at the peak" in res.stdout
+    assert "to trade: gradient checkpointing cuts the saved activations" in res.stdout
     plan = make_plan(PlanRequest(curriculum=one_stage_curriculum(tmp_path), target_mem_gb=2.0, device="cpu",
                                  run="c", runs_dir=tmp_path / "runs"), estimation_step)
     with pytest.raises(ConfigError, match="--explain: no stage 'stage9' in plan c; expected one of "

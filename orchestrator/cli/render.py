@@ -96,7 +96,9 @@ def plan_table(console: Console, plan: Plan) -> None:
 
 def breakdown(console: Console, b: Any, predicted_gb: float) -> None:
     """`plan --explain`: the parts of a stage's predicted peak, adding up to it."""
-    t = Table(title=f"{b.stage}: where the {predicted_gb:.2f} GB go (peak: {b.peak_of})")
+    console.print(f"[bold]{b.stage}[/]: where the {predicted_gb:.2f} GB go (the peak: {b.peak_of})",
+                  highlight=False)
+    t = Table()
     t.add_column("part")
     t.add_column("GB", justify="right")
     t.add_column("share", justify="right")
@@ -106,6 +108,10 @@ def breakdown(console: Console, b: Any, predicted_gb: float) -> None:
     console.print(t)
     if b.other:
         console.print(f"  ({b.other})", highlight=False)
+    if b.peak_of == "training step":
+        console.print("  to trade: gradient checkpointing cuts the saved activations; a smaller batch "
+                      "cuts activations and temporaries; a smaller input, all that grows with it",
+                      highlight=False)
 
 
 def _gb(value: float | None) -> str:
