@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from orchestrator.data import synth
 from orchestrator.data.nifti import load_image
@@ -178,8 +179,6 @@ def _warp_coords(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     +-4 degrees) plus a smooth displacement of ~2 mm (1 voxel) rms, features ~20 mm wide."""
     centre = (np.array(shape, dtype=np.float32) - 1) / 2
     angles = np.deg2rad(rng.uniform(-4, 4, size=3))
-    from scipy.spatial.transform import Rotation
-
     mat = Rotation.from_euler("xyz", angles).as_matrix() * rng.uniform(0.96, 1.04, size=3)
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1) - centre[:, None]
     coords = (mat.astype(np.float32) @ grid) + centre[:, None]
