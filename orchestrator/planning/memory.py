@@ -24,6 +24,7 @@ from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
@@ -317,8 +318,6 @@ class FakeStep:
         argmax after) are then counted for the real volume. Equal to the full run to the
         byte at 197x233x189 with a 32^3 window (tests/test_planner.py checks a real run).
         """
-        from monai.inferers import sliding_window_inference
-
         stride = [max(1, int(r * (1 - float(SLIDING_WINDOW["overlap"])))) for r in roi_vox]
         cut = tuple(min(v, r + 2 * s) for v, r, s in zip(volume_vox, roi_vox, stride))
         tracker = self.tracker

@@ -21,6 +21,8 @@ import pickle
 import queue
 from collections.abc import Callable
 
+import torch
+
 from orchestrator.config import StagePlan, StageSpec
 from orchestrator.errors import PlanError
 from orchestrator.planning.estimator import (
@@ -54,8 +56,6 @@ def default_workers(n_stages: int) -> int:
 
 
 def _context() -> mp.context.BaseContext:
-    import torch
-
     if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
         return mp.get_context("fork")
     return mp.get_context("spawn")

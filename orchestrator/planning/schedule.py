@@ -65,12 +65,12 @@ def measure_dataset(root: Path) -> DatasetSize:
 def _shape(rec: Any) -> tuple[int, ...]:
     try:
         if rec.cached is not None:
-            import h5py
+            import h5py  # deferred: h5py (only a cached dataset is read here)
 
             with h5py.File(rec.cached, "r") as f:
                 return tuple(int(n) for n in f["image"].shape)
         if Path(rec.image).is_dir():  # a PNG-slice patient folder
-            from PIL import Image
+            from PIL import Image  # deferred: Pillow (only a PNG-slice dataset)
 
             slices = sorted(Path(rec.image).glob("*.png"))
             with Image.open(slices[0]) as im:  # as the loader stacks them: (W, H, slices)
