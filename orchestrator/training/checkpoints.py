@@ -27,6 +27,11 @@ import models
 from orchestrator.atomic import atomic_torch_save
 from orchestrator.errors import CheckpointError
 
+try:  # numpy's array reconstruction, under numpy 2's module name or numpy 1's
+    from numpy._core import multiarray as ma
+except ImportError:  # pragma: no cover - numpy 1
+    from numpy.core import multiarray as ma  # type: ignore[no-redef]
+
 FORMAT_VERSION = 2  # 2: RNG states as tensors and lists (1 kept numpy's array and tuples)
 PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
 
@@ -34,10 +39,6 @@ PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtyp
 def _legacy_numpy_globals() -> list[Any]:
     """What unpickling numpy's RNG array and scalars needs (format 1): array, dtype and
     scalar reconstruction, under numpy 1's and numpy 2's module names. None of them runs code."""
-    try:
-        from numpy._core import multiarray as ma  # numpy 2
-    except ImportError:  # pragma: no cover - numpy 1
-        from numpy.core import multiarray as ma  # type: ignore[no-redef]
     names: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [np.dtype, np.ndarray]
     for fn in (ma._reconstruct, ma.scalar):
         names += [(fn, f"numpy.core.multiarray.{fn.__name__}"),
