@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -74,15 +74,15 @@ def bench_gpu(device: str = "auto", quick: bool = False, out: Path | None = None
     Raises:
         ConfigError: a bad device, or `out` cannot be written.
     """
-    device = resolve_device(device).type
-    sizes = QUICK if quick or device == "cpu" else FULL
+    on: Literal["cuda", "cpu"] = "cuda" if resolve_device(device).type == "cuda" else "cpu"
+    sizes = QUICK if quick or on == "cpu" else FULL
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"--out: {out} is a folder or its folder does not exist; expected a file path")
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="bench-gpu-") as tmp:
-        b = GpuBench(device, sizes, Path(tmp), out, say)
-        b.doc["machine"] = machine(device)
+        b = GpuBench(on, sizes, Path(tmp), out, say)
+        b.doc["machine"] = machine(on)
         b.write()
-        b.say(f"[bench gpu] {device}, {'quick' if b.doc['quick'] else 'full'} sizes"
+        b.say(f"[bench gpu] {on}, {'quick' if b.doc['quick'] else 'full'} sizes"
               + (f", writing {out}" if out else ""))
         b.run(1, "plan", "plan every stage at 20 GB and at the device's own size", plan.plan_section)
         b.run(2, "verify", "each stage of the 20 GB plan for real (fresh processes)", plan.verify_section)

@@ -6,6 +6,7 @@ does (a fresh process each), and time `TrainStep` for each in this process.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -42,6 +43,10 @@ def quick_curriculum(tmp: Path, patch_vox: int) -> Path:
     return path
 
 
+def _say_stage(b: GpuBench, label: str, stage: str) -> None:
+    b.say(f"      {label}: {stage}")
+
+
 def plan_section(b: GpuBench) -> dict[str, Any]:
     """Plan every stage at 20 GB and at the device's own size, each from a cold estimate
     cache (as a user's `plan` runs); one budget failing leaves the other's figures."""
@@ -51,14 +56,14 @@ def plan_section(b: GpuBench) -> dict[str, Any]:
     plans: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for label, gb in (("20gb", 20.0), ("own", None)):
-        req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=b.device,  # type: ignore[arg-type]
+        req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=b.device,
                           cluster="local", run=f"bench-gpu-{label}", runs_dir=b.runs_dir,
                           calibrate=False)
         planner.clear_estimate_cache()
         t0 = time.perf_counter()
         try:
             plan = make_plan(req, step_factory,
-                             progress=lambda name, lb=label: b.say(f"      {lb}: {name}"))  # type: ignore[misc]
+                             progress=functools.partial(_say_stage, b, label))
         except Exception as err:  # noqa: BLE001 -- the other budget still counts
             errors[label] = b.failure(err)
             continue

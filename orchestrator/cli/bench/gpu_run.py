@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -51,7 +51,7 @@ def say_on_stderr(message: str) -> None:
 class GpuBench:
     """The document, the shared state between sections and the section guard."""
 
-    def __init__(self, device: str, sizes: Sizes, tmp: Path, out: Path | None,
+    def __init__(self, device: Literal["cuda", "cpu"], sizes: Sizes, tmp: Path, out: Path | None,
                  say: Callable[[str], None]) -> None:
         self.device, self.sizes, self.tmp, self.out, self.say = device, sizes, tmp, out, say
         self.t0 = time.perf_counter()
