@@ -22,6 +22,7 @@ planning/pool.py runs its jobs in worker processes or in this one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from orchestrator.config import StagePlan, StageSpec
@@ -143,7 +144,7 @@ class FloorSchedule:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def next_job(self, busy: set[Job] = frozenset()) -> Job | None:  # type: ignore[assignment]
+    def next_job(self, busy: AbstractSet[Job] = frozenset()) -> Job | None:
         """The most useful plan to start: stages of the longest chain of floors first (the
         critical path), then exact floors before informed guesses before guesses; a stage
         already being planned with another floor last."""
@@ -168,7 +169,7 @@ class FloorSchedule:
                 options.append(((again or early, -st.chain, how, k), (k, f)))
         return min(options)[1] if options else None
 
-    def _ancestor_busy(self, k: int, busy: set[Job]) -> bool:
+    def _ancestor_busy(self, k: int, busy: AbstractSet[Job]) -> bool:
         """Whether a stage k descends from (through `src`) is being planned, other than
         its direct predecessor where that is the chain's head."""
         running, src = {j for j, _ in busy}, self.stages[k].src
@@ -208,7 +209,8 @@ class FloorSchedule:
         st = self.stages[k]
         if f == 0:
             return got
-        src = self.stages[st.src].final  # type: ignore[index]
+        assert st.src is not None  # a floor comes from the stage it starts from
+        src = self.stages[st.src].final
         assert isinstance(src, StagePlan)
         if isinstance(got, StagePlan):
             if self.serves(k, got, f, 0):  # the floor did not change the plan
