@@ -61,6 +61,19 @@ def test_a_help_paragraph_flows_as_one_line_at_any_width() -> None:
                for line in res.stdout.splitlines()), res.stdout
 
 
+def test_every_option_and_argument_says_what_it_is() -> None:
+    import typer.main
+
+    def undocumented(command, path: str) -> list[str]:
+        subs = getattr(command, "commands", None)
+        if subs is not None:
+            return [m for name, sub in subs.items() for m in undocumented(sub, f"{path} {name}")]
+        return [f"{path} {p.name}" for p in command.params
+                if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+
+    assert undocumented(typer.main.get_command(app), "orchestrator") == []
+
+
 def test_the_command_line_loads_without_the_heavy_dependencies() -> None:
     """`orchestrator --help` stays fast: the commands import torch & co. when they run."""
     code = ("import sys; from orchestrator.cli import app; "

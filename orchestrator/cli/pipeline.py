@@ -120,7 +120,8 @@ def submit(plan_path: PlanPath = None,
 @app.command()
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs and logs.")]
          = Path("demo-run"),
-         subjects: Annotated[int, typer.Option("--subjects", min=2)] = 6,
+         subjects: Annotated[int, typer.Option(
+             "--subjects", min=2, help="Synthetic subjects to write (about a third validate).")] = 6,
          executor: Annotated[Literal["local", "debug"], typer.Option(
              "--executor", help="local: processes on this machine; debug: in this process.")]
          = "local",
