@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
-from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, ExecutorName, Plan, load_plan
-from orchestrator.errors import ConfigError
+from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, ExecutorName, Plan, check_choice, load_plan
 from orchestrator.launch.sacct import rate_limited_sacct
 from orchestrator.planning.floors import check_fresh_starts
 from orchestrator.runs.status import collect_status
@@ -96,8 +95,7 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
     from orchestrator.planning.plan_file import PlanRequest, make_plan, write_plan
     from orchestrator.training.step import estimation_step
 
-    if device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"--device: expected auto, cuda or cpu, got {device!r}")
+    check_choice("--device", device, DeviceName)
     req = PlanRequest(curriculum=Path(curriculum), target_mem_gb=target_mem_gb, device=device,
                       cluster=cluster, data_dir=Path(data) if data is not None else None, run=run,
                       runs_dir=Path(runs_dir), dataset=dataset)
@@ -138,8 +136,7 @@ def submit(plan_or_path: Plan | str | Path, *, executor: ExecutorName = "slurm",
     """
     from orchestrator.launch.submit import submit_plan  # deferred: submitit (CLI start-up)
 
-    if executor not in ("slurm", "local", "debug"):
-        raise ConfigError(f"--executor: expected slurm, local or debug, got {executor!r}")
+    check_choice("--executor", executor, ExecutorName)
     path = plan_path(plan_or_path) if isinstance(plan_or_path, Plan) else Path(plan_or_path)
     p = load_plan(path)
     for line in check_fresh_starts(p, allow_fresh_start):

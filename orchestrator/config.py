@@ -11,7 +11,7 @@ plan's probe and assumptions) and config_io.py (reading YAML, one-line errors).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, model_validator
@@ -37,7 +37,7 @@ from orchestrator.plan_facts import PlanAssumptions, ProbeRecord
 
 __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTER",
            "ENV_USER_CONFIG", "REPO_ROOT", "ClusterProfile", "Curriculum", "CurriculumEntry",
-           "DeviceName", "ExecutorName",
+           "DeviceName", "ExecutorName", "check_choice",
            "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
            "ProbeRecord", "ResUNetOptions", "StagePlan",
            "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
@@ -48,6 +48,18 @@ DEFAULT_CURRICULUM = REPO_ROOT / "stages" / "progressive.yaml"
 
 # What --device takes: auto is the GPU where there is one (training/devices.py).
 DeviceName = Literal["auto", "cuda", "cpu"]
+
+
+def check_choice(flag: str, value: object, choices: Any) -> None:
+    """For Python callers (the CLI's flags are checked by Typer): `value` must be one of
+    the Literal type `choices`' values, e.g. `check_choice("--device", name, DeviceName)`.
+
+    Raises:
+        ConfigError: "--device: expected auto, cuda or cpu, got 'gpu'".
+    """
+    names = get_args(choices)
+    if value not in names:
+        raise ConfigError(f"{flag}: expected {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
 
 
 class PlannerLimits(StrictModel):

@@ -5,14 +5,10 @@
 """
 from __future__ import annotations
 
-from typing import get_args
-
 import torch
 
-from orchestrator.config import DeviceName
+from orchestrator.config import DeviceName, check_choice
 from orchestrator.errors import ConfigError
-
-DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,8 +17,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises:
         ConfigError: `name` is not auto, cuda or cpu, or cuda is asked for where there is no GPU.
     """
-    if name not in DEVICE_NAMES:
-        raise ConfigError(f"--device: expected auto, cuda or cpu, got {name!r}")
+    check_choice("--device", name, DeviceName)
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
