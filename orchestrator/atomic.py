@@ -5,14 +5,21 @@ runs and launch all write through it.
 
 A reader (a requeued job, `status`, the next stage) sees either the old file or the
 complete new one, never a truncated one, even if the writer is killed mid-write.
+
+A Python signal handler that fires during a write runs after it: PyTorch's SIGCHLD handler
+raises when a DataLoader worker dies, and raised inside `torch.save`'s write it left an
+unwritten checkpoint and an error about zip positions instead of the dead worker.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 
@@ -48,9 +55,39 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def signal_handlers_deferred() -> Iterator[None]:
+    """Run the Python signal handlers of signals that arrive inside the block after it, in
+    the order the signals came (in the main thread, the only one where Python runs them;
+    elsewhere, a no-op). The signal is not lost: a handler that raises raises after the
+    block, where the caller's error handling sees it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, FrameType | None]] = []
+
+    def later(signum: int, frame: FrameType | None) -> None:
+        pending.append((signum, frame))
+
+    handlers: dict[int, Callable[[int, FrameType | None], Any]] = {}
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handlers[signum] = handler
+                signal.signal(signum, later)
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        for number, frame in pending:
+            handlers[number](number, frame)
+
+
 def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:
-    """Write `path` atomically with `writer(file_object)`."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    """Write `path` atomically with `writer(file_object)`; signal handlers wait for it."""
+    with signal_handlers_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as fh:
         writer(fh)
 
 
