@@ -59,8 +59,8 @@ def _fsync_dir(folder: Path) -> None:
 def signal_handlers_deferred() -> Iterator[None]:
     """Run the Python signal handlers of signals that arrive inside the block after it, in
     the order the signals came (in the main thread, the only one where Python runs them;
-    elsewhere, a no-op). The signal is not lost: a handler that raises raises after the
-    block, where the caller's error handling sees it."""
+    elsewhere, a no-op). No signal is lost: every pending handler runs, and the first
+    error one raised is raised after the block, where the caller's error handling sees it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -81,8 +81,14 @@ def signal_handlers_deferred() -> Iterator[None]:
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
+        first: BaseException | None = None
         for number, frame in pending:
-            handlers[number](number, frame)
+            try:
+                handlers[number](number, frame)
+            except BaseException as exc:  # noqa: BLE001  (the others still run; raised below)
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 def atomic_write(path: Path | str, writer: Callable[[IO[bytes]], Any]) -> None:

@@ -78,3 +78,23 @@ def test_a_writer_that_fails_still_delivers_the_signal(tmp_path: Path,
         atomic.atomic_write(path, writer)
     assert isinstance(caught.value.__context__, OSError)
     assert path.read_text() == "old" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_every_pending_handler_runs_though_one_raises(tmp_path: Path,
+                                                     raising_usr1: list[str]) -> None:
+    """A dead worker (raising) and a preemption signal (setting a flag) arrive during one
+    write: the flag is set too, and the worker's error is raised."""
+    stop: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: stop.append(signum))
+    try:
+        def writer(fh) -> None:  # noqa: ANN001
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            fh.write(b"whole")
+
+        with pytest.raises(WorkerDied):
+            atomic.atomic_write(tmp_path / "last.pt", writer)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert raising_usr1 == ["handler"] and stop == [signal.SIGUSR2]
+    assert (tmp_path / "last.pt").read_bytes() == b"whole"
