@@ -74,6 +74,19 @@ def test_every_option_and_argument_says_what_it_is() -> None:
     assert undocumented(typer.main.get_command(app), "orchestrator") == []
 
 
+def test_a_flag_shows_no_type_and_an_option_shows_its_own() -> None:
+    """typer would show `--json <bool>`, as if it took a value; in every help a flag has no
+    type, and an option with a value keeps its type or choices."""
+    for argv in (["--help"], ["status", "--help"], ["plan", "--help"], ["bench", "--help"],
+                 ["data", "cache", "--help"]):
+        res = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and "<bool>" not in res.stdout, (argv, res.stdout)
+    plan = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "200"}).stdout
+    assert any("--device" in line and "<auto|cuda|cpu>" in line for line in plan.splitlines())
+    assert any(line.split()[1:2] == ["--verify"] and "<" not in line.split("Run each")[0]
+               for line in plan.splitlines()), plan
+
+
 def test_the_command_line_loads_without_the_heavy_dependencies() -> None:
     """`orchestrator --help` stays fast: the commands import torch & co. when they run."""
     code = ("import sys; from orchestrator.cli import app; "

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from orchestrator.errors import OrchestratorError
 
@@ -49,12 +50,35 @@ def reflowed(doc: str) -> str:
     return "\n\n".join(" ".join(para.split()) for para in inspect.cleandoc(doc).split("\n\n"))
 
 
+def untyped_flags(params: list[Any]) -> list[Any]:
+    """`params`, with each flag's type column left empty in the help: typer shows a flag
+    (`--json`, `--help`) as `<bool>`, which reads as if it took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return untyped_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return untyped_flags(super().get_params(ctx))
+
+
 class Commands(typer.Typer):
-    """A Typer app whose every command goes through `exit_codes`, its docstring reflowed."""
+    """A Typer app whose every command goes through `exit_codes`, its docstring reflowed,
+    its flags shown without a type."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cls=_Group, **kwargs)
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Command], Command]:
         def decorator(command: Command) -> Command:
-            options = dict(kwargs)
+            options = {"cls": _Command, **kwargs}
             if options.get("help") is None and command.__doc__:
                 options["help"] = reflowed(command.__doc__)
             super(Commands, self).command(*args, **options)(exit_codes(command))
