@@ -6,9 +6,12 @@ runs and launch all write through it.
 A reader (a requeued job, `status`, the next stage) sees either the old file or the
 complete new one, never a truncated one, even if the writer is killed mid-write.
 
-A Python signal handler that fires during a write runs after it: PyTorch's SIGCHLD handler
-raises when a DataLoader worker dies, and raised inside `torch.save`'s write it left an
-unwritten checkpoint and an error about zip positions instead of the dead worker.
+A Python signal handler that fires during `atomic_write` (checkpoints, state.json, plans:
+a writer given the open file) runs after it: PyTorch's SIGCHLD handler raises when a
+DataLoader worker dies, and raised inside `torch.save`'s write it left an unwritten
+checkpoint and an error about zip positions instead of the dead worker. `atomic_path`
+(a library writing by path: NIfTI, HDF5, PNG) does not wait: those writes can take
+minutes, and an error raised in them only abandons the temporary file.
 """
 from __future__ import annotations
 
