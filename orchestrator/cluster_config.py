@@ -71,6 +71,10 @@ class ClusterProfile(StrictModel):
     max_requeues: int = Field(3, ge=0, description="Requeues (time limit, preemption) before FAILED.")
     tensorboard: bool = Field(True, description=(
         "Write TensorBoard event files for every stage run under this profile; false: none."))
+    train_device: Literal["auto", "cpu"] = Field("auto", description=(
+        "cpu: train every stage on the CPU, a plan made for CUDA too (a test cluster whose GPU "
+        "GRES has no GPU behind it); auto: the plan's device, and a CUDA plan refuses to start "
+        "where no GPU is visible."))
 
     def check_stage_names(self, where: str, stage_names: list[str]) -> None:
         """Every `stages:` entry must name a stage of the curriculum.

@@ -8,19 +8,24 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli.app import app, err, out
-from orchestrator.cli.options import OnDevice
+from orchestrator.config import DeviceName
 from orchestrator.training.interrupt import EXIT_INTERRUPTED
+
+StageDevice = Annotated[DeviceName, typer.Option(
+    "--device", help="auto: the plan's device (a plan for CUDA refuses to start without a "
+    "visible GPU); cpu: train on the CPU whatever the plan says.")]
 
 
 @app.command("run-stage")
 def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's plan.yaml.")],
               stage: Annotated[str, typer.Option("--stage", help="Stage name in the plan.")],
-              device: OnDevice = "auto") -> None:
+              device: StageDevice = "auto") -> None:
     """Run one stage in this process (what a job executes; also for debugging).
 
     On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits
     with code 75 (under SLURM also at an epoch boundary when the next epoch would not end
     before the time limit); running it again resumes there. A complete stage is not run again.
+    A plan made for CUDA exits 2 where no GPU is visible, naming what the job sees.
     """
     # deferred: submitit and torch (CLI start-up)
     from orchestrator.launch.node import stop_flag

@@ -23,6 +23,7 @@ from orchestrator.config import load_plan
 from orchestrator.runs import state as run_state
 from orchestrator.training import checkpoints as ck
 from orchestrator.training import distributed
+from orchestrator.training.devices import stage_device
 from orchestrator.training.display import StepDisplay
 from orchestrator.training.parts import build_runner
 from orchestrator.training.rank import role_of
@@ -40,11 +41,15 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
     A stage whose final.pt exists is complete and is not trained again. `stop()` is
     checked between steps (see `interrupt.StopFlag`); when it turns true, or after
     `max_steps` (tests), last.pt is written and the stage returns with "final": None.
-    `device`: auto (CUDA where there is a GPU), cuda or cpu.
+    `device`: auto (CUDA where there is a GPU), cuda or cpu; a plan for CUDA starts where no
+    GPU is visible only with cpu here or `train_device: cpu` in its profile.
 
     Returns:
         {"stage", "best_dice", "epochs", "final": path or None, "start": how it started,
         "interrupted": bool}.
+
+    Raises:
+        ConfigError: the plan is for CUDA and no CUDA device is visible (devices.stage_device).
     """
     plan = load_plan(Path(plan_path))
     final = stage_dir(plan, stage) / "checkpoints" / "final.pt"
@@ -58,6 +63,8 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
                 plan.run_dir, stage, state=run_state.COMPLETED, final=str(final), error=None)
         return {"stage": stage, "best_dice": done.get("best_dice", -1.0), "epochs": None,
                 "final": str(final), "start": "already complete", "interrupted": False}
+    # a plan for CUDA never trains on the CPU unless asked (--device cpu, the profile)
+    device = stage_device(stage, plan.device, device, plan.cluster.train_device)
     with distributed.session(device) as peers:  # DDP when WORLD_SIZE > 1
         runner = build_runner(plan, stage, device, role=role_of(peers.rank), peers=peers)
         return train_stage(runner, final, max_steps, stop)
