@@ -1,5 +1,6 @@
 """A K-fold run's models: evaluate each fold on its own validation subjects, and predict
-with the ensemble of the folds (`evaluate --run RUN`, `predict --run RUN`).
+with the ensemble of the folds (`evaluate --run RUN`, `predict --run RUN`, through
+`run_inference.py`).
 
 Each fold's model is its sub-run's `best.pt` (runs/<run>/folds/fold<i>/best.pt) when every
 fold has one, else, of the chain's last 3D stage that every fold has trained, its
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,8 @@ from orchestrator.training.checkpoints import load_checkpoint, model_from_checkp
 from orchestrator.training.devices import resolve_device
 from orchestrator.training.evaluate import evaluate_checkpoint
 from orchestrator.training.metrics import SUMMARY_METRICS
-from orchestrator.training.predict import InferenceModel, load_inference_model
-from orchestrator.training.run_model import run_model_file
-from orchestrator.training.validation import volume_predictor
+from orchestrator.training.predict import InferenceModel, inference_model
+from orchestrator.training.validation import INFERENCE_OVERLAP, MIRROR_AXES
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ class FoldEnsemble(nn.Module):
 
 
 def load_fold_ensemble(run_dir: Path, device: str | torch.device = "auto",
-                       stage: str | None = None) -> InferenceModel:
-    """An `InferenceModel` predicting with every fold's model (mean of softmax).
+                       stage: str | None = None, mirror_axes: Sequence[int] = MIRROR_AXES,
+                       overlap: float = INFERENCE_OVERLAP) -> InferenceModel:
+    """An `InferenceModel` predicting with every fold's model (mean of softmax; mirrored,
+    the mean over the flips of that mean).
 
     Raises:
         ConfigError: not a K-fold run.
@@ -115,17 +117,17 @@ def load_fold_ensemble(run_dir: Path, device: str | torch.device = "auto",
                                   f"{first['input_size_vox']})")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = FoldEnsemble([model_from_checkpoint(c, p) for c, p in zip(ckpts, paths)]).to(dev).eval()
-    kind = "lcnn" if first["arch"] == "lcnn" else "seg3d"
-    predictor = volume_predictor(kind, first.get("model_kwargs", {}), tuple(first["input_size_vox"]),
-                                 dev, None)
     info = {**first, "folds": [str(p) for p in paths]}
-    return InferenceModel(Path(run_dir), info, model, lambda vol: predictor(model, vol))
+    return inference_model(Path(run_dir), info, model, dev, mirror_axes, overlap)
 
 
 def evaluate_folds(run_dir: Path, data_dir: Path | None = None, out_dir: Path | None = None,
                    device: str = "auto", stage: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int, int], None] | None = None,
+                   mirror_axes: Sequence[int] = MIRROR_AXES, overlap: float = INFERENCE_OVERLAP,
+                   postprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Each fold's model on its own validation subjects; the folds' mean ± std per metric.
+    Inference and post-processing as `evaluate_checkpoint`'s.
 
     Writes every fold's report under `out_dir/fold<i>/` (default runs/<run>/eval/) and
     `out_dir/cv_report.json`: {"run", "folds": [{fold, checkpoint, subjects, metrics}],
@@ -146,7 +148,8 @@ def evaluate_folds(run_dir: Path, data_dir: Path | None = None, out_dir: Path | 
         if data is None:
             raise ConfigError(f"{d / 'plan.yaml'}: no data directory; give --data DIR")
         rep = evaluate_checkpoint(ckpt, Path(data), out / d.name, device=device,
-                                  subjects=plan.val_subjects)
+                                  subjects=plan.val_subjects, mirror_axes=mirror_axes,
+                                  overlap=overlap, postprocessing=postprocessing)
         reports.append({"fold": plan.fold, "checkpoint": rep["checkpoint"],
                         "subjects": [r["subject"] for r in rep["subjects"]], "metrics": rep["metrics"]})
         logger.info("%s: %d subjects, Dice %.4f", d.name, rep["n_subjects"], rep["metrics"]["dice"]["mean"])
@@ -156,36 +159,3 @@ def evaluate_folds(run_dir: Path, data_dir: Path | None = None, out_dir: Path | 
            "std": "population standard deviation (ddof=0) over the folds of each fold's mean"}
     atomic_write_text(out / "cv_report.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return {**doc, "out_dir": str(out)}
-
-
-def run_model(run_dir: Path, device: str | torch.device = "auto") -> InferenceModel:
-    """What `predict --run RUN` predicts with: the folds' ensemble for a K-fold run, else the
-    run's best.pt (the best validation checkpoint over its stages).
-
-    Raises:
-        ConfigError: the run has no model yet; CheckpointError: a fold has none.
-    """
-    run_dir = Path(run_dir)
-    if run_state.fold_run_dirs(run_dir):
-        return load_fold_ensemble(run_dir, device)
-    return load_inference_model(run_model_file(run_dir), device)
-
-
-def evaluate_run(run_dir: Path, data_dir: Path | None = None, out_dir: Path | None = None,
-                 device: str = "auto",
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """`evaluate --run RUN`: a K-fold run's `evaluate_folds`; else its best.pt on `data_dir`
-    (default: the run's data), as `evaluate_checkpoint`.
-
-    Raises:
-        ConfigError: no data directory; CheckpointError: no model yet.
-    """
-    run_dir = Path(run_dir)
-    if run_state.fold_run_dirs(run_dir):
-        return evaluate_folds(run_dir, data_dir, out_dir, device, progress=progress)
-    data = data_dir or load_plan(run_dir / "plan.yaml").data_dir
-    if data is None:
-        raise ConfigError(f"{run_dir / 'plan.yaml'}: no data directory; give --data DIR")
-    model = run_model(run_dir, device)
-    return evaluate_checkpoint(model.path, Path(data), out_dir or run_dir / "eval", device=device,
-                               progress=progress)

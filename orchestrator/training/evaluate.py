@@ -1,11 +1,16 @@
 """Evaluate a checkpoint on a labelled dataset (`orchestrator evaluate`).
 
-Each subject is predicted whole (as in validation and `predict`), scored with
-`metrics.segmentation_metrics`, and written out; the folder (default: the stage's `eval/`)
-holds:
+Each subject is predicted whole (as `predict` does: by default mirrored over the three
+axes, windows overlapping by 0.5, and a run's post-processing applied), scored with
+`metrics.segmentation_metrics`, and written out. Each subject is also predicted in one
+plain pass (no mirroring) and timed both ways, so the report says what mirroring costs
+per volume and what it gives (Dice and lesion F1 of the plain pass, of the mirrored one,
+and after post-processing). The folder (default: the stage's `eval/`) holds:
 
     report.json             what was evaluated, per-metric mean/median/std/min/max over
-                            subjects, the conventions used, and every subject's values
+                            subjects (the masks as written), the conventions used, every
+                            subject's values, and "inference": the settings, seconds per
+                            volume with and without mirroring, Dice and lesion F1 by step
     subjects.csv            one row per subject
     overlays/<id>.png       three orthogonal slices through the largest true lesion
     predictions/<id>_pred.nii.gz
@@ -35,9 +40,18 @@ from orchestrator.training.metrics import (
     COUNT_KEYS,
     SUMMARY_METRICS,
     largest_lesion_centroid,
+    lesion_counts,
+    lesion_f1,
     segmentation_metrics,
 )
-from orchestrator.training.predict import PRED_SUFFIX, load_inference_model, write_mask
+from orchestrator.training.postprocess import apply_postprocessing
+from orchestrator.training.predict import (
+    PRED_SUFFIX,
+    InferenceModel,
+    load_inference_model,
+    write_mask,
+)
+from orchestrator.training.validation import INFERENCE_OVERLAP, MIRROR_AXES, dice_score
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +77,27 @@ def default_eval_dir(checkpoint: Path) -> Path:
     return (folder.parent if folder.name == "checkpoints" else folder) / "eval"
 
 
-def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None = None,
+def evaluate_checkpoint(checkpoint: Path | InferenceModel, data_dir: Path, out_dir: Path | None = None,
                         device: str = "auto",
                         progress: Callable[[int, int], None] | None = None,
-                        subjects: Sequence[str] | None = None) -> dict[str, Any]:
+                        subjects: Sequence[str] | None = None,
+                        mirror_axes: Sequence[int] = MIRROR_AXES,
+                        overlap: float = INFERENCE_OVERLAP,
+                        postprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict every labelled subject of `data_dir` with `checkpoint` and score it.
 
     Args:
-        checkpoint: a stage's best.pt/final.pt/last.pt.
+        checkpoint: a stage's best.pt/final.pt/last.pt, or a loaded model
+            (`load_inference_model`; a run's, with its post-processing: `run_inference`).
         data_dir: an ATLAS R2.0 tree (`discover_subjects`); every image needs its mask.
         out_dir: where the results go; default `default_eval_dir(checkpoint)`.
         device: where the model runs: auto (the GPU where there is one), cuda or cpu.
         progress: called with (subjects done, subjects) after each subject.
         subjects: only these subject ids (a fold's validation subjects); None: all.
+        mirror_axes: test-time mirroring over these axes ((): one pass), for a file.
+        overlap: the sliding window's overlap, for a file.
+        postprocessing: a post-processing choice (`postprocess.py`) to apply; None: the
+            loaded model's own (none for a file).
 
     Returns:
         The report written to out_dir/report.json, plus "out_dir".
@@ -85,9 +107,12 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
         DataError: the dataset folder holds no labelled subject, or a subject's files are
             unusable (the message names the file).
     """
-    checkpoint = Path(checkpoint)
+    runner = (checkpoint if isinstance(checkpoint, InferenceModel)
+              else load_inference_model(Path(checkpoint), device, mirror_axes, overlap))
+    if postprocessing is not None:
+        runner.postprocessing = postprocessing
+    checkpoint = runner.path
     out = Path(out_dir) if out_dir is not None else default_eval_dir(checkpoint)
-    runner = load_inference_model(checkpoint, device)
     records = discover_subjects(Path(data_dir))
     if subjects is not None:
         records = [r for r in records if r.subject in set(subjects)]
@@ -99,10 +124,18 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
     norm = Normalization.from_dict(runner.checkpoint.get("normalization"))
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    steps: dict[str, list[tuple[float, float]]] = {"single_pass": [], "mirrored": [],
+                                                   "postprocessed": []}
+    seconds: dict[str, list[float]] = {"single_pass": [], "mirrored": []}
     for k, rec in enumerate(records):
         sid = f"{rec.subject}_{rec.session}" if rec.session else rec.subject
         vol = load_normalised(rec, norm)  # as the checkpoint's stage trained
-        pred = runner(vol)
+        raw, plain = _predict_timed(runner, vol, seconds)
+        pred = apply_postprocessing(raw, runner.postprocessing)
+        done = ((("single_pass", raw),) if plain is None  # the one pass is the prediction
+                else (("single_pass", plain), ("mirrored", raw)))
+        for name, mask in (*done, ("postprocessed", pred)):
+            steps[name].append(_dice_f1(mask, vol.label))
         spacing = tuple(float(s) for s in voxel_sizes(vol.affine))
         values = segmentation_metrics(pred, vol.label, spacing)
         pred_path = out / "predictions" / f"{sid}{PRED_SUFFIX}"
@@ -117,11 +150,12 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, out_dir: Path | None =
             progress(k + 1, len(records))
     ckpt = runner.checkpoint
     report = {
-        "checkpoint": str(checkpoint.resolve()), "stage": ckpt.get("stage"), "arch": ckpt["arch"],
+        "checkpoint": str(Path(checkpoint).resolve()), "stage": ckpt.get("stage"), "arch": ckpt["arch"],
         "input_size_vox": list(ckpt["input_size_vox"]), "best_dice": ckpt.get("best_dice"),
         "data_dir": str(Path(data_dir).resolve()), "device": str(device), "n_subjects": len(rows),
         "seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "conventions": CONVENTIONS, "metrics": summarise(rows), "subjects": rows,
+        "conventions": CONVENTIONS, "inference": _inference_summary(runner, seconds, steps),
+        "metrics": summarise(rows), "subjects": rows,
     }
     atomic_write_text(out / "subjects.csv", _csv(rows))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
@@ -174,6 +208,44 @@ def write_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: 
         fig.suptitle(title)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _predict_timed(runner: InferenceModel, vol: Any, seconds: dict[str, list[float]]
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the model's prediction, the plain pass's where the model mirrors, else None); the
+    seconds of each appended to `seconds`."""
+    t0 = time.perf_counter()
+    raw = runner.predict(vol)
+    t1 = time.perf_counter()
+    if not runner.mirror_axes:
+        seconds["single_pass"].append(t1 - t0)
+        return raw, None
+    seconds["mirrored"].append(t1 - t0)
+    plain = runner.single_pass(vol)
+    seconds["single_pass"].append(time.perf_counter() - t1)
+    return raw, plain
+
+
+def _dice_f1(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    return dice_score(pred, truth), lesion_f1(lesion_counts(pred, truth))
+
+
+def _inference_summary(runner: InferenceModel, seconds: dict[str, list[float]],
+                       steps: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """report.json's "inference": the settings, mean seconds per volume with and without
+    mirroring, and mean Dice and lesion F1 after each step (plain pass, mirrored,
+    post-processed); a step that did not run is null."""
+    def mean(v: list[float]) -> float | None:
+        return round(float(np.mean(v)), 6) if v else None
+
+    return {
+        "mirror_axes": list(runner.mirror_axes), "overlap": runner.overlap,
+        "window_weighting": "gaussian (MONAI sliding_window_inference)",
+        "postprocessing": runner.postprocessing or {"method": "none"},
+        "seconds_per_volume": {name: mean(v) for name, v in seconds.items()},
+        **{name: {"dice": mean([d for d, _ in v]), "lesion_f1": mean([f for _, f in v])}
+           for name, v in steps.items()},
+    }
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:

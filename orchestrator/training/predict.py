@@ -4,13 +4,16 @@ The image is validated and normalised exactly as in training (`load_subject`, or
 dataset mean/std the checkpoint's stage used: `data/intensity.py`), labelled
 whole (3D: sliding window with the checkpoint's patch; LCNN: slice by slice), and the
 uint8 mask is written with the input's affine and header, so it overlays the input in
-any viewer.
+any viewer. Inference is nnU-Net's by default: test-time mirroring over the three axes
+and a window overlap of 0.5 (`validation.MIRROR_AXES`, `INFERENCE_OVERLAP`); a run's
+post-processing (`postprocess.py`, chosen on its validation subjects) is applied to
+the mask where the model carries one (`predict --run`).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,11 @@ from orchestrator.data.intensity import Normalization, load_normalised
 from orchestrator.data.nifti import load_image
 from orchestrator.data.records import SubjectRecord, Volume
 from orchestrator.data.sources import check_orientation
-from orchestrator.errors import DataError
+from orchestrator.errors import ConfigError, DataError
 from orchestrator.training.checkpoints import load_checkpoint, model_from_checkpoint
 from orchestrator.training.devices import resolve_device
-from orchestrator.training.validation import volume_predictor
+from orchestrator.training.postprocess import apply_postprocessing
+from orchestrator.training.validation import INFERENCE_OVERLAP, MIRROR_AXES, volume_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +47,68 @@ class InferenceModel:
         path: the checkpoint file.
         checkpoint: its payload (without re-reading it: "arch", "stage", "input_size_vox", ...).
         model: the network, in eval mode on the device.
-        predict: volume -> uint8 (X, Y, Z) label map.
+        predict: volume -> uint8 (X, Y, Z) label map, with the model's mirroring and overlap.
+        single_pass: the same without mirroring (what `evaluate` times against).
+        mirror_axes: the axes `predict` mirrors over (() for none, and for the LCNN).
+        overlap: the sliding window's overlap.
+        postprocessing: the run's recorded choice (`postprocess.py`), None for none.
     """
 
     path: Path
     checkpoint: dict[str, Any]
     model: nn.Module
     predict: Callable[[Volume], np.ndarray]
+    single_pass: Callable[[Volume], np.ndarray]
+    mirror_axes: tuple[int, ...] = ()
+    overlap: float = INFERENCE_OVERLAP
+    postprocessing: dict[str, Any] | None = field(default=None)
 
     def __call__(self, vol: Volume) -> np.ndarray:
-        return self.predict(vol)
+        """The mask `predict` writes: the prediction, post-processed where a choice is set."""
+        return apply_postprocessing(self.predict(vol), self.postprocessing)
 
 
-def load_inference_model(checkpoint: Path, device: str | torch.device = "auto") -> InferenceModel:
+def inference_model(path: Path, ckpt: dict[str, Any], model: nn.Module, device: torch.device,
+                    mirror_axes: Sequence[int] = MIRROR_AXES,
+                    overlap: float = INFERENCE_OVERLAP) -> InferenceModel:
+    """`model` (built from `ckpt`, in eval mode on `device`) as an `InferenceModel`.
+
+    Raises:
+        ConfigError: `overlap` outside [0, 1) or an axis outside 0-2.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"--overlap {overlap}; expected a fraction in [0, 1) (nnU-Net: 0.5)")
+    if any(a not in (0, 1, 2) for a in mirror_axes):
+        raise ConfigError(f"mirror axes {list(mirror_axes)}; expected axes among 0, 1, 2 (X, Y, Z)")
+    kind = "lcnn" if ckpt["arch"] == "lcnn" else "seg3d"
+    axes = tuple(int(a) for a in mirror_axes) if kind == "seg3d" else ()
+    if kind == "lcnn" and mirror_axes:
+        logger.info("%s: an LCNN labels each slice once; mirroring applies to the 3D family", path)
+    kwargs, roi = ckpt.get("model_kwargs", {}), tuple(ckpt["input_size_vox"])
+    mirrored = volume_predictor(kind, kwargs, roi, device, None, mirror_axes=axes, overlap=overlap)
+    plain = volume_predictor(kind, kwargs, roi, device, None, overlap=overlap)
+    return InferenceModel(Path(path), ckpt, model, lambda vol: mirrored(model, vol),
+                          lambda vol: plain(model, vol), axes, float(overlap))
+
+
+def load_inference_model(checkpoint: Path, device: str | torch.device = "auto",
+                         mirror_axes: Sequence[int] = MIRROR_AXES,
+                         overlap: float = INFERENCE_OVERLAP) -> InferenceModel:
     """Load `checkpoint` and wrap its model for whole-volume prediction (fp32).
+
+    Args:
+        mirror_axes: test-time mirroring over these axes (default all three; () none).
+        overlap: the sliding window's overlap (default nnU-Net's 0.5).
 
     Raises:
         CheckpointError: missing/unreadable checkpoint, or weights that do not fit the model.
-        ConfigError: `device` is cuda and there is no GPU.
+        ConfigError: `device` is cuda and there is no GPU; a bad overlap or axis.
     """
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = model_from_checkpoint(ckpt, path).to(dev).eval()
-    kind = "lcnn" if ckpt["arch"] == "lcnn" else "seg3d"
-    predictor = volume_predictor(kind, ckpt.get("model_kwargs", {}), tuple(ckpt["input_size_vox"]), dev, None)
-    return InferenceModel(path, ckpt, model, lambda vol: predictor(model, vol))
+    return inference_model(path, ckpt, model, dev, mirror_axes, overlap)
 
 
 def write_mask(mask: np.ndarray, reference: Path, path: Path) -> None:
@@ -122,7 +162,8 @@ def output_path(image: Path, input: Path, out: Path | None) -> Path:
 
 
 def predict_paths(checkpoint: Path | InferenceModel, input: Path, out: Path | None = None,
-                  device: str | torch.device = "auto") -> list[Path]:
+                  device: str | torch.device = "auto", mirror_axes: Sequence[int] = MIRROR_AXES,
+                  overlap: float = INFERENCE_OVERLAP) -> list[Path]:
     """Label one T1w image, or every image in a folder, with a trained checkpoint.
 
     Args:
@@ -132,9 +173,12 @@ def predict_paths(checkpoint: Path | InferenceModel, input: Path, out: Path | No
         out: for a file input, the output file; for a folder, the output folder. Default:
             `<input stem>_pred.nii.gz` beside each input image.
         device: where the model runs: auto (the GPU where there is one), cuda or cpu.
+        mirror_axes, overlap: inference settings (`load_inference_model`) for a checkpoint
+            path; a loaded model keeps its own.
 
     Returns:
-        The written mask files, in input order.
+        The written mask files, in input order (post-processed where the model carries
+        a run's choice).
 
     Raises:
         DataError: the input is missing, not NIfTI, or an image is unreadable, invalid or
@@ -145,7 +189,7 @@ def predict_paths(checkpoint: Path | InferenceModel, input: Path, out: Path | No
     input, out = Path(input), None if out is None else Path(out)
     images = [SubjectRecord(image_stem(p), "", p, None) for p in list_inputs(input)]
     runner = (checkpoint if isinstance(checkpoint, InferenceModel)  # e.g. a K-fold ensemble
-              else load_inference_model(checkpoint, device))
+              else load_inference_model(checkpoint, device, mirror_axes, overlap))
     for rec in images:  # before anything is written
         check_orientation(rec, runner.checkpoint.get("orientation"), runner.path)
     written = []
