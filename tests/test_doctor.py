@@ -47,3 +47,20 @@ def test_sbatch_request_from_the_profile() -> None:
     profile = resolve_cluster("generic-slurm")[0]
     args = sbatch_test_args(profile)
     assert "--partition=gpu" in args and "--gpus-per-node=1" in args and "--mem=65536M" in args
+
+
+def test_doctor_says_in_one_line_when_the_shape_does_not_fit_the_partition(tmp_path: Path) -> None:
+    """More nodes than the partition has, or more CPUs a node than any node has: one `nodes`
+    line naming the request and what the partition has (sbatch --test-only would say only
+    "Requested node configuration is not available")."""
+    for shape in ("nodes: 9\n", "tasks_per_node: 4\ncpus_per_task: 16\n"):
+        profile = tmp_path / "shape.yaml"
+        profile.write_text(f"name: shape\nexecutor: slurm\nmem_gb: 1\n{shape}")
+        p = _doctor("--cluster", str(profile))
+        assert p.exit_code == 2, p.stdout
+        fixes = [line for line in p.stdout.splitlines() if line.startswith("FIX")]
+        assert len(fixes) == 1 and fixes[0].startswith("FIX  nodes: "), p.stdout
+        assert f"{profile} asks" in fixes[0] and "CPUs, gres" in fixes[0] and "fix: set nodes:" in fixes[0]
+        assert "sbatch --test-only" not in p.stdout  # it would only refuse the same shape
+    p = _doctor("--cluster", "local-ddp")
+    assert any(line.startswith("ok   nodes: 1 node(s) x 2 task(s)") for line in p.stdout.splitlines())

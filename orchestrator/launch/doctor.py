@@ -2,9 +2,11 @@
 
 Each check says ok, or what is wrong and the fix: the profile loads and slurm/progressive.sh
 reads its `setup:` lines the same way; the setup lines give a Python that imports the
-orchestrator (the venv); `sinfo` answers; the partition exists and has GPUs when the
-profile asks for them; `sbatch --test-only` accepts the profile's request (account, QoS,
-constraint, GPUs, CPUs, memory, time); the data tree is readable, and whether it is the
+orchestrator (the venv), and for a profile with GPUs its torch is a CUDA build; `sinfo`
+answers; the partition exists and has GPUs when the profile asks for them, and `nodes`
+nodes that each fit `tasks_per_node` x `cpus_per_task` CPUs and the GPUs; `sbatch
+--test-only` accepts the profile's request (account, QoS, constraint, GPUs, CPUs, memory,
+time); the data tree is readable, and whether it is the
 HDF5 cache training should read.
 """
 from __future__ import annotations
@@ -56,13 +58,17 @@ def run_doctor(cluster: str | None, data: Path | None = None) -> list[Check]:
     except OrchestratorError as err:
         return [Check("profile", False, str(err), "name a profile under envs/clusters/ or a "
                       "YAML file (copy envs/clusters/generic-slurm.yaml)")]
-    checks = [Check("profile", True, f"{profile.name} ({path})"), _setup_parse(profile, path),
-              _venv(profile, path)]
+    venv, torch_build = _venv(profile, path)
+    checks = [Check("profile", True, f"{profile.name} ({path})"), _setup_parse(profile, path), venv]
+    if torch_build is not None:
+        checks.append(_torch_build(profile, path, torch_build))
     sinfo = _sinfo()
     checks.append(sinfo)
     if sinfo.ok and profile.executor == "slurm":
         checks.append(_partition(profile, path))
-        if checks[-1].ok:  # sbatch would only refuse the partition again
+        if checks[-1].ok:
+            checks.append(_nodes(profile, path))
+        if checks[-1].ok:  # sbatch would only refuse the partition or the shape again
             checks.append(_test_only(profile, path))
     if data is not None:
         checks.append(_data(data))
@@ -87,17 +93,25 @@ def _setup_parse(profile: ClusterProfile, path: Path) -> Check:
         "(jobs start there) moves with it" if home else ""))
 
 
-def _venv(profile: ClusterProfile, path: Path) -> Check:
-    """The setup lines, then the Python jobs use, importing the orchestrator."""
+def _venv(profile: ClusterProfile, path: Path) -> tuple[Check, tuple[str, str, str] | None]:
+    """The setup lines, then the Python jobs use, importing the orchestrator; with it,
+    (venv, torch's version, its CUDA build or "None") when it imports."""
     setup = "\n".join(profile.setup)
     script = (f"set +u -e\n{setup}\nset -u +e\n"  # a setup line that fails is the finding
               'if [ -n "${VIRTUAL_ENV:-}" ]; then PY=python; else PY=.venv/bin/python; fi\n'
               '[ -x "$(command -v "$PY")" ] || { echo "no venv: $PY not found"; exit 3; }\n'
-              f'"$PY" -c "import sys; {IMPORTS}; print(sys.prefix)"\n')
+              f'"$PY" -c "import sys; {IMPORTS}; '
+              "print(sys.prefix, torch.__version__, torch.version.cuda, sep='|')\"\n")
     rc, text = _run(["bash", "-c", script], timeout_s=IMPORT_TIMEOUT_S)
     last = text.splitlines()[-1] if text else ""
-    if rc == 0:
-        return Check("venv", True, f"imports the orchestrator from {last}")
+    found = [line for line in text.splitlines() if line.count("|") == 2]  # stderr comes after
+    if rc == 0 and found:
+        prefix, version, cuda = found[-1].split("|")
+        return Check("venv", True, f"imports the orchestrator from {prefix}"), (prefix, version, cuda)
+    return _no_venv(profile, path, last), None
+
+
+def _no_venv(profile: ClusterProfile, path: Path, last: str) -> Check:
     sources = [s for s in profile.setup if re.match(r"\s*(source|\.)\s", s)]
     if sources:
         target = shlex.split(sources[0])[1] if len(shlex.split(sources[0])) > 1 else "?"
@@ -107,6 +121,26 @@ def _venv(profile: ClusterProfile, path: Path) -> Check:
     return Check("venv", False, f"no `source .../bin/activate` in {path}'s setup: and {last}",
                  "run `bash setup.sh` in the repository (it makes .venv), or add "
                  "`source .venv/bin/activate` to setup:")
+
+
+def _wants_gpus(profile: ClusterProfile) -> bool:
+    return bool(profile.gpus_per_node) or (profile.gres or "").startswith("gpu")
+
+
+def _torch_build(profile: ClusterProfile, path: Path, build: tuple[str, str, str]) -> Check:
+    """For a profile with GPUs, the venv's torch must be a CUDA build: a CPU-only one sees
+    no GPU on any node (a plan for CUDA then refuses to start). Checked without a GPU."""
+    prefix, version, cuda = build
+    if cuda not in ("", "None"):
+        return Check("torch build", True, f"torch {version}, CUDA {cuda} build ({prefix})")
+    if not _wants_gpus(profile):
+        return Check("torch build", True, f"torch {version}, CPU-only build ({prefix}); "
+                     f"{profile.name} asks for no GPU")
+    return Check("torch build", False, f"torch {version} in {prefix} is a CPU-only build "
+                 f"(torch.version.cuda is None) but {path} asks for GPUs: it sees no GPU on any "
+                 "node", "install a CUDA build there: `TORCH_SPEC=torch bash setup.sh` (pip's "
+                 "default Linux wheel is a CUDA build), or pip install torch from a CUDA index "
+                 "URL of https://pytorch.org/get-started")
 
 
 def _sinfo() -> Check:
@@ -130,12 +164,57 @@ def _partition(profile: ClusterProfile, path: Path) -> Check:
     _, gres, avail = names[want]
     if avail != "up":
         return Check("partition", False, f"{want} is {avail}", "pick a partition that is up")
-    needs_gpu = profile.gpus_per_node or (profile.gres or "").startswith("gpu")
-    if needs_gpu and "gpu" not in gres:
+    if _wants_gpus(profile) and "gpu" not in gres:
         return Check("partition", False, f"{want} has no GPUs (gres {gres})", f"set `partition:` "
                      f"in {path} to a GPU partition, or gpus_per_node: 0 for CPU jobs")
     return Check("partition", True, f"{want}" + ("" if profile.partition else " (the default)")
                  + f", gres {gres}")
+
+
+def _gres_gpus(gres: str, gpu_type: str | None = None) -> int:
+    """GPUs in a sinfo GRES field (`gpu:a100:2(S:0-1),gpu:v100:1`), of `gpu_type` if given."""
+    count = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] != "gpu" or len(parts) < 2 or not parts[-1].isdigit():
+            continue
+        if gpu_type is None or (len(parts) == 3 and parts[1] == gpu_type):
+            count += int(parts[-1])
+    return count
+
+
+def _gpu_request(profile: ClusterProfile) -> tuple[int, str | None]:
+    """(GPUs per node, GPU type or None) a stage job asks for."""
+    parts = (profile.gres or "").split(":")
+    gres_type = parts[1] if parts[0] == "gpu" and len(parts) == 3 else None
+    gres_n = int(parts[-1]) if parts[0] == "gpu" and parts[-1].isdigit() else 0
+    return max(profile.gpus_per_node, gres_n), gres_type
+
+
+def _nodes(profile: ClusterProfile, path: Path) -> Check:
+    """Does the partition have `nodes` nodes, each with CPUs for tasks_per_node x
+    cpus_per_task and the GPUs asked for? (sbatch --test-only only says "Requested node
+    configuration is not available".)"""
+    part = profile.partition or _default_partition()
+    rc, text = _run(["sinfo", "-h", "-N", "-p", part or "", "-o", "%N|%c|%G"])
+    shapes = {r[0]: r for r in (line.split("|") for line in text.splitlines()) if len(r) == 3}
+    cpus = profile.tasks_per_node * profile.cpus_per_task
+    gpus, gpu_type = _gpu_request(profile)
+    fit = [n for n, c, g in shapes.values()
+           if c.isdigit() and int(c) >= cpus and _gres_gpus(g, gpu_type) >= gpus]
+    want = (f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) x "
+            f"{profile.cpus_per_task} CPU(s)" + (f", {gpus} {gpu_type or 'GPU'}(s) a node" if gpus else ""))
+    if rc == 0 and len(fit) >= profile.nodes:
+        return Check("nodes", True, f"{want}: {len(fit)} of {part}'s {len(shapes)} node(s) fit")
+    have = "; ".join(f"{n}: {c} CPUs, gres {g}" for n, c, g in shapes.values()) or text or "none"
+    return Check("nodes", False, f"{path} asks {want}, partition {part} has {len(fit)} node(s) "
+                 f"that fit ({have})", f"set nodes: at most {len(fit) or 1} and tasks_per_node x "
+                 f"cpus_per_task at most a node's CPUs in {path}, or pick a bigger partition")
+
+
+def _default_partition() -> str | None:
+    rc, text = _run(["sinfo", "-h", "-o", "%P"])
+    return next((p.rstrip("*") for p in text.split() if p.endswith("*")), None)
 
 
 def sbatch_test_args(profile: ClusterProfile) -> list[str]:
