@@ -99,7 +99,7 @@ def test_cache_equals_nifti_on_the_brain_box_in_ras(padded):
     assert all(s < t for s, t in zip(vol.image.shape, src.image.shape))
     assert np.count_nonzero(vol.image) == np.count_nonzero(src.image)
     assert vol.label.sum() == src.label.sum() > 0
-    assert chunks == (32, 32, 32)
+    assert chunks is None  # contiguous: patches are read through a memmap
     # the same voxel sits at the same world position in both
     voxel = np.argwhere(vol.label)[0]
     world = vol.affine @ np.r_[voxel, 1.0]
@@ -295,3 +295,34 @@ def test_dataloader_workers_read_the_cache_after_the_parent_did(cached):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     got = torch.cat([batch["image"] for batch in loader])
     assert torch.equal(got, expected)
+
+
+def test_crops_come_from_a_memmap_and_a_chunked_cache_still_reads(cached, tmp_path):
+    """Issue 27: the volumes are contiguous and a crop is read through a memmap of the file;
+    a cache built with 32^3 chunks before it reads the same voxels through h5py."""
+    from orchestrator.data import cachefile
+
+    rec = cached[0]
+    vol = CachedVolume(rec.cached, (8, 8, 8))
+    start, size = np.array([3, 2, 5]), (10, 12, 9)
+    image, label = vol.crop(start, size)
+    with h5py.File(rec.cached) as f:
+        box = tuple(slice(a, a + s) for a, s in zip(start - vol.pad_lo, size))
+        want_image, want_label = f["image"][box], f["label"][box]
+        assert f["image"].chunks is None and f["sdm"].chunks is None
+    assert isinstance(cachefile._mapped(cachefile._handle(rec.cached), rec.cached, "image"), np.memmap)
+    np.testing.assert_array_equal(image, want_image)
+    np.testing.assert_array_equal(label, want_label)
+    assert image.flags.writeable and not isinstance(image, np.memmap)  # a copy, not a view
+    old = tmp_path / "chunked.h5"  # the layout of caches built before
+    with h5py.File(rec.cached) as src, h5py.File(old, "w") as dst:
+        for name in ("image", "label", "sdm"):
+            dst.create_dataset(name, data=src[name][()], chunks=(4, 4, 4))
+        dst.create_dataset("lesion_flat", data=src["lesion_flat"][()])
+        dst.attrs.update(dict(src.attrs))
+    chunked = CachedVolume(old, (8, 8, 8))
+    assert cachefile._mapped(cachefile._handle(old), old, "image") is None
+    for a, b in zip(chunked.crop(start, size, names=("image", "label", "sdm")),
+                    vol.crop(start, size, names=("image", "label", "sdm"))):
+        np.testing.assert_array_equal(a, b)
+

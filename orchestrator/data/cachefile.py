@@ -6,6 +6,14 @@ Like every layout module it offers `find_records(cache_dir)` (the subjects its m
 the volume, through a small per-process pool of open files (h5py handles are never
 pickled, and a forked DataLoader worker opens its own). Every problem is a one-line
 `DataError` naming the file.
+
+The volumes are stored contiguous and uncompressed (since issue 27), so a patch is read
+through a read-only numpy memmap at the dataset's offset in the file (`get_offset`, as
+h5py documents for this case): a copy out of the page cache, as fast as from an array in
+RAM. A 144^3 crop took 1.1 ms that way against 6.5 ms through h5py's hyperslab read of the
+same file and 10.9 ms from the 32^3 chunks the cache had before (docs/benchmarks.md,
+"Cache crops"). A cache built with chunks (or any dataset without an offset) is read
+through h5py, as before.
 """
 from __future__ import annotations
 
@@ -143,7 +151,8 @@ class CachedVolume:
         inside = bool((lo >= 0).all() and (hi <= self.stored_shape).all())
         out = []
         for name in names:
-            part = _read(f, self.path, name, src)
+            view = _mapped(f, self.path, name)
+            part = np.array(view[src]) if view is not None else _read(f, self.path, name, src)
             if inside:
                 out.append(part)
                 continue
@@ -154,7 +163,7 @@ class CachedVolume:
         return tuple(out)
 
 
-_OPEN: OrderedDict[Path, tuple[Any, tuple[int, int]]] = OrderedDict()
+_OPEN: OrderedDict[Path, tuple[Any, tuple[int, int], dict[str, np.ndarray | None]]] = OrderedDict()
 _OPEN_PID = [os.getpid()]
 
 
@@ -173,17 +182,35 @@ def _handle(path: Path):
     except OSError:
         ident = (-1, -1)  # _open raises the DataError
     if path in _OPEN:
-        handle, seen = _OPEN[path]
+        handle, seen, _ = _OPEN[path]
         if seen == ident:
             _OPEN.move_to_end(path)
             return handle
         del _OPEN[path]
         handle.close()
     handle = _open(path)
-    _OPEN[path] = (handle, ident)
+    _OPEN[path] = (handle, ident, {})
     while len(_OPEN) > MAX_OPEN_FILES:
         _OPEN.popitem(last=False)[1][0].close()
     return handle
+
+
+def _mapped(f, path: Path, name: str) -> np.ndarray | None:
+    """A read-only memmap of dataset `name` of the pooled file `f`, or None where the
+    dataset is not stored contiguous and uncompressed (a chunked cache: read by h5py)."""
+    views = _OPEN[path][2] if path in _OPEN and _OPEN[path][0] is f else {}
+    if name not in views:
+        ds = _dataset(f, path, name)
+        offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+        view = None
+        if offset is not None and ds.dtype.isnative:
+            try:
+                view = np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+            except (OSError, ValueError) as exc:  # shorter than the dataset says: truncated
+                raise DataError(f"{path}: damaged '{name}' dataset ({exc}); expected a complete"
+                                f" cache file - {REBUILD_HINT}") from None
+        views[name] = view
+    return views[name]
 
 
 def _open(path: Path):

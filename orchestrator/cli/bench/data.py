@@ -2,8 +2,9 @@
 
 It synthesises its own ATLAS-sized subjects into a temporary folder, builds the cache and
 times, per patch size, a random crop from the .nii.gz (nibabel decompresses the whole
-file, then the crop is taken) and from the cache (h5py reads the chunks the box touches;
-the files are in the page cache: warm), then `PatchDataset` samples per second.
+file, then the crop is taken) and from the cache (a copy out of a memmap of the
+contiguous dataset, `cachefile.CachedVolume`; the files are in the page cache: warm),
+then `PatchDataset` samples per second.
 `PatchDataset` keeps loaded volumes in memory; for ATLAS (655 subjects, 43 MB each) that
 is bounded with `max_cached_volumes`, so every sample re-reads its subject: that is the
 case timed (`..._reload_...`), and the all-in-RAM rate from NIfTI is given for reference.
