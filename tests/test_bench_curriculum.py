@@ -28,10 +28,11 @@ def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
     # the arms in two processes give what they give one after the other in one
     alone = _quick(tmp_path, "--jobs", "1", "--threads", "1")
     assert doc["machine"]["jobs"] == 2 and alone["machine"]["jobs"] == 1
+    measured = ("train_cpu_s", "seconds_per_step")  # timed, so not equal run to run
     for name in ARMS:
         for key in ("curve", "handoffs", "phases"):
-            got = [{k: v for k, v in p.items() if k != "train_cpu_s"} for p in doc["arms"][name][key]]
-            want = [{k: v for k, v in p.items() if k != "train_cpu_s"} for p in alone["arms"][name][key]]
+            got = [{k: v for k, v in p.items() if k not in measured} for p in doc["arms"][name][key]]
+            want = [{k: v for k, v in p.items() if k not in measured} for p in alone["arms"][name][key]]
             assert got == want, (name, key)
     assert doc["bench"] == "curriculum" and doc["quick"] is True
     assert doc["data"]["test_subjects"] >= 1 and doc["data"]["train_subjects"] >= 1
@@ -57,3 +58,33 @@ def test_bench_curriculum_quick_json(tmp_path: Path) -> None:
     assert {p["stage"] for p in growing} == {stages[-1]}
     assert [p["patch"] for p in growing] == [p["patch"] for p in doc["arms"]["progressive"]["phases"]]
     assert len(doc["arms"]["progressive"]["handoffs"]) == 3
+    _check_equal_time_and_inference(doc)
+
+
+def _check_equal_time_and_inference(doc: dict) -> None:
+    """Issue 26: the arms at equal training time, and the chain's model mirrored and
+    post-processed."""
+    eq = doc["equal_time"]
+    assert set(eq["arms"]) == set(ARMS) and len(eq["chain_lead"]) == len(EVAL_FRACTIONS)
+    for name, arm in eq["arms"].items():
+        fractions = [p["fraction"] for p in arm["curve"]]
+        assert len(fractions) == len(EVAL_FRACTIONS) and fractions == sorted(fractions), name
+        assert all("planned_s" in p for p in arm["curve"]), name
+        assert arm["test_dice"] == arm["curve"][-1]["test_dice"], name
+    for name in ARMS[1:]:  # trained for the chain's seconds, within half a step of them
+        arm = eq["arms"][name]
+        longest = max(p["seconds_per_step"] for p in arm["phases"])
+        assert abs(arm["budget_s"] - eq["budget_s"]) <= longest / 2 + 0.1, name
+        assert {p["stage"] for p in arm["phases"]} == {doc["arms"]["progressive"]["phases"][-1]["stage"]}
+    lead = [round(c[0] - max(c[1:]), 4) for c in zip(*[[p["test_dice"] for p in eq["arms"][a]["curve"]]
+                                                       for a in ARMS])]
+    assert eq["chain_lead"] == lead
+    inf = doc["chain_inference"]
+    assert inf["mirror_axes"] == [0, 1, 2] and inf["overlap"] == 0.5
+    for step in ("single_pass", "mirrored", "mirrored_postprocessed"):
+        assert 0.0 <= inf[step]["dice"] <= 1.0 and 0.0 <= inf[step]["lesion_f1"] <= 1.0
+    assert inf["seconds_per_volume"]["mirrored"] > inf["seconds_per_volume"]["single_pass"]
+    choice = inf["postprocessing"]
+    assert choice["dice_after"] >= choice["dice_before"]
+    assert (choice["dice_after"] > choice["dice_before"]) == (choice["choice"] != {"method": "none"})
+    assert doc["figures"]["chain_lead_equal_time"] == eq["chain_lead"][-1]

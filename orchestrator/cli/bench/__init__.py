@@ -123,11 +123,12 @@ def bench_curriculum(json_out: Json = False,
                               "usable CPUs, at most 3; 1: one after the other). The figures "
                               "do not depend on it; the wall time does.")] = None) -> None:
     """Progressive chain vs stage 4 from scratch (fixed and growing patch) at equal training
-    FLOPs, tested on held-out brain-anatomy subjects (10 CPU minutes: 6 min on 2 idle cores,
-    where the arms run two at a time, one thread each)."""
+    FLOPs and at equal training time, tested on held-out brain-anatomy subjects; and the
+    chain's model in one pass, mirrored, and mirrored and post-processed (chosen on 2
+    validation subjects). About 20 CPU minutes; the arms run two at a time, one thread each."""
     # deferred: torch (CLI start-up)
     from orchestrator.cli.bench.curriculum import bench_curriculum as run
-    from orchestrator.cli.bench.curriculum import summary_lines
+    from orchestrator.cli.bench.curriculum_report import summary_lines
 
     with err.status("benchmarking the curriculum against scratch..."):
         doc = run(quick=quick, threads=threads, jobs=jobs,

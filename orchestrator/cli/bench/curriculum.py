@@ -1,5 +1,6 @@
 """`orchestrator bench curriculum`: the progressive chain against stage 4 from scratch, at
-equal compute, on brain-anatomy subjects with held-out test subjects.
+equal compute (training FLOPs, and training time), on brain-anatomy subjects with held-out
+test subjects.
 
 Three arms, each given the same training budget:
 - progressive: the demo curriculum's four stages (stages/demo.yaml), the model growing
@@ -17,6 +18,18 @@ comparable between arms, and voxel-steps ignore that stage 4's model costs more 
 than stage 1's; FLOPs count both the patch and the model. Process CPU seconds are
 reported too, for reference. Validation is not part of the budget: each arm is tested at
 the same budget fractions (`EVAL_FRACTIONS`) on the held-out subjects.
+
+Equal training time ("equal_time" in the document): FLOPs flatter the small models, which
+use a CPU (and more so a GPU) worse per FLOP. So each (model, patch) step is also timed
+before the arms start (CPU seconds of one thread, the median of a few steps after a
+warm-up: the wall time of a core of one's own, less disturbed by other processes than the
+clock), the chain's steps priced in those seconds, and the two scratch arms trained again
+for the chain's seconds (the growing-patch arm giving each patch the chain's seconds
+there). The chain is tested at the same fractions of its seconds. On a shared machine the
+step times are noisy: compare arms of one run only.
+
+The chain's final model is also tested as `evaluate --run` would (`heldout.py`): one pass,
+mirrored, and mirrored with the post-processing chosen on separate validation subjects.
 
 The arms are independent (each seeds its own phases), so they run in `jobs` worker
 processes at once, one torch thread each by default: on 2 cores the progressive arm
@@ -40,7 +53,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from orchestrator.cli.bench.curriculum_report import (
+    ARMS,
+    TIME,
+    equal_time_record,
+    figures,
+    first_reach,
+)
 from orchestrator.cli.bench.data import machine_info
+from orchestrator.cli.bench.heldout import inference_figures
 from orchestrator.config import REPO_ROOT, StagePlan, StageSpec, load_curriculum
 from orchestrator.data.dataset import PatchDataset
 from orchestrator.data.mni152 import TemplateUnavailable, synthesize_mni152
@@ -57,10 +78,12 @@ EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # full size: 98x116x94 brains, 9 training and 4 test subjects. Stage 1 gets 300 steps: on
 # these data it reaches held-out Dice ~0.2 there, and ~0 at 200 (docs/benchmarks.md); the
 # patch grows only for stage 4 (48^3; 64^3 made an arm take half an hour of CPU).
-FULL = {"train": 9, "test": 4, "patches": (32, 32, 32, 48), "steps": (300, 150, 60, 30)}
-QUICK = {"train": 2, "test": 1, "patches": (32, 32, 32, 32), "steps": (2, 1, 1, 1),
-         "phantom_vox": 32}
-ARMS = ("progressive", "scratch", "scratch_growing_patch")
+# 2 validation subjects (after the test ones, so train and test stay as they were) choose
+# the chain's post-processing; `timed_steps` per (model, patch) price a step in seconds.
+FULL = {"train": 9, "test": 4, "val": 2, "patches": (32, 32, 32, 48), "steps": (300, 150, 60, 30),
+        "timed_steps": 3}
+QUICK = {"train": 2, "test": 1, "val": 1, "patches": (32, 32, 32, 32), "steps": (2, 1, 1, 1),
+         "phantom_vox": 32, "timed_steps": 1}
 
 
 def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: int = 0,
@@ -84,40 +107,54 @@ def bench_curriculum(quick: bool = False, work_dir: Path | None = None, seed: in
     size: dict[str, Any] = QUICK if quick else FULL
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="bench-curriculum-") as tmp:
-        train, test, what = _data(Path(tmp), size, seed, anatomy, quick)
+        train, test, val, what = _data(Path(tmp), size, seed, anatomy, quick)
         specs = [spec for spec, _ in load_curriculum(CURRICULUM)[1][:4]]
         patches = [(p,) * 3 for p in size["patches"]]
-        flops = {(i, p): _step_flops(specs[i], p) for i in range(4) for p in set(patches)}
+        pairs = sorted({(i, p) for i in range(4) for p in set(patches)})
+        flops = {(i, p): _step_flops(specs[i], p) for i, p in pairs}
+        say("timing one training step of each model and patch")
+        secs = {(i, p): _step_seconds(specs[i], p, size["timed_steps"]) for i, p in pairs}
         chain = [(i, patches[i], size["steps"][i]) for i in range(4)]
         budget = sum(flops[(i, p)] * n for i, p, n in chain)
+        budget_s = sum(secs[(i, p)] * n for i, p, n in chain)
         last = len(specs) - 1
         plans = {
             "progressive": chain,
             "scratch": [(last, patches[-1], round(budget / flops[(last, patches[-1])]))],
-            "scratch_growing_patch": _same_flops_per_patch(chain, flops, last),
+            "scratch_growing_patch": _same_cost_per_patch(chain, flops, last),
+            "scratch" + TIME: [(last, patches[-1], round(budget_s / secs[(last, patches[-1])]))],
+            "scratch_growing_patch" + TIME: _same_cost_per_patch(chain, secs, last),
         }
         # stage 4's rate is a rate for continuing a handed-off model; from scratch it trains
         # at the curriculum's from-scratch rate, stage 1's
         scratch_specs = [*specs[:last], specs[last].model_copy(update={"lr": specs[0].lr})]
-        work = {name: (plans[name], specs if name == "progressive" else scratch_specs, flops,
-                       budget, train, test, seed) for name in ARMS}
-        arms = _run_arms(work, jobs, threads, say)
-        for name in ARMS:
+        costs = {"flops": (flops, budget), "time": (secs, budget_s)}
+        units = {name: ("flops", "time") if name == "progressive" else
+                 ("time",) if name.endswith(TIME) else ("flops",) for name in plans}
+        work = {name: (plans[name], specs if name == "progressive" else scratch_specs, costs,
+                       units[name], train, test, val if name == "progressive" else [], seed)
+                for name in plans}
+        runs = _run_arms(work, jobs, threads, say)
+        for name in plans:
             arm_specs = work[name][1]
-            arms[name]["lr"] = [arm_specs[i].lr for i in sorted({i for i, _, _ in plans[name]})]
+            runs[name]["lr"] = [arm_specs[i].lr for i in sorted({i for i, _, _ in plans[name]})]
+    arms = {name: runs[name] for name in ARMS}
     for name, arm in arms.items():
         arm["reached_others_final_at"] = {
-            other: _first_reach(arm["curve"], arms[other]["test_dice"], "fraction")
+            other: first_reach(arm["curve"], arms[other]["test_dice"], "fraction")
             for other in arms if other != name}
         arm["reached_others_final_at_train_cpu_s"] = {
-            other: _first_reach(arm["curve"], arms[other]["test_dice"], "train_cpu_s")
+            other: first_reach(arm["curve"], arms[other]["test_dice"], "train_cpu_s")
             for other in arms if other != name}
     machine = {**machine_info(torch.__version__), "torch_threads": threads, "jobs": jobs,
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    equal_time = equal_time_record(runs, budget_s, secs, specs)
+    inference = arms["progressive"].pop("inference")
     return {"bench": "curriculum", "quick": quick, "machine": machine,
             "data": what, "budget_unit": "GFLOP of training steps (torch.utils.flop_counter)",
             "budget_gflop": round(budget / 1e9, 3), "eval_fractions": list(EVAL_FRACTIONS),
-            "arms": arms}
+            "arms": arms, "equal_time": equal_time, "chain_inference": inference,
+            "figures": figures(arms, equal_time, inference)}
 
 
 def _run_arms(work: dict[str, tuple], jobs: int, threads: int,
@@ -167,8 +204,9 @@ def _arm_worker(name: str, args: tuple, threads: int, lines: Any) -> dict[str, A
 
 
 def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
-    """(train records, test records, description): distinct subjects, test ones held out."""
-    n = size["train"] + size["test"]
+    """(train, test, validation records, description): distinct subjects, test and
+    validation ones held out."""
+    n = size["train"] + size["test"] + size["val"]
     kind = "phantom" if quick and anatomy == "auto" else anatomy
     notice = None
     if kind in ("auto", "mni152"):
@@ -183,9 +221,11 @@ def _data(root: Path, size: dict, seed: int, anatomy: str, quick: bool):
         side = size.get("phantom_vox", 96)
         synthesize_atlas(root, n, (side,) * 3, seed=seed)
     records = discover_subjects(root)
-    train, test = records[:size["train"]], records[size["train"]:]
-    return train, test, {"anatomy": kind, "train_subjects": len(train), "test_subjects": len(test),
-                         "notice": notice}
+    cut = size["train"] + size["test"]
+    train, test, val = records[:size["train"]], records[size["train"]:cut], records[cut:]
+    return train, test, val, {"anatomy": kind, "train_subjects": len(train),
+                              "test_subjects": len(test), "validation_subjects": len(val),
+                              "notice": notice}
 
 
 def _stage_plan(spec: StageSpec, patch: tuple[int, int, int]) -> StagePlan:
@@ -198,35 +238,57 @@ def _build(spec: StageSpec, patch: tuple[int, int, int]):
     return models.build_model(spec.model.arch, **_stage_plan(spec, patch).model_kwargs())
 
 
-def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:
-    """FLOPs of one training step of the stage's model at `patch` (its batch size)."""
+def _one_step(spec: StageSpec, patch: tuple[int, int, int]) -> Callable[[], Any]:
+    """One training step of the stage's model at `patch` (its batch size), to run again."""
     torch.manual_seed(0)
     model = _build(spec, patch)
     step = TrainStep.for_stage(spec, "cpu", False)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     x = torch.randn(spec.batch_size, 1, *patch)
     y = (torch.rand(spec.batch_size, *patch) > 0.9).long()
+    sdm = sdm_placeholder(step, x)
+    return lambda: step(model, opt, x, y, sdm=sdm, epoch=0)
+
+
+def _step_flops(spec: StageSpec, patch: tuple[int, int, int]) -> int:
+    """FLOPs of one training step of the stage's model at `patch` (its batch size)."""
+    run = _one_step(spec, patch)
     with FlopCounterMode(display=False) as counter:
-        step(model, opt, x, y, sdm=sdm_placeholder(step, x), epoch=0)
+        run()
     return int(counter.get_total_flops())
 
 
-def _same_flops_per_patch(chain, flops, last: int):
-    """Stage 4's model through the chain's patches, each patch given the chain's FLOPs
-    there (rounded on the running total, so the whole stays within half a step of the
-    budget; a phase shorter than half a step gets none)."""
-    phases, spent, target = [], 0, 0
+def _step_seconds(spec: StageSpec, patch: tuple[int, int, int], timed: int) -> float:
+    """CPU seconds of one training step of the stage's model at `patch` (its batch size):
+    the median of `timed` steps after one warm-up, in this process's torch threads."""
+    run = _one_step(spec, patch)
+    times = []
+    for k in range(timed + 1):
+        t0 = time.process_time()
+        run()
+        if k:  # the first step allocates and warms the caches
+            times.append(time.process_time() - t0)
+    return float(sorted(times)[len(times) // 2])
+
+
+def _same_cost_per_patch(chain, cost, last: int):
+    """Stage 4's model through the chain's patches, each patch given the chain's cost
+    there (FLOPs or seconds; rounded on the running total, so the whole stays within half
+    a step of the budget; a phase shorter than half a step gets none)."""
+    phases, spent, target = [], 0.0, 0.0
     for i, p, n in chain:
-        target += flops[(i, p)] * n
-        steps = max(0, round((target - spent) / flops[(last, p)]))
-        spent += steps * flops[(last, p)]
+        target += cost[(i, p)] * n
+        steps = max(0, round((target - spent) / cost[(last, p)]))
+        spent += steps * cost[(last, p)]
         phases.append((last, p, steps))
     return phases
 
 
-def _run_arm(phases, specs, flops, budget: int, train, test, seed: int, *,
-             say: Callable[[str], None]) -> dict[str, Any]:
-    """Train the phases in order, testing at the budget fractions; returns the arm's record.
+def _run_arm(phases, specs, costs: dict[str, tuple[dict, float]], units: tuple[str, ...],
+             train, test, val, seed: int, *, say: Callable[[str], None]) -> dict[str, Any]:
+    """Train the phases in order, testing at the budget fractions of each of `units`
+    ("flops": "curve", "time": "curve_time"); returns the arm's record, with the final
+    model's `inference_figures` where `val` has subjects.
 
     A phase with another stage's model starts it through the hand-off, with a fresh
     optimizer and that stage's schedule; a phase with the same model and another patch
@@ -238,8 +300,10 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int, *,
     sched: Any = None
     step_fn: Any = None
     prev: Any = None
-    spent, curve, handoffs = 0, [], []
-    marks = [f * budget for f in EVAL_FRACTIONS]
+    spent = dict.fromkeys(costs, 0.0)
+    curves: dict[str, list[dict[str, Any]]] = {u: [] for u in units}
+    marks = {u: [f * costs[u][1] for f in EVAL_FRACTIONS] for u in units}
+    handoffs = []
     for k, (i, patch, steps) in enumerate(phases):
         if not steps:  # shorter than half a step of this model (rounding)
             continue
@@ -257,7 +321,6 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int, *,
             later = sum(n for j, _, n in phases[k:] if j == i)  # this model's steps
             step_fn, opt, sched = _optimiser(spec, model, later, handed_off)
         data = _dataset(spec, patch, train, steps, step_fn.needs_sdm, seed + k)
-        per = flops[(i, patch)]
         for s in range(steps):
             batch = [data[s * spec.batch_size + b] for b in range(spec.batch_size)]
             x = torch.stack([b["image"] for b in batch])
@@ -268,26 +331,43 @@ def _run_arm(phases, specs, flops, budget: int, train, test, seed: int, *,
             step_fn(model, opt, x, y, sdm=sdm, epoch=sched.last_epoch // spec.iterations_per_epoch)
             sched.step()
             train_cpu += time.process_time() - t0
-            spent += per
-            while marks and spent >= marks[0] - per / 2:
-                marks.pop(0)
-                curve.append(_point(model, patch, test, spent, budget, train_cpu))
-                say(f"  {spec.name} {patch[0]}^3: {curve[-1]}")
+            for u in costs:
+                spent[u] += costs[u][0][(i, patch)]
+            dice: float | None = None  # one test for the marks of both units at this step
+            for u in units:
+                per = costs[u][0][(i, patch)]
+                while marks[u] and spent[u] >= marks[u][0] - per / 2:
+                    marks[u].pop(0)
+                    dice = _test_dice(model, patch, test) if dice is None else dice
+                    curves[u].append(_point(u, spent, costs, train_cpu, dice))
+                    say(f"  {spec.name} {patch[0]}^3 ({u}): {curves[u][-1]}")
         prev = (i, patch)
-    while marks:  # rounding left the last mark a fraction of a step away
-        marks.pop(0)
-        curve.append(_point(model, prev[1], test, spent, budget, train_cpu))
-    return {"phases": [{"stage": specs[i].name, "patch": list(p), "steps": n,
-                        "gflop_per_step": round(flops[(i, p)] / 1e9, 4)} for i, p, n in phases],
-            "budget_gflop": round(spent / 1e9, 3), "cpu_s": round(time.process_time() - cpu0, 1),
-            "train_cpu_s": round(train_cpu, 1),
-            "test_dice": curve[-1]["test_dice"], "curve": curve, "handoffs": handoffs}
+    for u in units:
+        while marks[u]:  # rounding left the last mark a fraction of a step away
+            marks[u].pop(0)
+            curves[u].append(_point(u, spent, costs, train_cpu, _test_dice(model, prev[1], test)))
+    first = curves[units[0]]
+    record = {"phases": [{"stage": specs[i].name, "patch": list(p), "steps": n,
+                          "gflop_per_step": round(costs["flops"][0][(i, p)] / 1e9, 4),
+                          "seconds_per_step": round(costs["time"][0][(i, p)], 3)}
+                         for i, p, n in phases],
+              "budget_gflop": round(spent["flops"] / 1e9, 3), "budget_s": round(spent["time"], 1),
+              "cpu_s": round(time.process_time() - cpu0, 1), "train_cpu_s": round(train_cpu, 1),
+              "test_dice": first[-1]["test_dice"], "handoffs": handoffs,
+              **{("curve" if u == "flops" else "curve_time"): c for u, c in curves.items()}}
+    if val:
+        say("testing the final model: one pass, mirrored, mirrored and post-processed")
+        record["inference"] = inference_figures(model, prev[1], test, val)
+    return record
 
 
-def _point(model, patch, test, spent: int, budget: int, train_cpu: float) -> dict[str, float]:
-    return {"gflop": round(spent / 1e9, 3), "fraction": round(spent / budget, 3),
-            "train_cpu_s": round(train_cpu, 1),
-            "test_dice": _test_dice(model, patch, test)}
+def _point(unit: str, spent: dict[str, float], costs: dict, train_cpu: float,
+           dice: float) -> dict[str, float]:
+    point = {"gflop": round(spent["flops"] / 1e9, 3),
+             "fraction": round(spent[unit] / costs[unit][1], 3)}
+    if unit == "time":  # estimated from timed steps: differs from run to run
+        point["planned_s"] = round(spent["time"], 1)
+    return {**point, "train_cpu_s": round(train_cpu, 1), "test_dice": dice}
 
 
 def _optimiser(spec: StageSpec, model, steps: int, handed_off: bool):
@@ -314,23 +394,3 @@ def _test_dice(model, patch, test) -> float:
     dev = torch.device("cpu")
     row = validate(model, test, lambda m, vol: predict_volume(m, vol.image, patch, dev, None))
     return float(row["val_dice"])
-
-
-def _first_reach(curve: list[dict[str, Any]], target: float, at: str) -> float | None:
-    """The curve's `at` (budget fraction, training CPU seconds) where it first reached
-    `target` (None: never)."""
-    return next((p[at] for p in curve if p["test_dice"] >= target), None)
-
-
-def summary_lines(doc: dict) -> list[str]:
-    """One line per arm: held-out Dice, budget spent, and where it reached the others."""
-    lines = [f"{doc['data']['anatomy']} data, {doc['data']['train_subjects']} training / "
-             f"{doc['data']['test_subjects']} test subjects; budget {doc['budget_gflop']} GFLOP"]
-    for name, arm in doc["arms"].items():
-        cpu = arm["reached_others_final_at_train_cpu_s"]
-        reach = ", ".join(f"{o} at {'-' if f is None else f'{f:.2f} of the budget ({cpu[o]} CPU s)'}"
-                          for o, f in arm["reached_others_final_at"].items())
-        lines.append(f"{name}: test Dice {arm['test_dice']:.3f} ({arm['budget_gflop']} GFLOP, "
-                     f"{arm['train_cpu_s']} CPU s training, {arm['cpu_s']} with tests); "
-                     f"reached {reach}")
-    return lines
