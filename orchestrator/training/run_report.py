@@ -25,6 +25,7 @@ import numpy as np
 from orchestrator.atomic import atomic_write
 from orchestrator.config import Plan, load_plan
 from orchestrator.data.sources import discover_subjects, load_subject
+from orchestrator.planning.memory import SLIDING_WINDOW
 from orchestrator.runs import state as run_state
 from orchestrator.training.predict import load_inference_model
 from orchestrator.training.run_model import RUN_MODEL_FILE
@@ -103,7 +104,10 @@ def overlay_data(plan: Plan, model_record: dict[str, Any], device: str) -> dict[
     if not found:
         return None
     vol = load_subject(found[0])
-    pred = load_inference_model(plan.run_dir / RUN_MODEL_FILE, device)(vol)
+    # one pass at validation's overlap, as the Dice curves beside it were measured
+    model = load_inference_model(plan.run_dir / RUN_MODEL_FILE, device, mirror_axes=(),
+                                 overlap=SLIDING_WINDOW["overlap"])
+    pred = model(vol)
     truth = vol.label if vol.label is not None else np.zeros_like(pred)
     area = truth.reshape(-1, truth.shape[2]).sum(0)
     z = int(np.argmax(area if area.any() else pred.reshape(-1, pred.shape[2]).sum(0)))
