@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster (with accounting) on this machine, without systemd.
+# A real multi-node SLURM cluster (with accounting, typed GPU GRES) on this machine,
+# without systemd: N nodes (default 2), each its own slurmd with its own loopback address.
 #
-#   bash slurm/local-cluster.sh up       install the packages if missing, write the config,
-#                                        start munged, mariadbd, slurmdbd, slurmctld, slurmd
-#   bash slurm/local-cluster.sh status   one line per daemon and the node state; exit 0 only
-#                                        if all run and the node is idle/mixed/allocated
-#   bash slurm/local-cluster.sh down     cancel jobs, stop the daemons that `up` started
+#   bash slurm/local-cluster.sh up [--nodes N]   install the packages if missing, write the
+#                                        config, add the node names to /etc/hosts, start
+#                                        munged, mariadbd, slurmdbd, slurmctld, one slurmd
+#                                        per node
+#   bash slurm/local-cluster.sh status   one line per daemon and per node; exit 0 only if
+#                                        all run and every node is idle/mixed/allocated
+#   bash slurm/local-cluster.sh down     cancel jobs, stop the daemons that `up` started,
+#                                        remove the /etc/hosts entries and GPU device files
+#
+# Nodes n1..nN at 127.0.0.2.., each declaring the host's CPUs and memory. Typed GPUs with
+# no GPU behind them (device files with the null device's numbers): n1 has gpu:a100:2, the
+# others gpu:v100:1. Partitions: debug (every node, the default), a100 (n1), v100 (the
+# others). Jobs see no CUDA: whatever they plan for a GPU type runs on the CPU.
 #
 # For Debian 12 as root (CI, sandboxes). Files go to the standard places: /etc/slurm,
 # /etc/munge, /var/lib/slurm, /var/log/slurm; the pids this script started are kept in
@@ -19,21 +28,30 @@ STATE_DIR=${LOCAL_SLURM_STATE_DIR:-/run/local-slurm}
 TIMEOUT_S=${LOCAL_SLURM_TIMEOUT_S:-30}
 CLUSTER=localcluster
 PARTITION=debug
-NODE=$(hostname -s)
+HOST=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
+GRES_CONF=/etc/slurm/gres.conf
+GRES_DIR=/var/lib/slurm/gres          # the GPUs' device files
+HOSTS_BEGIN="# local-slurm nodes: begin (slurm/local-cluster.sh; removed by down)"
+HOSTS_END="# local-slurm nodes: end"
 DBD_CONF=/etc/slurm/slurmdbd.conf
 DB_SOCKET=/run/mysqld/mysqld.sock
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; down goes backwards
+SERVICES=(munged mariadbd slurmdbd slurmctld)   # start order, then one slurmd@NODE a node
+NODES=()                                          # n1..nN: from --nodes, else the last `up`
 
 say() { printf '[local-slurm] %s\n' "$*"; }
 die() { printf '[local-slurm] error: %s\n' "$*" >&2; exit 1; }
 
-# Per daemon: the pid file it writes itself, and its log.
+# A daemon is named NAME or, for a node's slurmd, slurmd@NODE (the process is `slurmd`).
+process_of() { echo "${1%@*}"; }
+node_of() { [[ $1 == *@* ]] && echo "${1#*@}"; }
+# The pid file each daemon writes itself, and its log (slurm.conf's %n is the node).
 own_pidfile() {
     case $1 in
         munged) echo /run/munge/munged.pid ;;
         mariadbd) echo /run/mysqld/mysqld.pid ;;
+        slurmd@*) echo "/run/slurmd-${1#*@}.pid" ;;
         *) echo "/run/$1.pid" ;;
     esac
 }
@@ -41,9 +59,22 @@ logfile() {
     case $1 in
         munged) echo /var/log/munge/munged.log ;;
         mariadbd) echo /var/log/mysql/error.log ;;
+        slurmd@*) echo "/var/log/slurm/slurmd-${1#*@}.log" ;;
         *) echo "/var/log/slurm/$1.log" ;;
     esac
 }
+daemons() {   # start order; down goes backwards
+    local node
+    printf '%s\n' "${SERVICES[@]}"
+    for node in "${NODES[@]}"; do echo "slurmd@$node"; done
+}
+# The nodes of the cluster as configured (slurm.conf's NodeName lines).
+configured_nodes() {
+    [[ -r $CONF ]] && sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF"
+}
+node_index() { echo "${1#n}"; }                      # n2 -> 2
+node_addr() { echo "127.0.0.$(( $(node_index "$1") + 1 ))"; }   # n1 -> 127.0.0.2
+node_port() { echo $(( 7820 + $(node_index "$1") )); }           # n1 -> 7821
 
 # True if PID is a live (not zombie) process named NAME. kill -0 is not enough: a killed
 # daemon stays a zombie for a while, and a pid file in /run can outlive a reboot of the
@@ -64,7 +95,7 @@ running_pid() {
     local name=$1 pid
     for f in "$STATE_DIR/$name.pid" "$(own_pidfile "$name")"; do
         pid=$(read_pid "$f")
-        if [[ -n $pid ]] && is_daemon "$pid" "$name"; then echo "$pid"; return 0; fi
+        if [[ -n $pid ]] && is_daemon "$pid" "$(process_of "$name")"; then echo "$pid"; return 0; fi
     done
     return 1
 }
@@ -89,7 +120,7 @@ record_started() {
     pidfile=$(own_pidfile "$name")
     while :; do
         pid=$(read_pid "$pidfile")
-        if [[ -n $pid ]] && is_daemon "$pid" "$name"; then break; fi
+        if [[ -n $pid ]] && is_daemon "$pid" "$(process_of "$name")"; then break; fi
         if ((SECONDS >= deadline)); then
             local log; log=$(logfile "$name")
             [[ -r $log ]] && { echo "--- last lines of $log:" >&2; tail -n 15 "$log" >&2; }
@@ -143,8 +174,9 @@ install_file() {
 }
 
 write_config() {
-    local hw cpus boards sockets cores threads mem_mb tmp pass=""
-    mkdir -p /etc/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld /var/log/slurm
+    local hw cpus boards sockets cores threads mem_mb tmp pass="" node nodes_lines="" gres_lines=""
+    local first=${NODES[0]} others="" gpu=0 n i type
+    mkdir -p /etc/slurm /var/lib/slurm/slurmd /var/lib/slurm/slurmctld /var/log/slurm "$GRES_DIR"
     chown slurm:slurm /var/lib/slurm/slurmctld /var/log/slurm
     hw=$(slurmd -C | head -n1) || die "slurmd -C failed"
     field() { sed -n "s/.*\\b$1=\\([0-9]*\\).*/\\1/p" <<< "$hw"; }
@@ -153,11 +185,25 @@ write_config() {
     [[ -n $cpus && -n $mem_mb ]] || die "could not parse 'slurmd -C': $hw"
     mem_mb=$((mem_mb * 95 / 100))
 
+    # Each node: its own address and port (every slurmd binds all addresses), the host's
+    # CPUs and memory, typed GPUs whose device files have the null device's numbers
+    # (a GPU with no File= leaves the node INVAL).
+    for node in "${NODES[@]}"; do
+        if [[ $node == "$first" ]]; then n=2; type=a100; else n=1; type=v100; others+="${others:+,}$node"; fi
+        nodes_lines+="NodeName=$node NodeHostname=$HOST NodeAddr=$(node_addr "$node") Port=$(node_port "$node") CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem_mb Gres=gpu:$type:$n State=UNKNOWN"$'\n'
+        for ((i = 0; i < n; i++)); do
+            [[ -c $GRES_DIR/nvidia$gpu ]] || mknod "$GRES_DIR/nvidia$gpu" c 1 3
+            gres_lines+="NodeName=$node Name=gpu Type=$type File=$GRES_DIR/nvidia$gpu"$'\n'
+            gpu=$((gpu + 1))
+        done
+    done
+
     tmp=$(mktemp)
     cat > "$tmp" <<EOF
-# Written by slurm/local-cluster.sh: a single-node cluster with accounting (see docs/local-slurm.md).
+# Written by slurm/local-cluster.sh: a ${#NODES[@]}-node cluster on one host, with accounting
+# and typed GPU GRES (see docs/local-slurm.md).
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
@@ -169,9 +215,11 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
 ReturnToService=2
+GresTypes=gpu
 SlurmctldPidFile=$(own_pidfile slurmctld)
-SlurmdPidFile=$(own_pidfile slurmd)
-SlurmdSpoolDir=/var/lib/slurm/slurmd
+# %n: the node a slurmd runs as (slurmd -N NODE)
+SlurmdPidFile=/run/slurmd-%n.pid
+SlurmdSpoolDir=/var/lib/slurm/slurmd/%n
 StateSaveLocation=/var/lib/slurm/slurmctld
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
@@ -184,14 +232,23 @@ KillWait=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
+AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 SlurmctldLogFile=$(logfile slurmctld)
-SlurmdLogFile=$(logfile slurmd)
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem_mb State=UNKNOWN
-PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+${nodes_lines}PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=a100 Nodes=$first Default=NO MaxTime=INFINITE State=UP
 EOF
+    if [[ -n $others ]]; then
+        echo "PartitionName=v100 Nodes=$others Default=NO MaxTime=INFINITE State=UP" >> "$tmp"
+    fi
     install_file "$tmp" "$CONF" root:root 644
+    for node in "${NODES[@]}"; do mkdir -p "/var/lib/slurm/slurmd/$node"; done
+    tmp=$(mktemp)
+    printf '# Written by slurm/local-cluster.sh: one device file per GPU (no GPU behind it).\n%s' \
+        "$gres_lines" > "$tmp"
+    install_file "$tmp" "$GRES_CONF" root:root 644
 
     # Keep the database password across runs: the database user already has it.
     [[ -r $DBD_CONF ]] && pass=$(sed -n 's/^StoragePass=//p' "$DBD_CONF")
@@ -213,6 +270,27 @@ StoragePass=$pass
 StorageLoc=slurm_acct_db
 EOF
     install_file "$tmp" "$DBD_CONF" slurm:slurm 600
+}
+
+# The node names resolve wherever a job uses them as a host (a rendezvous address from
+# SLURM_JOB_NODELIST). /etc/hosts may be a bind mount: rewrite it in place, never rename.
+hosts_without_ours() {
+    awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' /etc/hosts
+}
+add_hosts() {
+    local tmp node; tmp=$(mktemp)
+    hosts_without_ours > "$tmp"
+    { echo "$HOSTS_BEGIN"
+      for node in "${NODES[@]}"; do echo "$(node_addr "$node") $node"; done
+      echo "$HOSTS_END"; } >> "$tmp"
+    if ! cmp -s "$tmp" /etc/hosts; then cat "$tmp" > /etc/hosts; say "/etc/hosts: ${NODES[*]}"; fi
+    rm -f "$tmp"
+}
+remove_hosts() {
+    local tmp; tmp=$(mktemp)
+    hosts_without_ours > "$tmp"
+    if ! cmp -s "$tmp" /etc/hosts; then cat "$tmp" > /etc/hosts; say "/etc/hosts: node entries removed"; fi
+    rm -f "$tmp"
 }
 
 # ----------------------------------------------------------------------------- daemons
@@ -267,46 +345,54 @@ ready_slurmdbd() { timeout 5 sacctmgr -n show cluster; }
 start_slurmctld() { rm -f "$(own_pidfile slurmctld)"; /usr/sbin/slurmctld; }
 ready_slurmctld() { timeout 5 scontrol ping | grep -q 'is UP'; }
 
-start_slurmd() { rm -f "$(own_pidfile slurmd)"; /usr/sbin/slurmd; }
-ready_slurmd() { node_ready; }
+start_slurmd() { rm -f "$(own_pidfile "slurmd@$1")"; /usr/sbin/slurmd -N "$1"; }
+ready_slurmd() { node_ready "$1"; }
 
-node_state() { timeout 5 sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1; }
-node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; }
+node_state() { timeout 5 sinfo -h -n "$1" -o %t 2>/dev/null | head -n1; }
+node_ready() { [[ $(node_state "$1") =~ ^(idle|mix|alloc)$ ]]; }
 accounting_ready() {
     timeout 5 sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" &&
         timeout 5 sacct -n -X --starttime now
 }
 
-# nudge_node WAIT_S: a node that was down before (a killed slurmd, or set down by hand)
-# may need one nudge back to service.
+# nudge_node NODE WAIT_S: a node that was down before (a killed slurmd, or set down by
+# hand) may need one nudge back to service.
+# A node whose slurmd was killed under a job stays 'comp' (completing) or 'down' until
+# it is back and asked again: ask every 5 s until WAIT_S is up.
 nudge_node() {
-    local deadline=$((SECONDS + $1))
-    until node_ready || ((SECONDS >= deadline)); do sleep 0.2; done
-    local state; state=$(node_state || true)
-    if ! [[ $state =~ ^(idle|mix|alloc)$ ]]; then
-        timeout 5 scontrol update nodename="$NODE" state=resume > /dev/null 2>&1 || true
-        say "node $NODE was '${state:-?}': asked slurmctld to resume it"
-    fi
+    local node=$1 deadline=$((SECONDS + $2)) state next=$((SECONDS + 5))
+    until node_ready "$node" || ((SECONDS >= deadline)); do sleep 0.2; done
+    until node_ready "$node"; do
+        state=$(node_state "$node" || true)
+        timeout 5 scontrol update nodename="$node" state=resume > /dev/null 2>&1 || true
+        say "node $node was '${state:-?}': asked slurmctld to resume it"
+        ((SECONDS + 5 < deadline + TIMEOUT_S)) || return 0
+        next=$((SECONDS + 5))
+        until node_ready "$node" || ((SECONDS >= next)); do sleep 0.2; done
+    done
 }
 
 # ensure NAME: start the daemon unless it runs already, then wait until it is ready.
+# NAME is a service or slurmd@NODE; its functions take the node as their argument.
 ensure() {
-    local name=$1 pid t0=$SECONDS startlog="$STATE_DIR/$1.start.log"
-    if declare -F "prepare_$name" > /dev/null; then "prepare_$name"; fi
+    local name=$1 pid t0=$SECONDS startlog="$STATE_DIR/$1.start.log" base node
+    base=$(process_of "$name"); node=$(node_of "$name" || true)
+    if declare -F "prepare_$base" > /dev/null; then "prepare_$base"; fi
     if pid=$(running_pid "$name"); then
-        [[ $name == slurmd ]] && nudge_node 0
-        wait_until "$name" "readiness" "ready_$name"
+        [[ $base == slurmd ]] && nudge_node "$node" 0
+        wait_until "$name" "readiness" "ready_$base" $node
         say "$name: running already (pid $pid)"
         return
     fi
     # 9>&-: the daemon must not inherit the lock (the next `up` would wait on it forever).
-    if ! "start_$name" > "$startlog" 2>&1 9>&-; then
+    # shellcheck disable=SC2086  # $node: no argument for a service
+    if ! "start_$base" $node > "$startlog" 2>&1 9>&-; then
         cat "$startlog" >&2
         die "$name failed to start (log: $(logfile "$name"))"
     fi
     record_started "$name"
-    [[ $name == slurmd ]] && nudge_node 5   # a fresh slurmd registers within ~1 s
-    wait_until "$name" "readiness" "ready_$name"
+    [[ $base == slurmd ]] && nudge_node "$node" 5   # a fresh slurmd registers within ~1 s
+    wait_until "$name" "readiness" "ready_$base" $node
     say "$name: started (pid $STARTED_PID, ready in $((SECONDS - t0)) s)"
 }
 
@@ -315,10 +401,11 @@ ensure() {
 cmd_up() {
     local t0=$SECONDS
     [[ $(id -u) == 0 ]] || die "run as root (starts system daemons)"
-    getent hosts "$NODE" > /dev/null || say "warning: hostname '$NODE' does not resolve (NodeAddr=127.0.0.1 is used)"
+    getent hosts "$HOST" > /dev/null || say "warning: hostname '$HOST' does not resolve (127.0.0.1 is used)"
     install_packages
     CONFIG_CHANGED=0
     write_config                      # before slurmdbd: sacctmgr and sinfo read slurm.conf
+    add_hosts
     if ((CONFIG_CHANGED)) && running_pid slurmctld > /dev/null; then
         say "warning: the config changed while slurmctld runs: run 'down' then 'up' to apply it"
     fi
@@ -330,21 +417,23 @@ cmd_up() {
         timeout 10 sacctmgr -i add cluster "$CLUSTER" > /dev/null 2>&1 || true
     fi
     ensure slurmctld
-    ensure slurmd
+    local node
+    for node in "${NODES[@]}"; do ensure "slurmd@$node"; done
     wait_until slurmctld "accounting (sacct)" accounting_ready
-    say "up in $((SECONDS - t0)) s: node $NODE $(node_state), partition $PARTITION, accounting on"
+    say "up in $((SECONDS - t0)) s: $(timeout 5 sinfo -h -N -o '%N %G %t' | sort -u | paste -sd ',' - | sed 's/,/, /g');" \
+        "partition $PARTITION (default); accounting on"
 }
 
 # stop NAME: SIGTERM the pid this script recorded, SIGKILL after 10 s; clean pid files.
 stop() {
-    local name=$1 pid own other
-    own=$(own_pidfile "$name")
+    local name=$1 pid own other proc
+    own=$(own_pidfile "$name"); proc=$(process_of "$name")
     pid=$(read_pid "$STATE_DIR/$name.pid")
-    if [[ -n $pid ]] && is_daemon "$pid" "$name"; then
+    if [[ -n $pid ]] && is_daemon "$pid" "$proc"; then
         kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + 10))
-        while is_daemon "$pid" "$name" && ((SECONDS < deadline)); do sleep 0.1; done
-        if is_daemon "$pid" "$name"; then
+        while is_daemon "$pid" "$proc" && ((SECONDS < deadline)); do sleep 0.1; done
+        if is_daemon "$pid" "$proc"; then
             kill -KILL "$pid" 2>/dev/null || true
             say "$name: stopped (pid $pid, SIGKILL after 10 s)"
         else
@@ -358,7 +447,7 @@ stop() {
     rm -f "$STATE_DIR/$name.pid"
     # A stale pid file (e.g. /run/slurmctld.pid) confuses init scripts and apt-get purge.
     local p; p=$(read_pid "$own")
-    if [[ -e $own ]] && ! { [[ -n $p ]] && is_daemon "$p" "$name"; }; then rm -f "$own"; fi
+    if [[ -e $own ]] && ! { [[ -n $p ]] && is_daemon "$p" "$proc"; }; then rm -f "$own"; fi
 }
 
 cmd_down() {
@@ -371,31 +460,58 @@ cmd_down() {
             say "cancelled jobs: ${ids//$'\n'/ }"
         fi
     fi
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop "${DAEMONS[i]}"; done
+    local all; mapfile -t all < <(daemons)
+    for ((i = ${#all[@]} - 1; i >= 0; i--)); do stop "${all[i]}"; done
+    # a single-node cluster's slurmd, started by an earlier version of this script
+    [[ -r $STATE_DIR/slurmd.pid ]] && stop slurmd
+    remove_hosts
+    rm -rf "$GRES_DIR"
     say "down in $((SECONDS - t0)) s"
 }
 
 cmd_status() {
-    local name pid ok=0 state
-    for name in "${DAEMONS[@]}"; do
+    local name pid ok=0 state node gres
+    for name in $(daemons); do
         if pid=$(running_pid "$name"); then
-            printf '%-10s up (pid %s)\n' "$name" "$pid"
+            printf '%-12s up (pid %s)\n' "$name" "$pid"
         else
-            printf '%-10s down\n' "$name"; ok=1
+            printf '%-12s down\n' "$name"; ok=1
         fi
     done
-    state=$(node_state || true)
-    printf '%-10s %s\n' "node" "$NODE: ${state:-no answer from slurmctld}"
-    [[ $state =~ ^(idle|mix|alloc)$ ]] || ok=1
+    ((${#NODES[@]})) || { printf '%-12s none configured (run up)\n' node; ok=1; }
+    for node in "${NODES[@]}"; do
+        state=$(node_state "$node" || true)
+        gres=$(timeout 5 sinfo -h -n "$node" -o %G 2>/dev/null | head -n1 || true)
+        printf '%-12s %s\n' "node $node" \
+            "${state:-no answer from slurmctld}${gres:+ ($gres, $(node_addr "$node"))}"
+        [[ $state =~ ^(idle|mix|alloc)$ ]] || ok=1
+    done
     return $ok
 }
 
+usage() { echo "usage: $0 up [--nodes N (1-16, default 2)] | down | status" >&2; exit 2; }
+
 main() {
-    local cmd=${1:-}
+    local cmd=${1:-} count="" i
     case $cmd in
-        up | down | status) ;;
-        *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+        up | down | status) shift ;;
+        *) usage ;;
     esac
+    while (($#)); do
+        case $1 in
+            --nodes) [[ $cmd == up && ${2:-} =~ ^[0-9]+$ ]] && (($2 >= 1 && $2 <= 16)) || usage
+                     count=$2; shift 2 ;;
+            --nodes=*) set -- --nodes "${1#--nodes=}" "${@:2}" ;;
+            *) usage ;;
+        esac
+    done
+    # The nodes: --nodes N; else, for status and down, those of the config `up` wrote
+    # (slurm.conf's NodeName lines); else 2.
+    if [[ $cmd != up ]]; then
+        mapfile -t NODES < <(configured_nodes | grep -x 'n[0-9]*' || true)
+    else
+        for ((i = 1; i <= ${count:-2}; i++)); do NODES+=("n$i"); done
+    fi
     mkdir -p "$STATE_DIR"
     if [[ $cmd != status ]]; then
         # One up/down at a time.
