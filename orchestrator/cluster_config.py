@@ -55,7 +55,15 @@ class ClusterProfile(StrictModel):
     cpus_per_task: int = Field(2, gt=0, description="CPUs per task: the loader's workers + 1.")
     tasks_per_node: int = Field(1, gt=0, description="More than 1 task runs DistributedDataParallel "
                                 "(one task per GPU; gloo on CPU). The plan's batch is per task.")
-    nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes).")
+    nodes: int = Field(1, gt=0, description="Nodes per stage job (DDP across nodes: "
+                       "tasks_per_node tasks on each; the ranks meet at the first node).")
+    ddp_lr_scaling: Literal["none", "sqrt", "linear"] = Field("none", description=(
+        "DDP: the stage's learning rate times 1, sqrt(ranks) or ranks. Each rank draws the "
+        "plan's batch, so a step averages ranks x batch samples; AdamW at these batches "
+        "trains well unscaled, sqrt suits Adam at many ranks, linear is SGD's rule."))
+    peer_timeout_s: float = Field(60, gt=0, description=(
+        "DDP: how long a rank may be silent (its node or process lost) or late to start "
+        "before the stage ends, naming the rank, its node and log; `resume` continues."))
     mem_gb: float = Field(8, gt=0, description="Host memory per node; bounds the loader's caches.")
     time_min: int | None = Field(None, gt=0, description=(
         "Time limit of each stage's job; unset: the plan's estimate from `plan --verify` "

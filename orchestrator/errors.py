@@ -33,3 +33,12 @@ class CheckpointError(OrchestratorError):
 
 class StageFailed(OrchestratorError):
     """Training cannot go on (the loss stays NaN, a data loader worker died, ...)."""
+
+
+class PeerLost(StageFailed):
+    """A DDP rank of the stage was lost (its node or its process), failed, or could not
+    start; the line names the rank, its node and, where known, its log."""
+
+    def __init__(self, line: str, lost: list[int] | None = None) -> None:
+        super().__init__(line)
+        self.lost = lost or []  # the ranks that went

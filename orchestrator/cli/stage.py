@@ -28,9 +28,10 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     A plan made for CUDA exits 2 where no GPU is visible, naming what the job sees.
     """
     # deferred: submitit and torch (CLI start-up)
-    from orchestrator.launch.node import stop_flag
+    from orchestrator.launch.node import export_distributed_env, stop_flag
     from orchestrator.training.trainer import run_stage as _run
 
+    export_distributed_env()  # a step of several tasks (run-chain): this task's DDP rank
     stop = stop_flag(str(plan_path))  # under SLURM: also at an epoch boundary near the time limit
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         stop.install(signum)

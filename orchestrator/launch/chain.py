@@ -3,8 +3,10 @@
 What `slurm/progressive.sh` runs, with what `submit` gives every job:
 - the run's code snapshot (launch/snapshot.py): each stage runs `python -m orchestrator
   run-stage` from runs/<run>/code/, so a job requeued hours later runs the submitted code;
-- each stage a job step (`srun --ntasks=1 --cpus-per-task=$SLURM_CPUS_PER_TASK`: since
-  SLURM 22.05 a step does not inherit the job's CPUs), so `--signal=USR2@...` reaches it;
+- each stage a job step over every task of the allocation (`srun --ntasks=$SLURM_NTASKS
+  --cpus-per-task=$SLURM_CPUS_PER_TASK`: since SLURM 22.05 a step does not inherit the
+  job's CPUs), so `--signal=USR2@...` reaches it; with several tasks (several GPUs, or
+  several nodes) the stage runs as DDP, one rank a task, as a submitted job does;
 - requeue accounting: a stage stopped by USR2 or near the time limit (exit 75, last.pt
   written) is counted in state.json and the job requeues itself, until the profile's
   `max_requeues`; a requeue from outside (`scontrol requeue`, preemption) is counted when
@@ -14,6 +16,7 @@ fails ends the chain: the last line names it and its log (logs/<run>/chain/).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -42,13 +45,22 @@ def _final(plan: Plan, sp: StagePlan) -> Path:
 
 
 def stage_command(plan_path: Path, stage: str) -> list[str]:
-    """The stage's command: a job step under SLURM, a plain process elsewhere."""
+    """The stage's command: a job step over the allocation's tasks under SLURM (one DDP
+    rank a task), a plain process elsewhere.
+
+    Not `--kill-on-bad-exit` with several ranks: a rank that fails tells the others
+    (training/distributed.py), and the writer records the line that names it; killed at
+    once, it could not."""
     cmd = [sys.executable, "-m", "orchestrator", "run-stage", "--plan", str(plan_path),
            "--stage", stage]
     if not os.environ.get("SLURM_JOB_ID"):
         return cmd
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    return ["srun", "--ntasks=1", "--nodes=1", "--kill-on-bad-exit=1",
+    env = os.environ
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    tasks, nodes = env.get("SLURM_NTASKS", "1"), env.get("SLURM_JOB_NUM_NODES", "1")
+    many = int(tasks) > 1
+    return ["srun", f"--ntasks={tasks}", f"--nodes={nodes}", f"--kill-on-bad-exit={0 if many else 1}",
+            *(["--label"] if many else []),
             *([f"--cpus-per-task={cpus}"] if cpus else []), *cmd]
 
 
@@ -72,7 +84,8 @@ def _run_stage(plan: Plan, plan_path: Path, sp: StagePlan, code: Path, sig: _Sig
     log = logs_dir(plan) / "chain" / f"{sp.name}.{os.environ.get('SLURM_JOB_ID', 'local')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(code), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        [str(code), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "ORCH_RANK_LOGS": json.dumps([str(log)])}  # every rank writes here (srun --label)
     with open(log, "a", encoding="utf-8") as fh:
         proc = subprocess.Popen(stage_command(plan_path, sp.name), cwd=code, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
@@ -138,9 +151,11 @@ def run_chain(plan_path: Path, include_lcnn: bool = False, say: Say = _say) -> i
                                    slurm_job_id=None, executor="chain")
     if not _count_outside_requeue(plan, plan_path, todo, say):
         return _failed(plan, todo, todo[0], "max_requeues reached", None, say)
-    if plan.cluster.tasks_per_node * plan.cluster.nodes > 1:
-        say(f"profile {plan.cluster.name}: tasks_per_node {plan.cluster.tasks_per_node}, nodes "
-            f"{plan.cluster.nodes}: run-chain runs each stage as one task (no DDP); use submit")
+    ranks = int(os.environ.get("SLURM_NTASKS", "1")) if os.environ.get("SLURM_JOB_ID") else 1
+    if ranks > 1:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "?")
+        say(f"each stage runs as DDP over this allocation's {ranks} tasks ({nodes}); the plan's "
+            f"batch is per task: {ranks} x batch per step")
     say(f"stages: {' '.join(sp.name for sp in stages)}; to run: "
         f"{' '.join(sp.name for sp in todo) or 'none'}")
     sig = _Signals()
@@ -151,6 +166,9 @@ def run_chain(plan_path: Path, include_lcnn: bool = False, say: Say = _say) -> i
         rc, log = _run_stage(plan, plan_path, sp, code, sig)
         if rc == 0 and _final(plan, sp).exists():
             continue
+        stopped = run_state.read_state(plan.run_dir)["stages"].get(sp.name, {}).get("state")
+        if rc != 0 and stopped == run_state.INTERRUPTED:  # DDP: srun ended the slower ranks
+            rc = EXIT_INTERRUPTED
         if sig.received in (signal.SIGTERM, signal.SIGINT):  # SLURM ends or requeues the job
             say(f"{sp.name} stopped by {signal.Signals(sig.received).name}; last.pt written")
             return 128 + int(sig.received)

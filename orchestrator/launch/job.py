@@ -10,6 +10,7 @@ from typing import Any
 
 import submitit
 
+from orchestrator.errors import PeerLost
 from orchestrator.launch import node
 from orchestrator.runs import state as run_state
 
@@ -49,10 +50,12 @@ class StageJob(submitit.helpers.Checkpointable):
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-            who = f"rank {rank}: " if rank is not None else ""
-            run_state.update_stage(self._run_dir(), self.stage, state=run_state.FAILED,
-                                   ended=run_state.now_iso(),
-                                   error=f"{who}{type(err).__name__}: {err}"[:500], failed_job=job_id)
+            # a lost DDP peer was recorded with its line by the peer watch (distributed.py)
+            who = f"rank {rank} ({os.environ.get('SLURMD_NODENAME', '?')}): " if rank else ""
+            fields = {} if isinstance(err, PeerLost) else {
+                "state": run_state.FAILED, "ended": run_state.now_iso(),
+                "error": f"{who}{type(err).__name__}: {err}"[:500]}
+            run_state.update_stage(self._run_dir(), self.stage, failed_job=job_id, **fields)
             raise
         if result["interrupted"] and rank:  # DDP: rank 0 requeues or ends the job
             return result

@@ -10,9 +10,12 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,18 +30,77 @@ logger = logging.getLogger(__name__)
 NEAR_END_S = 60.0  # a requeue this close to the job's end (after the grace) is a timeout
 
 
-def export_distributed_env() -> int | None:
-    """With several tasks, export MASTER_ADDR/PORT, RANK, WORLD_SIZE for torch.distributed
-    (from submitit's job environment); returns this task's rank, or None for one task."""
-    env = submitit.JobEnvironment()
-    if env.num_tasks <= 1:
+def export_distributed_env(logs: list[str] | None = None) -> int | None:
+    """With several tasks, export what training/distributed.py needs: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR (rank 0's node), the node of every rank (ORCH_RANK_NODES),
+    their logs (ORCH_RANK_LOGS: `logs`, else submitit's per-task stderr) and this attempt's
+    rendezvous key (ORCH_RENDEZVOUS_KEY: job, restart, step). No port: rank 0 takes one
+    from the OS. Returns this task's rank, or None for one task.
+
+    In a SLURM job step (a submitit job's tasks, run-chain's stages) from SLURM's variables;
+    in submitit's local executor from its job environment; elsewhere (a batch script's
+    own shell, a login node) one task.
+    """
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") is not None:
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        if world <= 1:
+            return None
+        rank, local = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
+        hosts = slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+        counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE")
+                                or env.get("SLURM_TASKS_PER_NODE", ""), len(hosts))
+        nodes = [h for h, n in zip(hosts, counts) for _ in range(n)]  # block distribution
+        if len(nodes) != world:
+            nodes = [env.get("SLURMD_NODENAME", socket.gethostname()) if r == rank else "?"
+                     for r in range(world)]
+        # SLURM_JOB_ID is an array task's own id; a requeue keeps it and counts a restart
+        key = (f"{env['SLURM_JOB_ID']}.{env.get('SLURM_RESTART_COUNT') or '0'}."
+               f"{env.get('SLURM_STEP_ID', '0')}")
+    elif env.get("SUBMITIT_EXECUTOR"):
+        job_env = submitit.JobEnvironment()
+        world = job_env.num_tasks
+        if world <= 1:
+            return None
+        rank, local = job_env.global_rank, job_env.local_rank
+        nodes = [socket.gethostname()] * world
+        key = f"{job_env.job_id}.0.0"
+    else:
         return None
-    # keep CUDA_VISIBLE_DEVICES: the trainer picks the GPU of LOCAL_RANK itself
-    dist_env = submitit.helpers.TorchDistributedEnvironment().export(
-        set_cuda_visible_devices=False, overwrite=True)
-    logger.info("task %d of %d, master %s:%d", dist_env.rank, dist_env.world_size,
-                dist_env.master_addr, dist_env.master_port)
-    return dist_env.rank
+    if logs is None and env.get("SUBMITIT_FOLDER"):
+        job_id = submitit.JobEnvironment().job_id
+        logs = [str(submitit.core.utils.JobPaths(env["SUBMITIT_FOLDER"], job_id=job_id,
+                                                  task_id=r).stderr) for r in range(world)]
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+               LOCAL_WORLD_SIZE=str(nodes.count(nodes[rank])), MASTER_ADDR=nodes[0],
+               ORCH_RANK_NODES=",".join(nodes), ORCH_RENDEZVOUS_KEY=key,
+               ORCH_RANK_LOGS=json.dumps(logs or []))
+    env.pop("MASTER_PORT", None)  # chosen by rank 0 (training/distributed.py)
+    logger.info("task %d of %d on %s; ranks on %s", rank, world, nodes[rank], ",".join(nodes))
+    return rank
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """`n[1-2],gpu7` -> ["n1", "n2", "gpu7"] (scontrol's own expansion)."""
+    if not nodelist:
+        return [socket.gethostname()]
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+    except (subprocess.SubprocessError, OSError):
+        out = []
+    return out or [nodelist]
+
+
+def tasks_per_node(spec: str, nodes: int) -> list[int]:
+    """SLURM's tasks-per-node list, `2(x3),1` -> [2, 2, 2, 1]; one each when unknown."""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return [1] * nodes
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts or [1] * nodes
 
 
 def job_end_time(job_id: str | None = None) -> float | None:

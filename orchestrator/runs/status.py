@@ -81,6 +81,7 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
             "attempts": entry.get("attempts", 0), "requeues": entry.get("requeues", 0),
             "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
+            "nodes": entry.get("nodes"),  # where its ranks ran (the last attempt)
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
             "handoff": entry.get("handoff"),  # epoch-0 Dice vs the previous stage's final
             "error": entry.get("error") or (f"process {entry.get('pid')} on {entry.get('host')} "
@@ -93,9 +94,11 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
 
 
 def _process_gone(entry: dict[str, Any]) -> bool:
-    """True when the stage's process ran on this host and no longer exists."""
+    """True when the stage's process ran on this host, outside SLURM, and no longer exists.
+    A SLURM job's liveness is SLURM's to say (its ranks may run on other nodes, and a pid
+    on this host may be anyone's)."""
     pid, host = entry.get("pid"), entry.get("host")
-    if not isinstance(pid, int) or host != socket.gethostname():
+    if entry.get("slurm_job_id") or not isinstance(pid, int) or host != socket.gethostname():
         return False
     try:
         os.kill(pid, 0)

@@ -7,6 +7,7 @@ and the rank's role and peers (training/rank.py) for checkpoint and state I/O.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import cast
 
@@ -51,7 +52,8 @@ def build_runner(plan: Plan, stage: str, device: str = "auto", *, role: Role | N
     torch.manual_seed(sp.spec.seed)
     model = models.build_model(sp.spec.model.arch, **sp.model_kwargs()).to(dev)
     train_step = TrainStep.for_stage(sp.spec, dev.type, sp.amp, agree=peers.agree_loss)
-    optimization = _optimization(sp, model, train_step, handed_off=bool(
+    optimization = _optimization(sp, model, train_step, ddp_lr_factor(
+        plan.cluster.ddp_lr_scaling, peers.world), handed_off=bool(
         sp.init_from or sp.spec.init_checkpoint))
     data = _data(plan, sp, optimization.step_batch * peers.world, train_step, dev)
     # GPU only: the plan's budget binds the allocator; an OOM in the first steps falls
@@ -63,15 +65,25 @@ def build_runner(plan: Plan, stage: str, device: str = "auto", *, role: Role | N
     return StageRunner(plan, sp, dev, model, data, optimization, role, peers)
 
 
+def ddp_lr_factor(rule: str, ranks: int) -> float:
+    """The learning rate's factor under DDP over `ranks` ranks (the profile's
+    `ddp_lr_scaling`): 1 (none), sqrt(ranks) or ranks (linear)."""
+    return {"none": 1.0, "sqrt": math.sqrt(ranks), "linear": float(ranks)}[rule]
+
+
 def _optimization(sp: StagePlan, model: torch.nn.Module, train_step: TrainStep,
-                  handed_off: bool) -> Optimization:
+                  lr_factor_ddp: float, handed_off: bool) -> Optimization:
     """AdamW over the trainable parameters (an encoder frozen by `freeze`), the learning
-    rate schedule, and the step: grad_accum_steps backward passes of batch_size samples."""
+    rate schedule, and the step: grad_accum_steps backward passes of batch_size samples.
+    `lr_factor_ddp` scales the stage's rate (and its floor) under DDP."""
     spec = sp.spec
     if spec.freeze == "encoder":
         models.freeze_encoder(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    if lr_factor_ddp != 1.0:
+        logger.info("%s: learning rate %.3g x %.3g (DDP, ddp_lr_scaling)", spec.name, spec.lr,
+                    lr_factor_ddp)
+    opt = torch.optim.AdamW(trainable, lr=spec.lr * lr_factor_ddp, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, handed_off))
     return Optimization(train_step, opt, sched, sp.batch_size * spec.grad_accum_steps)
 

@@ -65,7 +65,12 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
                 "final": str(final), "start": "already complete", "interrupted": False}
     # a plan for CUDA never trains on the CPU unless asked (--device cpu, the profile)
     device = stage_device(stage, plan.device, device, plan.cluster.train_device)
-    with distributed.session(device) as peers:  # DDP when WORLD_SIZE > 1
+    def lost_peer(line: str) -> None:  # a DDP rank lost: the stage ends with this line
+        run_state.update_stage(plan.run_dir, stage, state=run_state.FAILED,
+                               ended=run_state.now_iso(), error=line)
+
+    with distributed.session(device, stage_dir(plan, stage), plan.cluster.peer_timeout_s,
+                             lost_peer) as peers:  # DDP when WORLD_SIZE > 1
         runner = build_runner(plan, stage, device, role=role_of(peers.rank), peers=peers)
         return train_stage(runner, final, max_steps, stop)
 
@@ -79,7 +84,7 @@ def train_stage(runner: StageRunner, final: Path, max_steps: int | None = None,
     logger.info("%s: %s (%s, %d torch threads)", stage, how, runner.device, torch.get_num_threads())
     entry = runner.record("attempts", state=run_state.RUNNING,
                           started=run_state.now_iso(), start=how, pid=os.getpid(),
-                          host=socket.gethostname(),
+                          host=socket.gethostname(), nodes=distributed.rank_nodes(),
                           max_epochs=runner.sp.spec.max_epochs, error=None)
     if entry.get("slurm_job_id") is None and os.environ.get("SLURM_JOB_ID"):
         runner.record(slurm_job_id=os.environ["SLURM_JOB_ID"])
@@ -90,6 +95,8 @@ def train_stage(runner: StageRunner, final: Path, max_steps: int | None = None,
             runner.display = display if runner.is_writer else None
             return _train_to_end(runner, final, max_steps, stop, how)
     except Exception as err:  # state.json must not say RUNNING for a stage that stopped
+        if runner.peers.world > 1 and distributed.collective_failure(err):
+            raise  # the DDP session records which peer went (distributed.session)
         failed = loader_failure(err, stage)
         shown = failed or err
         runner.record(state=run_state.FAILED, ended=run_state.now_iso(),
