@@ -6,7 +6,9 @@
 #
 # This script only sets up the environment; the logic is `orchestrator run-chain` (the
 # same code as `orchestrator submit`): the stages run one after another, each as a job
-# step (srun, given this job's --cpus-per-task) from the run's code snapshot; complete
+# step over every task of the allocation (srun, given this job's --cpus-per-task) from the
+# run's code snapshot; with several tasks (--ntasks-per-node=4 on a 4-GPU node, or
+# --nodes=2) every stage runs as DDP, one rank a task, the plan's batch per rank; complete
 # stages are skipped, an interrupted one resumes from its last.pt. Before the time limit
 # (or on preemption) SLURM sends USR2: the stage stops at the next step with last.pt
 # written and the job requeues itself, counted in `orchestrator status`, at most the
@@ -37,6 +39,10 @@
 # --gres=gpu:1 (older sites; a type if the site wants one: --gres=gpu:a100:1). Keep one.
 #SBATCH --gpus=1
 ##SBATCH --gres=gpu:1
+# Several GPUs, one DDP rank each (docs/scaling.md): e.g. 2 nodes of 4 GPUs. Then replace
+# --gpus=1 above with --gpus-per-node=4 (or --gres=gpu:4) and use these two lines:
+##SBATCH --nodes=2
+##SBATCH --ntasks-per-node=4
 # CPUs feed the data loader (up to 4 workers and the main process); memory holds the
 # workers' volume caches (bounded from --mem: see README, "Host memory").
 #SBATCH --cpus-per-task=8

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -42,6 +42,19 @@ def bench_step(json_out: Json = False, device: OnDevice = "auto") -> None:
     from orchestrator.cli.bench.step import bench_step as run  # deferred: torch (CLI start-up)
 
     _bench(lambda: run(device=device), "the training step (about a minute)", json_out)
+
+
+@bench_app.command("ddp")
+def bench_ddp(json_out: Json = False,
+              nodes: Annotated[Literal["auto", "srun", "local"], typer.Option(
+                  "--nodes", help="Where the 2 ranks run: srun (two SLURM nodes), local (two "
+                  "processes here), or auto (srun where a cluster of 2+ nodes answers).")] = "auto",
+              ) -> None:
+    """Samples/s of stage 1 with 1 rank against 2 DDP ranks (one CPU thread each), and the
+    share of a 2-rank step spent on the all-reduce and waiting."""
+    from orchestrator.cli.bench.ddp import bench_ddp as run  # deferred: torch (CLI start-up)
+
+    _bench(lambda: run(nodes=nodes), "DDP with 1 and 2 ranks (about a minute)", json_out)
 
 
 @bench_app.command("plan")
