@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_plans import quick_tiny_plan
 
 from orchestrator.runs.state import read_state
 from orchestrator.training.checkpoints import load_checkpoint
 from orchestrator.training.parts import build_runner
-from orchestrator.training.rank import Follower, Writer
+from orchestrator.training.rank import Follower, Solo, Writer
 from orchestrator.training.trainer import train_stage
 
 S1 = "stage1_basic_cnn"
@@ -44,3 +45,20 @@ def test_follower_writes_nothing_and_the_writer_writes_the_stage(tmp_path: Path,
     # the follower trained the very steps the writer did (same seed, same samples)
     for name, tensor in load_checkpoint(final)["model"].items():
         torch.testing.assert_close(follower.model.state_dict()[name], tensor, msg=name)
+
+
+class _FourRanks(Solo):
+    """Peers as a rank of four would see them (the learning rate is all that is asked)."""
+
+    world = 4
+
+
+@pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])
+def test_ddp_lr_scaling_sets_the_rate_for_the_number_of_ranks(tmp_path: Path, tiny_data: Path,
+                                                              rule: str, factor: float) -> None:
+    plan, _ = quick_tiny_plan(tmp_path, tiny_data, ddp_lr_scaling=rule)
+    runner = build_runner(plan, S1, role=Follower(), peers=_FourRanks())
+    want = plan.stage(S1).spec.lr * factor
+    assert runner.opt.param_groups[0]["initial_lr"] == pytest.approx(want)
+    # each rank's dataset holds the whole step's samples, of which it draws its share
+    assert len(runner.dataset) == 4 * runner.step_batch * plan.stage(S1).spec.iterations_per_epoch
