@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from orchestrator.config import load_plan
+from orchestrator.planning.cpu_heap import bound_cpu_heap
 from orchestrator.runs import state as run_state
 from orchestrator.training import checkpoints as ck
 from orchestrator.training import distributed
-from orchestrator.training.devices import stage_device
+from orchestrator.training.devices import resolve_device, stage_device
 from orchestrator.training.display import StepDisplay
 from orchestrator.training.parts import build_runner
 from orchestrator.training.rank import role_of
@@ -65,6 +66,8 @@ def run_stage(plan_path: Path | str, stage: str, max_steps: int | None = None,
                 "final": str(final), "start": "already complete", "interrupted": False}
     # a plan for CUDA never trains on the CPU unless asked (--device cpu, the profile)
     device = stage_device(stage, plan.device, device, plan.cluster.train_device)
+    if resolve_device(device).type == "cpu":  # the heap the CPU estimate assumes
+        bound_cpu_heap()
     def lost_peer(line: str) -> None:  # a DDP rank lost: the stage ends with this line
         run_state.update_stage(plan.run_dir, stage, state=run_state.FAILED,
                                ended=run_state.now_iso(), error=line)

@@ -23,6 +23,7 @@ import torch
 
 import models
 from orchestrator.config import load_plan
+from orchestrator.planning.cpu_heap import bound_cpu_heap
 from orchestrator.planning.memory import prime_adamw
 from orchestrator.planning.verify import measure
 from orchestrator.training.step import TrainStep, sdm_placeholder
@@ -56,6 +57,8 @@ def trial(plan_path: Path, stage: str, steps: int = 2, device: str | None = None
             step(model, opt, x, y, sdm=kept["sdm"])
             step_times.append(time.perf_counter() - t0)
 
+    if dev.type == "cpu":  # the heap as a stage on the CPU has it (trainer.run_stage)
+        bound_cpu_heap()
     result = measure(run, dev.type)
     if dev.type == "cuda":
         # the memory tracker's Python hook on every op is a large part of a GPU step: time
