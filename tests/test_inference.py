@@ -218,3 +218,20 @@ def test_predict_defaults_mirror_and_bad_overlap_is_one_line(tmp_path: Path, tin
     res = invoke("predict", "--checkpoint", str(run_dir / "best.pt"), "--input", str(image),
                  "--overlap", "1.5")
     assert res.exit_code == 2 and "--overlap" in res.stderr
+
+
+def test_predict_run_without_its_data_applies_nothing(tmp_path: Path, tiny_data: Path) -> None:
+    """On a machine without the run's data (the plan names a folder that is not there),
+    `predict --run` still predicts, with no post-processing, and records no choice."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run_dir = _run_with_model(tmp_path, data, foreground=True)
+    image = tmp_path / "new_T1w.nii.gz"
+    shutil.copy(discover_subjects(data)[0].image, image)
+    shutil.rmtree(data)
+    res = invoke("predict", "--run", "tiny", "--runs-dir", str(run_dir.parent), "--input",
+                 str(image), "--out", str(tmp_path / "m.nii.gz"), "--device", "cpu", "--no-mirror")
+    assert res.exit_code == 0, res.stderr
+    assert _mask(tmp_path / "m.nii.gz").all() and not (run_dir / POSTPROCESS_FILE).exists()
