@@ -19,7 +19,8 @@ def test_bench_ddp_reports_both_cases_and_consistent_ratios(tmp_path, monkeypatc
     assert doc["bench"] == "ddp" and doc["machine"]["launcher"] == "local"
     assert f["samples_per_s_1_rank"] > 0 and f["samples_per_s_2_ranks"] > 0
     # the ratios are what they say: 2 ranks draw 2 x batch per step
-    assert f["samples_per_s_2_ranks"] == pytest.approx(2 * f["batch_per_rank"] / f["step_s_2_ranks"], rel=1e-2)
+    per_step = 2 * f["batch_per_rank"] / f["step_s_2_ranks"]
+    assert f["samples_per_s_2_ranks"] == pytest.approx(per_step, rel=1e-2)
     assert f["scaling_efficiency_ratio"] == pytest.approx(
         f["samples_per_s_2_ranks"] / (2 * f["samples_per_s_1_rank"]), rel=1e-2)
     assert 0 <= f["allreduce_share_ratio"] < 1 and 0 < f["allreduce_alone_s"] < f["step_s_2_ranks"]
