@@ -166,9 +166,6 @@ def run_chain(plan_path: Path, include_lcnn: bool = False, say: Say = _say) -> i
         rc, log = _run_stage(plan, plan_path, sp, code, sig)
         if rc == 0 and _final(plan, sp).exists():
             continue
-        stopped = run_state.read_state(plan.run_dir)["stages"].get(sp.name, {}).get("state")
-        if rc != 0 and stopped == run_state.INTERRUPTED:  # DDP: srun ended the slower ranks
-            rc = EXIT_INTERRUPTED
         if sig.received in (signal.SIGTERM, signal.SIGINT):  # SLURM ends or requeues the job
             say(f"{sp.name} stopped by {signal.Signals(sig.received).name}; last.pt written")
             return 128 + int(sig.received)

@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 NEAR_END_S = 60.0  # a requeue this close to the job's end (after the grace) is a timeout
 
 
-def export_distributed_env(logs: list[str] | None = None) -> int | None:
+def export_distributed_env() -> int | None:
     """With several tasks, export what training/distributed.py needs: RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR (rank 0's node), the node of every rank (ORCH_RANK_NODES),
-    their logs (ORCH_RANK_LOGS: `logs`, else submitit's per-task stderr) and this attempt's
+    their logs (ORCH_RANK_LOGS: submitit's per-task stderr; run-chain sets its stage log
+    itself) and this attempt's
     rendezvous key (ORCH_RENDEZVOUS_KEY: job, restart, step). No port: rank 0 takes one
     from the OS. Returns this task's rank, or None for one task.
 
@@ -67,14 +68,13 @@ def export_distributed_env(logs: list[str] | None = None) -> int | None:
         key = f"{job_env.job_id}.0.0"
     else:
         return None
-    if logs is None and env.get("SUBMITIT_FOLDER"):
+    if env.get("SUBMITIT_FOLDER"):
         job_id = submitit.JobEnvironment().job_id
-        logs = [str(submitit.core.utils.JobPaths(env["SUBMITIT_FOLDER"], job_id=job_id,
-                                                  task_id=r).stderr) for r in range(world)]
+        env["ORCH_RANK_LOGS"] = json.dumps([str(submitit.core.utils.JobPaths(
+            env["SUBMITIT_FOLDER"], job_id=job_id, task_id=r).stderr) for r in range(world)])
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
                LOCAL_WORLD_SIZE=str(nodes.count(nodes[rank])), MASTER_ADDR=nodes[0],
-               ORCH_RANK_NODES=",".join(nodes), ORCH_RENDEZVOUS_KEY=key,
-               ORCH_RANK_LOGS=json.dumps(logs or []))
+               ORCH_RANK_NODES=",".join(nodes), ORCH_RENDEZVOUS_KEY=key)
     env.pop("MASTER_PORT", None)  # chosen by rank 0 (training/distributed.py)
     logger.info("task %d of %d on %s; ranks on %s", rank, world, nodes[rank], ",".join(nodes))
     return rank

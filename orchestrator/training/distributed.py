@@ -76,7 +76,7 @@ def world_size() -> int:
 def rank_nodes() -> list[str]:
     """The nodes this stage's ranks run on, in rank order, each once (this node alone
     outside DDP)."""
-    nodes = [n for n in os.environ.get("ORCH_RANK_NODES", "").split(",") if n]
+    nodes = Layout.from_env().nodes
     here = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     return list(dict.fromkeys(nodes)) if world_size() > 1 and nodes else [here]
 
@@ -353,7 +353,6 @@ class PeerWatch:
         self._halt = threading.Event()
         self._explaining = threading.Event()
         self._decided = threading.Event()
-        self._lock = threading.Lock()
         self.verdict: str | None = None
         self._thread = threading.Thread(target=self._run, name="peer-watch", daemon=True)
         self._thread.start()
@@ -418,16 +417,15 @@ class PeerWatch:
         lay = self.layout
         line = (f"{lay.who(lost)} {what}; {lay.who(lay.rank)} ends the stage; "
                 "`orchestrator resume` continues from last.pt")
-        with self._lock:
-            self.verdict = line
-            # the writer records; a follower only when the writer itself is gone unannounced
-            # (a writer that failed recorded its own error)
-            if self._record is not None and (lay.rank == 0 or (lost == 0 and not what.startswith("failed"))):
-                with contextlib.suppress(Exception):
-                    self._record(line)
-            self._decided.set()
-            if self._explaining.is_set():
-                return  # the main thread raises PeerLost(line)
+        self.verdict = line
+        # the writer records; a follower only when the writer itself is gone unannounced
+        # (a writer that failed recorded its own error)
+        if self._record is not None and (lay.rank == 0 or (lost == 0 and not what.startswith("failed"))):
+            with contextlib.suppress(Exception):
+                self._record(line)
+        self._decided.set()
+        if self._explaining.is_set():
+            return  # the main thread raises PeerLost(line)
         # the main thread may wait in a collective for GROUP_TIMEOUT: end the process here
         logger.error("%s", line)
         print(line, file=sys.stderr, flush=True)
