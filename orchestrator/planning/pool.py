@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 from collections.abc import Callable
 
 import torch
@@ -59,6 +60,22 @@ def _context() -> mp.context.BaseContext:
     if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
         return mp.get_context("fork")
     return mp.get_context("spawn")
+
+
+def _default_signals() -> None:
+    """A worker's initializer: SIGTERM and SIGINT as the system's default.
+
+    A forked worker inherits its parent's handlers, e.g. the stop flag a stage installs
+    (training/interrupt.py), which only records a signal. Such a worker swallows the
+    SIGTERM of `Pool.terminate()` and waits on the task queue for ever; `terminate()`
+    then waits on it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def worker_pool(n: int) -> mp.pool.Pool:
+    """n planning workers, forked where the platform can, with the default stop signals."""
+    return _context().Pool(n, initializer=_default_signals)
 
 
 def _picklable(obj: object) -> bool:
@@ -141,7 +158,7 @@ def _run_in_pool(sched: FloorSchedule, job_args: Callable[[Job], tuple], n: int)
     still running then (guesses that turned out wrong) are stopped."""
     done: queue.SimpleQueue = queue.SimpleQueue()
     running: set[Job] = set()
-    pool = _context().Pool(n)
+    pool = worker_pool(n)
     try:
         while not sched.finished:
             while len(running) < n and (job := sched.next_job(running)) is not None:
