@@ -35,7 +35,10 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     stop = stop_flag(str(plan_path))  # under SLURM: also at an epoch boundary near the time limit
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         stop.install(signum)
-    result = _run(plan_path, stage, stop=stop, device=device)
+    try:
+        result = _run(plan_path, stage, stop=stop, device=device)
+    finally:
+        stop.restore()
     if result["interrupted"]:
         err.print(f"{stage}: interrupted at epoch {result['epochs']}; last.pt written, "
                   f"run again to resume")

@@ -57,6 +57,8 @@ class StageJob(submitit.helpers.Checkpointable):
                 "error": f"{who}{type(err).__name__}: {err}"[:500]}
             run_state.update_stage(self._run_dir(), self.stage, failed_job=job_id, **fields)
             raise
+        finally:  # the debug executor runs the job in a process that lives on
+            stop.restore()
         if result["interrupted"] and rank:  # DDP: rank 0 requeues or ends the job
             return result
         if result["interrupted"] and (stop.signum == signal.SIGUSR2 or stop.time_up) \

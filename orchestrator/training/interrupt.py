@@ -37,6 +37,7 @@ class StopFlag:
         self.time_up = False
         self.end_time = end_time
         self.margin_s = margin_s
+        self._replaced: dict[int, Any] = {}
 
     def __call__(self) -> bool:
         return self.signum is not None or self.time_up
@@ -62,7 +63,16 @@ class StopFlag:
         """Watch `signum`; returns the handler it replaces (to call once stopped)."""
         previous = signal.getsignal(signum)
         signal.signal(signum, self._handle)
+        self._replaced.setdefault(signum, previous)
         return previous
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced. A stage run in a process that lives on
+        (the debug executor, a test) must not leave a handler that only records a signal:
+        the process, and whatever it forks, would no longer stop on SIGTERM."""
+        for signum, previous in self._replaced.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._replaced.clear()
 
 
 def leave_signals_to_the_trainer(_worker_id: int) -> None:
