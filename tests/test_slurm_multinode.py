@@ -38,8 +38,50 @@ def _ended(job_id: str) -> str | None:
     return state if state in TERMINAL else None
 
 
+def _run(*cmd: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False)
+    return (proc.stdout + proc.stderr).strip()
+
+
+def _scene() -> str:
+    """SLURM's view, for a failure's message: the nodes with their reasons, the queue with
+    each job's reason, and the last lines of the node daemons' and the controller's logs."""
+    parts = [f"$ sinfo -N\n{_run('sinfo', '-N', '-h', '-o', '%N %P %t %E')}",
+             f"$ squeue\n{_run('squeue', '-h', '-o', '%i %T %D %N %R')}"]
+    for log in ("slurmd-n1.log", "slurmd-n2.log", "slurmctld.log"):
+        path = Path("/var/log/slurm") / log
+        if path.exists():
+            parts.append(f"--- {path} (last 8 lines)\n"
+                         + "\n".join(path.read_text(errors="replace").splitlines()[-8:]))
+    return "\n".join(parts)
+
+
+def _queued() -> set[str]:
+    return set(_run("squeue", "-h", "-o", "%i").split())
+
+
+def _both_nodes_answer() -> bool:
+    states = _run("sinfo", "-N", "-h", "-p", "debug", "-o", "%t").split()
+    return len(states) == 2 and set(states) <= {"idle", "mix", "alloc"}
+
+
+@pytest.fixture(autouse=True)
+def _two_nodes_up_and_jobs_cancelled():
+    """Each test starts with both nodes answering (or fails at once, saying why, rather than
+    wait for a job that cannot start), and leaves none of its jobs behind to hold the
+    nodes of the next."""
+    wait_for(_both_nodes_answer, 60, "both nodes idle, mixed or allocated", every_s=1,
+             explain=_scene)
+    before = _queued()
+    yield
+    left = sorted(_queued() - before)
+    if left:
+        subprocess.run(["scancel", *left], timeout=15, check=False)
+
+
 def _wait_done(job_id: str, timeout_s: float = 300) -> str:
-    return wait_for(lambda: _ended(job_id), timeout_s, f"job {job_id} to end", every_s=1)
+    return wait_for(lambda: _ended(job_id), timeout_s, f"job {job_id} to end", every_s=1,
+                    explain=_scene)
 
 
 def _entry(plan, stage: str = S1) -> dict:
@@ -125,7 +167,7 @@ def test_requeue_of_a_two_node_stage_resumes_on_both_nodes(tmp_path: Path, tiny_
                                  stage_updates={"max_epochs": 3, "iterations_per_epoch": 12})
     (job,) = submit_plan(plan, path, "slurm", only=[S1])
     wait_for(lambda: _entry(plan).get("epoch", 0) >= 1 or _ended(job.job_id), 300,
-             "the first epoch", every_s=0.5)
+             "the first epoch", every_s=0.5, explain=_scene)
     assert _ended(job.job_id) is None, _explain(plan)
     subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=10)
     assert _wait_done(job.job_id, 420) == "COMPLETED", _explain(plan)
@@ -154,7 +196,7 @@ def test_a_lost_node_ends_the_stage_within_the_bound_and_resume_completes(
                                  peer_timeout_s=bound_s)
     (job,) = submit_plan(plan, path, "slurm", only=[S1])
     wait_for(lambda: _entry(plan).get("epoch", 0) >= 1 or _ended(job.job_id), 300,
-             "the first epoch", every_s=0.5)
+             "the first epoch", every_s=0.5, explain=_scene)
     assert _ended(job.job_id) is None, _explain(plan)
     slurmd = int(Path("/run/slurmd-n2.pid").read_text().split()[0])
     on_n2 = _job_processes(job.job_id, "n2")

@@ -10,11 +10,13 @@ T = TypeVar("T")
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float, what: str = "the condition",
-             every_s: float = 0.5, proc: subprocess.Popen | None = None) -> T:
+             every_s: float = 0.5, proc: subprocess.Popen | None = None,
+             explain: Callable[[], str] | None = None) -> T:
     """Call `condition()` every `every_s` seconds until it returns a true value; return that.
 
     Raises:
-        AssertionError: `timeout_s` passed (the message names `what` and the last value),
+        AssertionError: `timeout_s` passed (the message names `what` and the last value,
+            then what `explain()` says: the scene a failure is read from, e.g. SLURM's view),
             or `proc` ended before the condition held (with its output).
     """
     deadline = time.monotonic() + timeout_s
@@ -26,5 +28,7 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str = "the cond
             raise AssertionError(f"process ended (exit {proc.returncode}) before {what}: "
                                  f"{proc.communicate()}")
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; last: {value!r}")
+            scene = f"\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; "
+                                 f"last: {value!r}{scene}")
         time.sleep(every_s)
