@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from orchestrator.config_io import REPO_ROOT, StrictModel, parse_model, read_yaml
 from orchestrator.errors import ConfigError
@@ -35,6 +35,22 @@ class StageResources(StrictModel):
     time_min: int | None = Field(None, gt=0, description="Time limit of this stage's job.")
 
 
+class GpuType(StrictModel):
+    """One GPU type the site names in its GRES (`gpu:TYPE:N`), in a profile's `gpu_types:`;
+    a bare number is its memory (`a100_80g: 80`)."""
+
+    mem_gb: float = Field(gt=0, description="The GPU's memory in GB (what `plan` fits a stage to).")
+    partition: str | None = Field(None, description=(
+        "The partition that has this type, used where `sinfo` does not answer (a laptop)."))
+    gpus_per_node: int = Field(1, gt=0, description=(
+        "GPUs of this type a node, used where `sinfo` does not answer."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_number(cls, value: object) -> object:
+        return {"mem_gb": value} if isinstance(value, int | float) else value
+
+
 DEFAULT_TIME_MIN = 60  # a stage's time limit when neither the profile nor the plan gives one
 
 
@@ -52,6 +68,10 @@ class ClusterProfile(StrictModel):
         "--gpus-per-node; with none here, plan on a login node plans for this GPU."))
     gres: str | None = Field(None, description="--gres (e.g. gpu:a100:1), for sites without --gpus.")
     gpu_mem_gb: float | None = Field(None, gt=0, description="Plan for this GPU from a login node.")
+    gpu_types: dict[str, GpuType] = Field(default_factory=dict, description=(
+        "GPU types by the name the site's GRES gives them, with their memory (`a100_80g: 80`, "
+        "or `{mem_gb: 80, partition: gpu-a100}`), over the built-in table of common cards; "
+        "`orchestrator doctor` prints the inventory and names a type with no known memory."))
     cpus_per_task: int = Field(2, gt=0, description="CPUs per task: the loader's workers + 1.")
     tasks_per_node: int = Field(1, gt=0, description="More than 1 task runs DistributedDataParallel "
                                 "(one task per GPU; gloo on CPU). The plan's batch is per task.")

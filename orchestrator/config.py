@@ -23,6 +23,7 @@ from orchestrator.cluster_config import (
     ENV_USER_CONFIG,
     ClusterProfile,
     ExecutorName,
+    GpuType,
     StageResources,
     UserConfig,
     default_cluster,
@@ -40,7 +41,7 @@ __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTE
            "DeviceName", "ExecutorName", "check_choice",
            "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
            "ProbeRecord", "ResUNetOptions", "StagePlan",
-           "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
+           "GpuType", "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
            "default_cluster", "load_curriculum", "load_plan", "load_stage", "parse_model",
            "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
 

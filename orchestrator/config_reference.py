@@ -37,6 +37,8 @@ SECTIONS: tuple[tuple[type[BaseModel], str, str], ...] = (
     (c.ClusterProfile, "a cluster profile under envs/clusters/", "Cluster profile"),
     (c.StageResources, "a profile's `stages: {NAME: {...}}` entries",
      "Cluster profile: one stage's resources"),
+    (c.GpuType, "a profile's `gpu_types: {TYPE: {...}}` entries (or `TYPE: GB`)",
+     "Cluster profile: one GPU type"),
     (c.UserConfig, "~/.config/orchestrator/config.yaml (ORCHESTRATOR_CONFIG moves it)", "User defaults"),
 )
 

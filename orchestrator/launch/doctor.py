@@ -6,7 +6,8 @@ orchestrator (the venv), and for a profile with GPUs its torch is a CUDA build; 
 answers; the partition exists and has GPUs when the profile asks for them, and `nodes`
 nodes that each fit `tasks_per_node` x `cpus_per_task` CPUs and the GPUs; `sbatch
 --test-only` accepts the profile's request (account, QoS, constraint, GPUs, CPUs, memory,
-time); the data tree is readable, and whether it is the
+time); the GPU inventory, a line per type with its memory and partitions (a type with no
+known memory is to fix); the data tree is readable, and whether it is the
 HDF5 cache training should read.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import REPO_ROOT, ClusterProfile, resolve_cluster
 from orchestrator.errors import OrchestratorError
+from orchestrator.launch.inventory import from_profile, gpu_inventory, parse_gres
 
 TIMEOUT_S = 20
 IMPORT_TIMEOUT_S = 180  # importing torch and MONAI from a network file system is slow
@@ -70,6 +72,7 @@ def run_doctor(cluster: str | None, data: Path | None = None) -> list[Check]:
             checks.append(_nodes(profile, path))
         if checks[-1].ok:  # sbatch would only refuse the partition or the shape again
             checks.append(_test_only(profile, path))
+    checks += _gpu_types(profile, path, sinfo.ok)
     if data is not None:
         checks.append(_data(data))
     return checks
@@ -156,7 +159,10 @@ def _sinfo() -> Check:
 def _partition(profile: ClusterProfile, path: Path) -> Check:
     rc, text = _run(["sinfo", "-h", "-o", "%P|%G|%a"])
     rows = [line.split("|") for line in text.splitlines() if line.count("|") == 2]
-    names = {r[0].rstrip("*"): r for r in rows}
+    names: dict[str, list[str]] = {}
+    for part, gres, avail in rows:  # a row per GRES of the partition's nodes: join them
+        have = names.setdefault(part.rstrip("*"), [part, "", avail])
+        have[1] = ",".join(g for g in (have[1], gres) if g and g != "(null)") or gres
     want = profile.partition or next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), None)
     if want not in names:
         return Check("partition", False, f"{profile.partition!r} not found (partitions: "
@@ -173,22 +179,39 @@ def _partition(profile: ClusterProfile, path: Path) -> Check:
 
 def _gres_gpus(gres: str, gpu_type: str | None = None) -> int:
     """GPUs in a sinfo GRES field (`gpu:a100:2(S:0-1),gpu:v100:1`), of `gpu_type` if given."""
-    count = 0
-    for item in gres.split(","):
-        parts = item.split("(")[0].split(":")
-        if parts[0] != "gpu" or len(parts) < 2 or not parts[-1].isdigit():
-            continue
-        if gpu_type is None or (len(parts) == 3 and parts[1] == gpu_type):
-            count += int(parts[-1])
-    return count
+    return sum(n for t, n in parse_gres(gres) if gpu_type is None or t == gpu_type)
 
 
 def _gpu_request(profile: ClusterProfile) -> tuple[int, str | None]:
     """(GPUs per node, GPU type or None) a stage job asks for."""
-    parts = (profile.gres or "").split(":")
-    gres_type = parts[1] if parts[0] == "gpu" and len(parts) == 3 else None
-    gres_n = int(parts[-1]) if parts[0] == "gpu" and parts[-1].isdigit() else 0
+    (gres_type, gres_n), *_ = parse_gres(profile.gres or "") or [(None, 0)]
     return max(profile.gpus_per_node, gres_n), gres_type
+
+
+def _gpu_types(profile: ClusterProfile, path: Path, sinfo_ok: bool) -> list[Check]:
+    """The inventory, a line per GPU type: its memory and where it is; a type with no known
+    memory (or a card sold in two sizes) asks for it in the profile's `gpu_types:`."""
+    inv = gpu_inventory(profile) if sinfo_ok else from_profile(profile)
+    checks = []
+    for gpu_type in inv.types:
+        pools = [p for p in inv.pools if p.gpu_type == gpu_type]
+        mem = pools[0].memory
+        where = "; ".join(p.where() for p in pools)
+        if mem is None:
+            checks.append(Check(f"gpu {gpu_type}", False, f"memory unknown ({inv.source}): {where}",
+                                f"add `gpu_types: {{{gpu_type}: GB}}` to {path}"))
+            continue
+        fix = (f"if yours have more, say so in {path}: `gpu_types: {{{gpu_type}: GB}}`"
+               if "the smaller" in mem.source else "")
+        checks.append(Check(f"gpu {gpu_type}", True, f"{mem.describe()} ({inv.source}): {where}", fix))
+    if inv.untyped:
+        checks.append(Check("gpus", True, f"partition(s) {', '.join(inv.untyped)} have GPUs of no "
+                            "type (gres gpu:N)", "plans there use the profile's gpu_mem_gb"))
+    if not checks and _wants_gpus(profile):
+        checks.append(Check("gpus", True, f"no GPU type known ({inv.source})",
+                            f"name the types in {path} (`gres: gpu:TYPE:N` or `gpu_types:`) "
+                            "to plan per type"))
+    return checks
 
 
 def _nodes(profile: ClusterProfile, path: Path) -> Check:
