@@ -19,7 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
-from orchestrator.config import DEFAULT_CURRICULUM, DeviceName, ExecutorName, Plan, check_choice, load_plan
+from orchestrator.config import (
+    DEFAULT_CURRICULUM,
+    DeviceName,
+    ExecutorName,
+    Plan,
+    check_choice,
+    load_plan,
+    resolve_cluster,
+)
+from orchestrator.errors import ConfigError
 from orchestrator.launch.sacct import rate_limited_sacct
 from orchestrator.planning.floors import check_fresh_starts
 from orchestrator.runs.status import collect_status
@@ -61,7 +70,7 @@ class RunRow(TypedDict, total=False):
 def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
          curriculum: str | Path = DEFAULT_CURRICULUM, cluster: str | None = None,
          data: str | Path | None = None, run: str | None = None, runs_dir: str | Path = "runs",
-         write: bool = True, dataset: Any = None,
+         write: bool = True, dataset: Any = None, placement: str = "auto",
          progress: Callable[[str], None] | None = None,
          notice: Callable[[str], None] | None = None) -> Plan:
     """Fit every stage of the curriculum to the memory budget (what `orchestrator plan` does).
@@ -78,6 +87,11 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
         write: write runs/<run>/plan.yaml (as the CLI does); False plans only.
         dataset: a `planning.schedule.DatasetSize` to plan for instead of measuring `data`
             (`auto_config` passes one of N ATLAS-size subjects).
+        placement: for a cluster with GPU types of different memory (`sinfo`, else the
+            profile): "auto" plans each stage for each type and places it on the smallest
+            that keeps its curriculum values, where the profile asks for GPUs, there is
+            more than one type and no `target_mem_gb`; a type's name pins every stage to
+            it; "none" plans for one budget as without types.
         progress: called with each stage's name as it is planned.
         notice: called with what the CLI prints as a note (e.g. planning for a CPU where
             SLURM answers).
@@ -96,13 +110,50 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
     from orchestrator.training.step import estimation_step
 
     check_choice("--device", device, DeviceName)
+    options, pins = gpu_placement(placement, cluster, device, target_mem_gb)
     req = PlanRequest(curriculum=Path(curriculum), target_mem_gb=target_mem_gb, device=device,
                       cluster=cluster, data_dir=Path(data) if data is not None else None, run=run,
-                      runs_dir=Path(runs_dir), dataset=dataset)
+                      runs_dir=Path(runs_dir), dataset=dataset, gpu_options=options, pins=pins)
     p = make_plan(req, estimation_step, progress=progress, notice=notice)
     if write:
         write_plan(p)
     return p
+
+
+def gpu_placement(placement: str, cluster: str | None, device: str, target_mem_gb: float | None
+                  ) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]:
+    """The GPU types to place the stages on (`planning.placement.GpuOption`s) and the
+    stages' pins, for `plan`'s `placement` (see there); ((), ()) for a one-budget plan.
+
+    Raises:
+        ConfigError: `placement` names no type of the inventory, a type's memory is
+            unknown, or --device cpu with a type named.
+    """
+    from orchestrator.launch.inventory import gpu_inventory, wants_gpus  # deferred: torch (placement)
+
+    if placement == "none":
+        return (), ()
+    profile, path = resolve_cluster(cluster)
+    pins = tuple((stage, r.gpu_type) for stage, r in profile.stages.items() if r.gpu_type)
+    if placement == "auto" and (device == "cpu" or target_mem_gb is not None
+                                or not wants_gpus(profile)):
+        return (), ()
+    if device == "cpu":
+        raise ConfigError(f"--placement {placement}: places stages on GPU types; expected "
+                          "--device auto or cuda with it")
+    inv = gpu_inventory(profile)
+    if placement != "auto" and placement not in inv.types:
+        raise ConfigError(f"--placement: {placement!r} is not a GPU type of the cluster "
+                          f"({inv.source}); expected auto, none or one of: "
+                          f"{', '.join(inv.types) or 'no type found'}")
+    if placement == "auto" and len(inv.types) < 2 and not pins:
+        return (), ()
+    inv.require_memory(path)
+    options = inv.options(profile)
+    if placement != "auto":
+        options = [o for o in options if o.gpu_type == placement]
+        pins = ()
+    return tuple(options), pins
 
 
 def plan_path(p: Plan) -> Path:

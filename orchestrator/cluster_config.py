@@ -29,6 +29,8 @@ class StageResources(StrictModel):
     qos: str | None = Field(None, description="sbatch --qos for this stage.")
     constraint: str | None = Field(None, description="sbatch --constraint for this stage.")
     gres: str | None = Field(None, description="sbatch --gres for this stage, e.g. gpu:a100:1.")
+    gpu_type: str | None = Field(None, description=(
+        "Pin this stage to a GPU type of the inventory (a mixed-GPU plan places the others)."))
     gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node for this stage.")
     cpus_per_task: int | None = Field(None, gt=0, description="CPUs per task for this stage.")
     mem_gb: float | None = Field(None, gt=0, description="Host memory per node for this stage.")

@@ -34,13 +34,13 @@ from orchestrator.config_io import REPO_ROOT, StrictModel, parse_model, read_yam
 from orchestrator.errors import ConfigError
 from orchestrator.knobs import TrainingKnobs
 from orchestrator.model_options import LCNNOptions, ModelOptions, ResUNetOptions
-from orchestrator.plan_facts import PlanAssumptions, ProbeRecord
+from orchestrator.plan_facts import Placement, PlanAssumptions, ProbeRecord
 
 __all__ = ["CLUSTERS_DIR", "DEFAULT_CURRICULUM", "DEFAULT_TIME_MIN", "ENV_CLUSTER",
            "ENV_USER_CONFIG", "REPO_ROOT", "ClusterProfile", "Curriculum", "CurriculumEntry",
            "DeviceName", "ExecutorName", "check_choice",
            "LCNNOptions", "ModelOptions", "Plan", "PlanAssumptions", "PlannerLimits",
-           "ProbeRecord", "ResUNetOptions", "StagePlan",
+           "Placement", "ProbeRecord", "ResUNetOptions", "StagePlan",
            "GpuType", "StageResources", "StageSpec", "UserConfig", "check_deep_supervision",
            "default_cluster", "load_curriculum", "load_plan", "load_stage", "parse_model",
            "plan_to_yaml", "read_yaml", "resolve_cluster", "unknown_key", "user_config_path"]
@@ -213,6 +213,8 @@ class StagePlan(StrictModel):
         "at those fits: the tensors the hand-off re-initialises (planning/floors.py)."))
     time_estimate_min: int | None = Field(
         None, description="`plan --verify`: the stage's job time from its measured step time.")
+    placement: Placement | None = Field(None, description=(
+        "A mixed-GPU plan: the GPU type the stage was planned for and runs on, and why."))
     reasons: list[str] = Field(default_factory=list)
 
     def model_kwargs(self) -> dict[str, Any]:

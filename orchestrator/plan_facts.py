@@ -25,6 +25,22 @@ class GpuRecord(StrictModel):
                               "plan written before the probe recorded it.")
 
 
+class Placement(StrictModel):
+    """Where a stage of a mixed-GPU plan runs: the GPU type chosen, why, and every type
+    considered with the stage's predicted peak there (None: nothing fits)."""
+
+    gpu_type: str
+    mem_gb: float = Field(description="The type's memory: the stage's budget.")
+    partition: str | None = Field(None, description="The type's partition (None: the default).")
+    gpus_per_node: int = Field(1, description="GPUs of the type each of its nodes has.")
+    reason: str
+    considered: dict[str, float | None] = Field(default_factory=dict, description=(
+        "Each type considered: the stage's predicted GB there, None where nothing fits."))
+    replanned: str | None = Field(None, description=(
+        "Set at start-up when the job found another GPU than planned: what it got and the "
+        "stage's new numbers."))
+
+
 class ProbeRecord(StrictModel):
     """The machine `plan` ran on: GPUs (nvidia-ml-py), host RAM and CPUs, SLURM variables."""
 

@@ -48,7 +48,7 @@ def test_the_profile_gives_the_inventory_where_sinfo_does_not_answer() -> None:
     assert [(p.gpu_type, p.partition, p.gpus_per_node) for p in inv.pools] == [
         ("a100", "a100", 2), ("v100", "v100", 1)]
     assert inv.types == ["v100", "a100"]  # smallest memory first
-    assert inv.memory("v100") == 0.6 and inv.memory("a100") == 1.0
+    assert inv.memory("v100") == 1.2 and inv.memory("a100") == 2.0
     asks = from_profile(_profile(partition="gpu", gres="gpu:a100:1",
                                  stages={"stage4": {"gres": "gpu:h100:4", "partition": "big"}}))
     assert [(p.gpu_type, p.partition, p.gpus_per_node, p.memory.gb) for p in asks.pools] == [
@@ -78,7 +78,7 @@ def test_the_two_node_cluster_s_pools_from_sinfo() -> None:
     assert pools["a100", "a100"].nodes == ("n1",) and pools["a100", "a100"].gpus_per_node == 2
     assert pools["v100", "v100"].nodes == ("n2",) and pools["v100", "v100"].gpus_per_node == 1
     assert all(p.usable_nodes == 1 and p.time_limit for p in inv.pools)
-    assert inv.types == ["v100", "a100"] and inv.memory("a100") == 1.0
+    assert inv.types == ["v100", "a100"] and inv.memory("a100") == 2.0
 
 
 @pytest.mark.slurm
@@ -86,7 +86,7 @@ def test_doctor_prints_the_inventory_a_line_per_type() -> None:
     p = invoke("doctor", "--cluster", "local-mixed")
     assert p.exit_code == 0, p.stdout + p.stderr
     lines = {line.split(":")[0]: line for line in p.stdout.splitlines()}
-    assert lines["ok   gpu v100"].startswith("ok   gpu v100: 0.6 GB, profile (sinfo): partition debug")
+    assert lines["ok   gpu v100"].startswith("ok   gpu v100: 1.2 GB, profile (sinfo): partition debug")
     assert "partition v100, 1 a node on 1 node(s) (n2)" in lines["ok   gpu v100"]
     assert "partition a100, 2 a node on 1 node(s) (n1)" in lines["ok   gpu a100"]
     # the built-in table's a100 comes in two sizes: a note saying how to give the real one

@@ -28,7 +28,8 @@ from orchestrator.planning.floors import check_fresh_starts
 
 
 def _plan(target_mem: str | None, device: DeviceName, curriculum: Path, cluster: str | None,
-          data: Path | None, run: str | None, runs_dir: Path, quiet: bool) -> tuple[Plan, Path]:
+          data: Path | None, run: str | None, runs_dir: Path, quiet: bool,
+          placement: str = "auto") -> tuple[Plan, Path]:
     # deferred: torch (CLI start-up); plan_file imports the planner
     from orchestrator.planning.plan_file import parse_target_mem
 
@@ -36,6 +37,7 @@ def _plan(target_mem: str | None, device: DeviceName, curriculum: Path, cluster:
     with err.status("planning...", spinner="dots") if not quiet else contextlib.nullcontext() as status:
         plan = api.plan(target_gb, device=device, curriculum=curriculum,
                         cluster=cluster, data=data, run=run, runs_dir=runs_dir,
+                        placement=placement,
                         progress=(lambda name: status.update(f"planning {name}...")) if status else None,
                         notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False,
                                                       soft_wrap=True))
@@ -53,14 +55,24 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
              "--explain", metavar="STAGE", help="Break STAGE's predicted peak into parameters, "
              "gradients, optimizer state, input batch, saved activations, temporaries, "
              "validation and the allocator/workspace/context terms.")] = None,
+         placement: Annotated[str, typer.Option(
+             "--placement", metavar="auto|none|TYPE", help="A cluster with GPU types of "
+             "different memory (sinfo, else the profile's gpu_types): auto plans each stage for "
+             "each type and places it on the smallest that keeps its curriculum values (a "
+             "profile with GPUs, more than one type, no --target-mem); TYPE pins every stage to "
+             "that type; none plans for one budget.")] = "auto",
          json_out: Json = False) -> None:
-    """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml."""
+    """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml.
+
+    On a cluster with several GPU types, each stage is planned for each type and placed
+    on the one with the least memory where it keeps its curriculum values (--placement)."""
     # deferred: torch (CLI start-up); explain, plan_file and step build and run the model
     from orchestrator.planning.explain import explain_stage
     from orchestrator.planning.plan_file import verify_and_calibrate
     from orchestrator.training.step import estimation_step
 
-    p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out)
+    p, path = _plan(target_mem, device, curriculum, cluster, data, run, runs_dir, json_out,
+                    placement)
     breakdown = None
     if explain is not None:
         with err.status(f"explaining {explain}...") if not json_out else contextlib.nullcontext():

@@ -62,17 +62,21 @@ def plan_table(console: Console, plan: Plan) -> None:
     cols = ["stage", "input", "filters", "batch", "ckpt", "AMP", "params", "train GB", "val GB",
             "pred GB", "% budget"]
     cols += ["meas GB", "meas/pred", "tensors m/p"] if measured else []
+    placed = any(s.placement for s in plan.stages)
+    cols += ["GPU"] if placed else []
     for col in [*cols, "from"]:
         t.add_column(col, justify="right" if col not in ("stage", "from") else "left")
     for s in plan.stages:
         row = [s.name, _size(s.input_size_vox), str(s.base_filters), str(s.batch_size),
                "yes" if s.checkpointing else "no", "bf16" if s.amp else "no",
                f"{s.params / 1e6:.2f}M", _gb(s.train_gb), _gb(s.val_gb), f"{s.predicted_gb:.2f}",
-               f"{100 * s.predicted_gb / plan.budget_gb:.0f}%"]
+               f"{100 * s.predicted_gb / (s.placement.mem_gb if s.placement else plan.budget_gb):.0f}%"]
         if measured:
             m = s.measurement or {}
             row += ([f"{m['peak_gb']:.2f}", f"{m['ratio']:.3f}", f"{m['tensor_ratio']:.3f}"]
                     if "peak_gb" in m else ["[red]failed[/]", "-", "-"])
+        if placed:
+            row.append(f"{s.placement.gpu_type} ({s.placement.mem_gb:g} GB)" if s.placement else "-")
         fresh = (f" [red]({len(s.fresh_tensors['tensors'])} tensors fresh)[/]"
                  if s.fresh_tensors else "")
         t.add_row(*row, (s.init_from or "-") + fresh)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import REPO_ROOT, ClusterProfile, resolve_cluster
 from orchestrator.errors import OrchestratorError
-from orchestrator.launch.inventory import from_profile, gpu_inventory, parse_gres
+from orchestrator.launch.inventory import from_profile, gpu_inventory, parse_gres, wants_gpus
 
 TIMEOUT_S = 20
 IMPORT_TIMEOUT_S = 180  # importing torch and MONAI from a network file system is slow
@@ -126,19 +126,16 @@ def _no_venv(profile: ClusterProfile, path: Path, last: str) -> Check:
                  "`source .venv/bin/activate` to setup:")
 
 
-def _wants_gpus(profile: ClusterProfile) -> bool:
-    return bool(profile.gpus_per_node) or (profile.gres or "").startswith("gpu")
-
-
 def _torch_build(profile: ClusterProfile, path: Path, build: tuple[str, str, str]) -> Check:
     """For a profile with GPUs, the venv's torch must be a CUDA build: a CPU-only one sees
     no GPU on any node (a plan for CUDA then refuses to start). Checked without a GPU."""
     prefix, version, cuda = build
     if cuda not in ("", "None"):
         return Check("torch build", True, f"torch {version}, CUDA {cuda} build ({prefix})")
-    if not _wants_gpus(profile):
+    if not wants_gpus(profile) or profile.train_device == "cpu":
+        why = "trains on the CPU (train_device: cpu)" if wants_gpus(profile) else "asks for no GPU"
         return Check("torch build", True, f"torch {version}, CPU-only build ({prefix}); "
-                     f"{profile.name} asks for no GPU")
+                     f"{profile.name} {why}")
     return Check("torch build", False, f"torch {version} in {prefix} is a CPU-only build "
                  f"(torch.version.cuda is None) but {path} asks for GPUs: it sees no GPU on any "
                  "node", "install a CUDA build there: `TORCH_SPEC=torch bash setup.sh` (pip's "
@@ -170,7 +167,7 @@ def _partition(profile: ClusterProfile, path: Path) -> Check:
     _, gres, avail = names[want]
     if avail != "up":
         return Check("partition", False, f"{want} is {avail}", "pick a partition that is up")
-    if _wants_gpus(profile) and "gpu" not in gres:
+    if wants_gpus(profile) and "gpu" not in gres:
         return Check("partition", False, f"{want} has no GPUs (gres {gres})", f"set `partition:` "
                      f"in {path} to a GPU partition, or gpus_per_node: 0 for CPU jobs")
     return Check("partition", True, f"{want}" + ("" if profile.partition else " (the default)")
@@ -207,7 +204,7 @@ def _gpu_types(profile: ClusterProfile, path: Path, sinfo_ok: bool) -> list[Chec
     if inv.untyped:
         checks.append(Check("gpus", True, f"partition(s) {', '.join(inv.untyped)} have GPUs of no "
                             "type (gres gpu:N)", "plans there use the profile's gpu_mem_gb"))
-    if not checks and _wants_gpus(profile):
+    if not checks and wants_gpus(profile):
         checks.append(Check("gpus", True, f"no GPU type known ({inv.source})",
                             f"name the types in {path} (`gres: gpu:TYPE:N` or `gpu_types:`) "
                             "to plan per type"))

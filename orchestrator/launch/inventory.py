@@ -14,11 +14,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from orchestrator.config import ClusterProfile
 from orchestrator.errors import ConfigError
+from orchestrator.planning.placement import GpuOption
 
 SINFO_TIMEOUT_S = 20
 
@@ -131,6 +134,58 @@ class Inventory:
             raise ConfigError(f"{profile_path}: gpu_types: no known memory for GPU type(s) {what}, "
                               f"from {self.source}; expected their memory in GB: add "
                               f"`gpu_types: {{{example}}}` to the profile")
+
+
+    def pool_for(self, gpu_type: str, profile: ClusterProfile) -> GpuPool:
+        """The pool a stage on `gpu_type` is sent to: the partition the profile's
+        `gpu_types:` names, else the profile's partition, else a partition of this type
+        alone, the one with the most idle GPUs first."""
+        pools = [p for p in self.pools if p.gpu_type == gpu_type]
+        named = profile.gpu_types.get(gpu_type)
+        mixed = {p.partition for p in self.pools if p.gpu_type != gpu_type}
+        return min(pools, key=lambda p: (
+            not (named and named.partition == p.partition), p.partition != profile.partition,
+            p.partition in mixed, -p.idle_gpus, p.partition))
+
+    def options(self, profile: ClusterProfile, ask_start: bool = True) -> list[GpuOption]:
+        """Each type as a planning option, on its pool (`pool_for`), with its expected
+        start where `sbatch --test-only` answers (`ask_start`)."""
+        out = []
+        for gpu_type in self.types:
+            pool, gb = self.pool_for(gpu_type, profile), self.memory(gpu_type)
+            assert gb is not None, "require_memory first"
+            start = expected_start_s(pool.partition, gpu_type) if ask_start else None
+            out.append(GpuOption(gpu_type, gb, None if pool.partition == "(the default)"
+                                 else pool.partition, pool.gpus_per_node, pool.idle_gpus, start))
+        return out
+
+
+def wants_gpus(profile: ClusterProfile) -> bool:
+    """Whether the profile's jobs ask for GPUs (or name GPU types)."""
+    return bool(profile.gpus_per_node or profile.gpu_types) or (profile.gres or "").startswith("gpu") \
+        or any((s.gres or "").startswith("gpu") or s.gpus_per_node or s.gpu_type
+               for s in profile.stages.values())
+
+
+_START = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
+
+
+def expected_start_s(partition: str | None, gpu_type: str, timeout_s: float = 10) -> float | None:
+    """Seconds until a one-GPU job of `gpu_type` would start (`sbatch --test-only`); None
+    where sbatch is missing or does not say."""
+    if shutil.which("sbatch") is None:
+        return None
+    cmd = ["sbatch", "--test-only", f"--gres=gpu:{gpu_type}:1", "--wrap", "true"]
+    if partition and partition != "(the default)":
+        cmd.insert(2, f"--partition={partition}")
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    m = _START.search(res.stdout + res.stderr)
+    if res.returncode != 0 or m is None:
+        return None
+    return max(0.0, datetime.fromisoformat(m.group(1)).timestamp() - time.time())
 
 
 def parse_gres(gres: str) -> list[tuple[str | None, int]]:

@@ -35,6 +35,7 @@ from orchestrator.plan_facts import (
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.estimator import Budget, StepFactory
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
+from orchestrator.planning.placement import GpuOption, plan_placed
 from orchestrator.planning.pool import plan_curriculum
 from orchestrator.planning.probe import host_budget_gb, probe, slurm_answers
 from orchestrator.planning.schedule import (
@@ -63,6 +64,9 @@ class PlanRequest:
     runs_dir: Path = Path("runs")
     calibrate: bool = True  # apply ratios from earlier `plan --verify` runs on this hardware
     dataset: DatasetSize | None = None  # the data planned for, instead of measuring data_dir
+    # a mixed-GPU plan (planning/placement.py): the types to place stages on, and pins
+    gpu_options: tuple[GpuOption, ...] = ()
+    pins: tuple[tuple[str, str], ...] = ()  # (stage, the only type it may go to)
 
 
 def parse_target_mem(text: str | None) -> float | None:
@@ -119,6 +123,14 @@ def choose_budget(req: PlanRequest, p: ProbeRecord, cluster: ClusterProfile) -> 
                         f"{HOST_SHARE:.0%} of available RAM", why)
 
 
+def placed_choice(req: PlanRequest) -> DeviceChoice:
+    """A mixed-GPU plan: CUDA, each stage's budget its type's memory (the largest shown)."""
+    types = ", ".join(o.describe() for o in sorted(req.gpu_options, key=lambda o: o.mem_gb))
+    return DeviceChoice("cuda", max(o.mem_gb for o in req.gpu_options),
+                        "each stage's GPU type's memory (placement); the largest shown",
+                        f"the cluster's GPU types: {types}")
+
+
 def cpu_plan_notice(req: PlanRequest, choice: DeviceChoice, cluster_source: str,
                     slurm_answers: Callable[[], bool]) -> str | None:
     """What `plan` says first when it plans for this machine's CPU on a machine where SLURM
@@ -155,7 +167,7 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     fitted = [(fit_slice_to_data(s, ds.largest_shape_vox if ds else None), init) for s, init in stages]
     stages, slice_reasons = [(s, init) for (s, _), init in fitted], {s.name: r for (s, r), _ in fitted if r}
     p = probe()
-    choice = choose_budget(req, p, cluster)
+    choice = placed_choice(req) if req.gpu_options else choose_budget(req, p, cluster)
     device, budget_gb, source = choice.device, choice.budget_gb, choice.budget_source
     said = cpu_plan_notice(req, choice, cluster_source, slurm_answers)
     if said and notice:
@@ -168,7 +180,14 @@ def make_plan(req: PlanRequest, step_factory: StepFactory,
     if ds is not None and ds.largest_shape_vox:  # validation slides over the largest volume
         budget.val_volume_vox = tuple(ds.largest_shape_vox)
     caps = {s.name: batch_cap(s, ds) for s, _ in stages} if ds else None
-    planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
+    if req.gpu_options:
+        def budget_for(gb: float) -> Budget:
+            return Budget(gb, overheads, cuda_target=True, calibration=ratios,
+                          val_volume_vox=tuple(budget.val_volume_vox))
+        planned = plan_placed(stages, list(req.gpu_options), budget_for, step_factory, caps,
+                              dict(req.pins), progress=progress)
+    else:
+        planned = plan_curriculum(stages, budget, step_factory, caps, progress=progress)
     planned = [sp.model_copy(update={"reasons": [slice_reasons[sp.name], *sp.reasons]})
                if sp.name in slice_reasons else sp for sp in planned]
     if ds is not None:

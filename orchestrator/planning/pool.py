@@ -91,6 +91,24 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
                     batch_caps: dict[str, tuple[int, str]] | None = None,
                     progress: Callable[[str], None] | None = None,
                     workers: int | None = None) -> list[StagePlan]:
+    """`plan_curriculum_results`, every stage fitted or a PlanError naming those that did not.
+
+    Raises:
+        PlanError: some stages fit nothing; one message names them and the smallest budget
+            that fits every stage. An estimate that fails raises its own PlanError.
+    """
+    results = plan_curriculum_results(stages, budget, step_factory, batch_caps, progress, workers)
+    short = [r for r in results if isinstance(r, Shortfall)]
+    if short:
+        raise PlanError(shortfall_message(budget, short))
+    return [r for r in results if isinstance(r, StagePlan)]
+
+
+def plan_curriculum_results(stages: list[tuple[StageSpec, str | None]], budget: Budget,
+                            step_factory: StepFactory,
+                            batch_caps: dict[str, tuple[int, str]] | None = None,
+                            progress: Callable[[str], None] | None = None,
+                            workers: int | None = None) -> list[StagePlan | Shortfall]:
     """Plan every stage (see `planner.plan_stage`), each 3D stage with at least the base
     filters of the stage it starts from (planning/schedule_floors.py); the plans in the
     stages' order.
@@ -99,9 +117,11 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
         progress: called with a stage's name when its plan is final.
         workers: processes; default `default_workers` (env ORCHESTRATOR_PLAN_WORKERS).
 
+    Returns:
+        Each stage's plan, or its Shortfall where nothing fits, in the stages' order.
+
     Raises:
-        PlanError: some stages fit nothing; one message names them and the smallest budget
-            that fits every stage. An estimate that fails raises its own PlanError.
+        PlanError: an estimate failed.
     """
     caps = batch_caps or {}
     sched = FloorSchedule(stages, _ladders(), on_final=progress)
@@ -121,11 +141,7 @@ def plan_curriculum(stages: list[tuple[StageSpec, str | None]], budget: Budget,
             sched.record(job, _run(*job_args(job))[0])
     else:
         _run_in_pool(sched, job_args, n)
-    results = sched.plans()
-    short = [r for r in results if isinstance(r, Shortfall)]
-    if short:
-        raise PlanError(shortfall_message(budget, short))
-    return [r for r in results if isinstance(r, StagePlan)]
+    return sched.plans()
 
 
 def _run(*args: object) -> tuple[StagePlan | Shortfall | BaseException, dict[tuple, int]]:

@@ -2,7 +2,9 @@
 
 Precedence, per value: the cluster profile's `stages.<stage>` entry, then the profile's
 top level, then (for the time limit only) the plan's estimate from `plan --verify`, then
-the built-in default. `plan` records which keys the profile file itself set
+the built-in default. A stage of a mixed-GPU plan asks for the GPU type it was placed on
+(`--gres=gpu:TYPE:N`, on the type's partition) unless its own entry sets gres (or the
+partition). `plan` records which keys the profile file itself set
 (`assumptions.cluster.set`), so a value pydantic filled in is reported as a default, not
 as the profile's.
 """
@@ -42,6 +44,15 @@ def stage_resources(plan: Plan, sp: StagePlan) -> dict[str, Resolved]:
         else:
             value = getattr(c, key)
             out[key] = Resolved(value, f"{where}: {key}" if key in set_keys else "default")
+    pl = sp.placement
+    if pl is not None and not (own is not None and own.gres is not None):
+        # the type the stage was planned for: as many as the profile asks, else one a task
+        n = out["gpus_per_node"].value or c.tasks_per_node
+        why = f"plan: placed on {pl.gpu_type} ({pl.mem_gb:g} GB)"
+        out["gres"] = Resolved(f"gpu:{pl.gpu_type}:{n}", why)
+        out["gpus_per_node"] = Resolved(0, f"{why}: in gres")
+        if pl.partition and not (own is not None and own.partition is not None):
+            out["partition"] = Resolved(pl.partition, why)
     return out
 
 
