@@ -15,6 +15,7 @@ three names, and torch only when a plan is made.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
@@ -48,6 +49,8 @@ class StageRow(TypedDict, total=False):
     max_epochs: int
     best_dice: float | None
     peak_mem_gb: float | None
+    gpu: str | None  # a mixed-GPU plan: the stage's GPU type (or the one it got)
+    nodes: list[str] | None
     elapsed_s: float | None
     eta_s: float | None
     error: str | None
@@ -90,7 +93,8 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
         placement: for a cluster with GPU types of different memory (`sinfo`, else the
             profile): "auto" plans each stage for each type and places it on the smallest
             that keeps its curriculum values, where the profile asks for GPUs, there is
-            more than one type and no `target_mem_gb`; a type's name pins every stage to
+            more than one type, no `target_mem_gb` and no SLURM job around the call (an
+            allocation plans for the GPU it holds); a type's name pins every stage to
             it; "none" plans for one budget as without types.
         progress: called with each stage's name as it is planned.
         notice: called with what the CLI prints as a note (e.g. planning for a CPU where
@@ -135,7 +139,9 @@ def gpu_placement(placement: str, cluster: str | None, device: str, target_mem_g
         return (), ()
     profile, path = resolve_cluster(cluster)
     pins = tuple((stage, r.gpu_type) for stage, r in profile.stages.items() if r.gpu_type)
-    if placement == "auto" and (device == "cpu" or target_mem_gb is not None
+    # inside an allocation (slurm/progressive.sh), a plan is for the GPU the job holds
+    in_job = bool(os.environ.get("SLURM_JOB_ID"))
+    if placement == "auto" and (device == "cpu" or target_mem_gb is not None or in_job
                                 or not wants_gpus(profile)):
         return (), ()
     if device == "cpu":

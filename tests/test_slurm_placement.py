@@ -37,7 +37,14 @@ def _nodes(job_id: str) -> str:
 
 def test_small_stages_go_to_the_small_type_the_large_one_to_the_large_and_the_chain_runs(
         tmp_path: Path, tiny_data: Path) -> None:
-    plan = api.plan(cluster="local-mixed", curriculum=MIXED, data=tiny_data, run="mixed",
+    """Stages 1 and 2 are placed on v100, stage 4 on a100. Stage 2's profile entry asks for
+    any GPU on the a100 partition (an untyped request): its job finds an a100 in its
+    allocation and plans the stage again for 2 GB, saying so in plan.yaml, state.json and
+    its log; stage 4 then starts from its weights."""
+    profile = tmp_path / "site.yaml"
+    profile.write_text((REPO / "envs" / "clusters" / "local-mixed.yaml").read_text()
+                       + f"stages:\n  {S2}: {{gres: 'gpu:1', partition: a100}}\n")
+    plan = api.plan(cluster=str(profile), curriculum=MIXED, data=tiny_data, run="mixed",
                     runs_dir=tmp_path / "runs")
     placed = {s.name: s.placement for s in plan.stages}
     assert {name: pl.gpu_type for name, pl in placed.items()} == {S1: "v100", S2: "v100", S4: "a100"}
@@ -54,6 +61,8 @@ def test_small_stages_go_to_the_small_type_the_large_one_to_the_large_and_the_ch
     assert (params[S4]["slurm_gres"], params[S4]["slurm_partition"]) == ("gpu:a100:1", "a100")
     assert "gpus_per_node" not in params[S4]
 
+    assert (params[S2]["slurm_gres"], params[S2]["slurm_partition"]) == ("gpu:1", "a100")
+
     jobs = {j.stage: j.job_id for j in submit_plan(plan, api.plan_path(plan), "slurm")}
     ended = wait_for(lambda: (s if (s := (sacct_states([jobs[S4]]) or {}).get(jobs[S4]))
                               in TERMINAL else None), 600, "the chain's last stage to end",
@@ -61,11 +70,23 @@ def test_small_stages_go_to_the_small_type_the_large_one_to_the_large_and_the_ch
     stages = read_state(plan.run_dir)["stages"]
     assert ended == "COMPLETED", stages
     assert [stages[s]["state"] for s in (S1, S2, S4)] == ["COMPLETED"] * 3
-    assert (_nodes(jobs[S1]), _nodes(jobs[S2]), _nodes(jobs[S4])) == ("n2", "n2", "n1")
+    assert (_nodes(jobs[S1]), _nodes(jobs[S2]), _nodes(jobs[S4])) == ("n2", "n1", "n1")
     assert (plan.run_dir / S4 / "checkpoints" / "final.pt").exists()
+    # stage 2 got an a100: planned again for it (the same numbers: its batch range is 2..2)
+    line = (f"{S2}: started on a100 (2 GB) instead of the planned v100 (1.2 GB): planned again "
+            "for it: 32x32x32, 4 filters, batch 2 (was 32x32x32, 4 filters, batch 2)")
+    assert stages[S2]["replanned"] == line and stages[S2]["gpu"] == "a100"
+    again = load_plan(api.plan_path(plan)).stage(S2)
+    assert (again.placement.gpu_type, again.placement.mem_gb, again.placement.replanned) == (
+        "a100", 2.0, line)
+    assert line in Path(stages[S2]["stdout"]).read_text()
+    assert "replanned" not in stages[S1] and "replanned" not in stages[S4]
     # stage 4 started from stage 2's weights, written on the other node, widened 4 -> 16
     handoff = json.loads((plan.run_dir / S4 / "handoff.json").read_text())
     assert handoff["from"] == S2 and handoff["counts"]["widened"] > 0, handoff["counts"]
+    res = invoke("status", "mixed", "--runs-dir", str(tmp_path / "runs"), "--json")
+    rows = {r["name"]: r for r in json.loads(res.stdout)["runs"][0]["stages"]}
+    assert [rows[s]["gpu"] for s in (S1, S2, S4)] == ["v100", "a100", "a100"]
 
 
 def test_a_stage_that_fits_no_type_exits_2_naming_the_largest_type_and_its_need(

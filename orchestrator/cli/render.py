@@ -163,12 +163,13 @@ def status_table(doc: dict[str, Any], run: str | None) -> Table:
         return t
     r = doc["runs"][0]
     t = Table(title=f"{r['run']}: {r['state']}")
-    for col in ("stage", "job", "state", "SLURM", "nodes", "attempts", "epoch", "start Dice",
-                "best Dice", "peak GB", "elapsed", "ETA"):
+    gpus = any(s.get("gpu") for s in r["stages"])
+    for col in ("stage", "job", "state", "SLURM", *(["GPU"] if gpus else []), "nodes", "attempts",
+                "epoch", "start Dice", "best Dice", "peak GB", "elapsed", "ETA"):
         t.add_column(col)
     for s in r["stages"]:
         t.add_row(s["name"], str(s["job_id"] or "-"), s["state"], s["slurm_state"] or "-",
-                  ",".join(s.get("nodes") or []) or "-",
+                  *([s.get("gpu") or "-"] if gpus else []), ",".join(s.get("nodes") or []) or "-",
                   f"{s['attempts']} ({s['requeues']} requeued)", f"{s['epoch']}/{s['max_epochs']}",
                   handoff_dice(s.get("handoff")), _stage_dice(s),
                   f"{s['peak_mem_gb']:.2f}" if s["peak_mem_gb"] else "-",

@@ -25,10 +25,13 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     On USR2 or SIGTERM it stops at the next step boundary with last.pt written and exits
     with code 75 (under SLURM also at an epoch boundary when the next epoch would not end
     before the time limit); running it again resumes there. A complete stage is not run again.
-    A plan made for CUDA exits 2 where no GPU is visible, naming what the job sees.
+    A plan made for CUDA exits 2 where no GPU is visible, naming what the job sees. A
+    stage of a mixed-GPU plan that starts fresh on another GPU type than planned is
+    planned again for it first (plan.yaml and state.json say so).
     """
     # deferred: submitit and torch (CLI start-up)
     from orchestrator.launch.node import export_distributed_env, stop_flag
+    from orchestrator.launch.replan import replan_on_start
     from orchestrator.training.trainer import run_stage as _run
 
     export_distributed_env()  # a step of several tasks (run-chain): this task's DDP rank
@@ -36,6 +39,7 @@ def run_stage(plan_path: Annotated[Path, typer.Option("--plan", help="The run's 
     for signum in (signal.SIGUSR2, signal.SIGTERM):
         stop.install(signum)
     try:
+        replan_on_start(plan_path, stage)  # a mixed-GPU plan's stage on another GPU: fit it
         result = _run(plan_path, stage, stop=stop, device=device)
     finally:
         stop.restore()

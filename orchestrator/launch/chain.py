@@ -156,6 +156,13 @@ def run_chain(plan_path: Path, include_lcnn: bool = False, say: Say = _say) -> i
         nodes = os.environ.get("SLURM_JOB_NODELIST", "?")
         say(f"each stage runs as DDP over this allocation's {ranks} tasks ({nodes}); the plan's "
             f"batch is per task: {ranks} x batch per step")
+    placed = [sp.placement for sp in todo if sp.placement is not None]
+    if placed:  # a mixed-GPU plan, all in one allocation: the largest type any stage needs
+        big = max(placed, key=lambda pl: pl.mem_gb)
+        types = sorted({pl.gpu_type for pl in placed})
+        say(f"the plan places stages on {', '.join(types)}; one allocation runs them all, so "
+            f"it needs the largest, {big.gpu_type} ({big.mem_gb:g} GB: sbatch "
+            f"--gres=gpu:{big.gpu_type}:N); a stage that gets another GPU plans itself again")
     say(f"stages: {' '.join(sp.name for sp in stages)}; to run: "
         f"{' '.join(sp.name for sp in todo) or 'none'}")
     sig = _Signals()

@@ -30,6 +30,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         # deferred: the trainer loads torch and monai, which only the job's node needs
+        from orchestrator.launch.replan import replan_on_start
         from orchestrator.training.trainer import run_stage
 
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
@@ -45,6 +46,7 @@ class StageJob(submitit.helpers.Checkpointable):
             run_state.update_stage(self._run_dir(), self.stage,
                                    code=str(Path(run_state.__file__).resolve().parents[2]))
         try:  # with WORLD_SIZE > 1, run_stage opens the DDP session itself
+            replan_on_start(self.plan_path, self.stage)  # another GPU than planned: fit it
             result = run_stage(self.plan_path, self.stage, stop=stop)
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):

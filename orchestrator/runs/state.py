@@ -113,6 +113,12 @@ def _locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def under_lock(run_dir: Path, fn: Callable[[], None]) -> None:
+    """Run `fn` (a read-modify-write of a run's file, e.g. plan.yaml) under the run's lock."""
+    with _locked(Path(run_dir)):
+        fn()
+
+
 def _mutate(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     run_dir = Path(run_dir)
     with _locked(run_dir):

@@ -48,7 +48,8 @@ def _plan_stages(run_dir: Path) -> list[dict[str, Any]]:
     # status must be fast over many runs: read only the keys it needs, no validation
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     data = yaml.load((run_dir / "plan.yaml").read_text(), Loader=loader)
-    return [{"name": s["name"], "max_epochs": s["spec"]["max_epochs"]} for s in data.get("stages", [])]
+    return [{"name": s["name"], "max_epochs": s["spec"]["max_epochs"],
+             "gpu": (s.get("placement") or {}).get("gpu_type")} for s in data.get("stages", [])]
 
 
 def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
@@ -82,6 +83,8 @@ def _stage_row(run_dir: Path, plan_stage: dict[str, Any], entry: dict[str, Any],
             "timeouts": entry.get("timeouts", 0),
             "epoch": entry.get("epoch", 0), "max_epochs": plan_stage["max_epochs"],
             "nodes": entry.get("nodes"),  # where its ranks ran (the last attempt)
+            # a mixed-GPU plan's type for the stage, or the one it was planned again for
+            "gpu": entry.get("gpu") or plan_stage.get("gpu"),
             "best_dice": entry.get("best_dice"), "peak_mem_gb": entry.get("peak_mem_gb"),
             "handoff": entry.get("handoff"),  # epoch-0 Dice vs the previous stage's final
             "error": entry.get("error") or (f"process {entry.get('pid')} on {entry.get('host')} "
