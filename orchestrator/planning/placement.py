@@ -142,6 +142,13 @@ def _choose(spec: StageSpec, allowed: list[GpuOption],
             why += "; nothing fits a smaller card"
         if bigger:
             why += "; no larger card needed"
+            roomier = [(p, r) for p, r in fits if p.mem_gb > o.mem_gb and _keeps(spec, r)
+                       and (r.batch_size > sp.batch_size or r.checkpointing < sp.checkpointing)]
+            if roomier:  # what the larger card would add: a batch, no checkpointing
+                p, r = roomier[-1]
+                why += (f" (on {p.describe()}: batch {r.batch_size}"
+                        + (", no checkpointing" if sp.checkpointing and not r.checkpointing else "")
+                        + ")")
     else:
         o, sp = max(fits, key=lambda f: (f[1].base_filters * math.prod(f[1].input_size_vox),
                                          f[1].batch_size, -f[0].mem_gb, [-x for x in _sooner(f[0])]))

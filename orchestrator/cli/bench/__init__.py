@@ -59,11 +59,12 @@ def bench_ddp(json_out: Json = False,
 
 @bench_app.command("plan")
 def bench_plan(json_out: Json = False) -> None:
-    """Seconds to plan 4 stages + LCNN at 4, 6, 20 and 80 GB, CPU and GPU, each case in a
-    fresh process as `plan` runs (cold estimates)."""
+    """Seconds to plan 4 stages + LCNN at 4, 6, 20 and 80 GB, CPU and GPU, and for three GPU
+    types at once (16, 40, 80 GB, each stage placed), each case in a fresh process as
+    `plan` runs (cold estimates)."""
     from orchestrator.cli.bench.plan import bench_plan as run  # deferred: torch (CLI start-up)
 
-    _bench(run, "the planner at 8 budgets (about 4 minutes)", json_out)
+    _bench(run, "the planner at 8 budgets and 3 GPU types (about 4 minutes)", json_out)
 
 
 @bench_app.command("gpu")

@@ -32,61 +32,75 @@ from orchestrator.cli.bench.data import machine_info
 from orchestrator.config import DEFAULT_CURRICULUM, DeviceName
 from orchestrator.errors import OrchestratorError
 from orchestrator.planning import estimator
+from orchestrator.planning.placement import GpuOption
 from orchestrator.planning.plan_file import PlanRequest, make_plan
 from orchestrator.planning.pool import default_workers
 from orchestrator.training.step import estimation_step
 
 CASES: tuple[tuple[DeviceName, float], ...] = tuple(
     (device, gb) for gb in (4.0, 6.0, 20.0, 80.0) for device in ("cpu", "cuda"))
+TYPE_CASES: tuple[tuple[float, ...], ...] = ((16.0, 40.0, 80.0),)  # mixed-GPU: the types' GB
 CASE_TIMEOUT_S = 900  # a case over this is a hang, not a slow plan
 
 
-def plan_case(curriculum: Path, device: DeviceName, gb: float) -> dict[str, float]:
-    """Plan `curriculum` for `device` at `gb` from a cold estimate cache, writing nothing:
-    {"s": seconds, "estimates": estimates run, "workers": worker processes}."""
+def plan_case(curriculum: Path, device: DeviceName, gb: float,
+              types: tuple[float, ...] = ()) -> dict[str, float]:
+    """Plan `curriculum` for `device` at `gb` (or for GPU types of `types` GB, placing each
+    stage) from a cold estimate cache, writing nothing: {"s": seconds, "estimates":
+    estimates run, "workers": worker processes}."""
     estimator.clear_estimate_cache()
-    req = PlanRequest(curriculum=curriculum, target_mem_gb=gb, device=device, run="bench",
-                      calibrate=False)
+    options = tuple(GpuOption(f"gpu{t:g}g", t) for t in types)
+    req = PlanRequest(curriculum=curriculum, target_mem_gb=None if types else gb,
+                      device="cuda" if types else device, run="bench", calibrate=False,
+                      gpu_options=options)
     t0 = time.perf_counter()
     plan = make_plan(req, estimation_step)
     return {"s": time.perf_counter() - t0, "estimates": float(estimator.estimates_run()),
             "workers": float(default_workers(len(plan.stages)))}
 
 
-def _fresh_case(curriculum: Path, device: DeviceName, gb: float) -> dict[str, float]:
+def _fresh_case(curriculum: Path, device: DeviceName, gb: float,
+                types: tuple[float, ...] = ()) -> dict[str, float]:
     """`plan_case` in a new interpreter; "process_s" adds that process's whole life.
 
     Raises:
         OrchestratorError: the process failed (its last line of stderr).
     """
     cmd = [sys.executable, "-m", "orchestrator.cli.bench.plan", "--device", device, "--gb", str(gb),
-           "--curriculum", str(curriculum)]
+           "--curriculum", str(curriculum)] + (["--types", ",".join(f"{t:g}" for t in types)]
+                                               if types else [])
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S, check=False)
     process_s = time.perf_counter() - t0
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise OrchestratorError(f"bench plan: the {device} {gb:g} GB case exited with "
+        what = f"{'/'.join(f'{t:g}' for t in types)} GB types" if types else f"{device} {gb:g} GB"
+        raise OrchestratorError(f"bench plan: the {what} case exited with "
                                 f"{res.returncode}: {last}")
     return {**json.loads(res.stdout.strip().splitlines()[-1]), "process_s": process_s}
 
 
 def bench_plan(curriculum: Path = DEFAULT_CURRICULUM,
-               cases: tuple[tuple[DeviceName, float], ...] = CASES) -> dict[str, Any]:
+               cases: tuple[tuple[DeviceName, float], ...] = CASES,
+               type_cases: tuple[tuple[float, ...], ...] = TYPE_CASES) -> dict[str, Any]:
     """Time planning for each (device, budget GB) case, each in a fresh process.
 
     Returns:
         {"bench": "plan", "machine": {...}, "figures": {name: number}}: per case
-        `plan_<device>_<gb>gb_s`, `..._process_s` and `..._estimates`; `slowest_case_s`,
+        `plan_<device>_<gb>gb_s`, `..._process_s` and `..._estimates` (a mixed-GPU case:
+        `plan_types_16_40_80gb_...`); `slowest_case_s`,
         `slowest_process_s` and `workers`.
 
     Raises:
         OrchestratorError: a case's process failed.
     """
     figures: dict[str, float] = {}
-    for device, gb in cases:
-        case = _fresh_case(Path(curriculum), device, gb)
-        name = f"plan_{device}_{gb:g}gb"
+    runs: list[tuple[DeviceName, float, tuple[float, ...]]] = [
+        *((device, gb, ()) for device, gb in cases), *(("cuda", 0.0, t) for t in type_cases)]
+    for device, gb, types in runs:
+        case = _fresh_case(Path(curriculum), device, gb, types)
+        name = (f"plan_types_{'_'.join(f'{t:g}' for t in types)}gb" if types
+                else f"plan_{device}_{gb:g}gb")
         figures[f"{name}_s"] = case["s"]
         figures[f"{name}_process_s"] = case["process_s"]
         figures[f"{name}_estimates"] = case["estimates"]
@@ -103,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), required=True)
     ap.add_argument("--gb", type=float, required=True)
     ap.add_argument("--curriculum", type=Path, default=DEFAULT_CURRICULUM)
+    ap.add_argument("--types", default="", help="GPU types' GB, e.g. 16,40,80: a mixed-GPU plan")
     args = ap.parse_args(argv)
     device: DeviceName = "cuda" if args.device == "cuda" else "cpu"
-    sys.stdout.write(json.dumps(plan_case(args.curriculum, device, args.gb)) + "\n")
+    types = tuple(float(t) for t in args.types.split(",") if t)
+    sys.stdout.write(json.dumps(plan_case(args.curriculum, device, args.gb, types)) + "\n")
 
 
 if __name__ == "__main__":
