@@ -73,7 +73,7 @@ class RunRow(TypedDict, total=False):
 def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
          curriculum: str | Path = DEFAULT_CURRICULUM, cluster: str | None = None,
          data: str | Path | None = None, run: str | None = None, runs_dir: str | Path = "runs",
-         write: bool = True, dataset: Any = None, placement: str = "auto",
+         write: bool = True, dataset: Any = None, placement: str | None = None,
          progress: Callable[[str], None] | None = None,
          notice: Callable[[str], None] | None = None) -> Plan:
     """Fit every stage of the curriculum to the memory budget (what `orchestrator plan` does).
@@ -91,11 +91,12 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
         dataset: a `planning.schedule.DatasetSize` to plan for instead of measuring `data`
             (`auto_config` passes one of N ATLAS-size subjects).
         placement: for a cluster with GPU types of different memory (`sinfo`, else the
-            profile): "auto" plans each stage for each type and places it on the smallest
-            that keeps its curriculum values, where the profile asks for GPUs, there is
-            more than one type, no `target_mem_gb` and no SLURM job around the call (an
-            allocation plans for the GPU it holds); a type's name pins every stage to
-            it; "none" plans for one budget as without types.
+            profile): None (the default) plans each stage for each type and places it on
+            the smallest that keeps its curriculum values where the profile names its
+            types (`gpu_types:`) or pins a stage, there is more than one type, no
+            `target_mem_gb` and no SLURM job around the call (an allocation plans for the
+            GPU it holds); "auto" does so for any profile with GPUs; a type's name pins
+            every stage to it; "none" plans for one budget as without types.
         progress: called with each stage's name as it is planned.
         notice: called with what the CLI prints as a note (e.g. planning for a CPU where
             SLURM answers).
@@ -124,8 +125,8 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
     return p
 
 
-def gpu_placement(placement: str, cluster: str | None, device: str, target_mem_gb: float | None
-                  ) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]:
+def gpu_placement(placement: str | None, cluster: str | None, device: str,
+                  target_mem_gb: float | None) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]:
     """The GPU types to place the stages on (`planning.placement.GpuOption`s) and the
     stages' pins, for `plan`'s `placement` (see there); ((), ()) for a one-budget plan.
 
@@ -141,22 +142,24 @@ def gpu_placement(placement: str, cluster: str | None, device: str, target_mem_g
     pins = tuple((stage, r.gpu_type) for stage, r in profile.stages.items() if r.gpu_type)
     # inside an allocation (slurm/progressive.sh), a plan is for the GPU the job holds
     in_job = bool(os.environ.get("SLURM_JOB_ID"))
-    if placement == "auto" and (device == "cpu" or target_mem_gb is not None or in_job
-                                or not wants_gpus(profile)):
+    if placement in (None, "auto") and (device == "cpu" or target_mem_gb is not None or in_job
+                                        or not wants_gpus(profile)):
         return (), ()
+    if placement is None and not (profile.gpu_types or pins):
+        return (), ()  # by default only a profile that names its GPU types places stages
     if device == "cpu":
         raise ConfigError(f"--placement {placement}: places stages on GPU types; expected "
                           "--device auto or cuda with it")
     inv = gpu_inventory(profile)
-    if placement != "auto" and placement not in inv.types:
+    if placement not in (None, "auto") and placement not in inv.types:
         raise ConfigError(f"--placement: {placement!r} is not a GPU type of the cluster "
                           f"({inv.source}); expected auto, none or one of: "
                           f"{', '.join(inv.types) or 'no type found'}")
-    if placement == "auto" and len(inv.types) < 2 and not pins:
+    if placement in (None, "auto") and len(inv.types) < 2 and not pins:
         return (), ()
     inv.require_memory(path)
     options = inv.options(profile)
-    if placement != "auto":
+    if placement not in (None, "auto"):
         options = [o for o in options if o.gpu_type == placement]
         pins = ()
     return tuple(options), pins

@@ -123,3 +123,18 @@ def test_placement_pins_every_stage_or_one_stage(tmp_path: Path, tiny_data: Path
     none = api.plan(cluster="local-mixed", curriculum=MIXED, data=tiny_data, write=False,
                     placement="none", target_mem_gb=4, device="cuda", runs_dir=tmp_path / "runs")
     assert all(s.placement is None for s in none.stages)
+
+
+def test_by_default_only_a_profile_that_names_its_types_places_stages(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"  # GPUs, one size declared, no types named: one budget
+    site.write_text("name: site\nexecutor: slurm\ngpus_per_node: 1\ngpu_mem_gb: 40\n")
+    assert api.gpu_placement(None, str(site), "auto", None) == ((), ())
+    options, pins = api.gpu_placement("auto", str(site), "auto", None)  # sinfo's types
+    assert [(o.gpu_type, o.mem_gb, o.partition) for o in options] == [
+        ("v100", 16, "v100"), ("a100", 40, "a100")]  # built-in sizes; each on its own partition
+    assert pins == ()
+    options, _ = api.gpu_placement(None, "local-mixed", "auto", None)
+    assert [(o.gpu_type, o.mem_gb) for o in options] == [("v100", 1.2), ("a100", 2.0)]
+    assert all(o.start_s is not None and o.start_s >= 0 for o in options)  # sbatch --test-only
+    assert api.gpu_placement(None, "local-mixed", "auto", 4.0) == ((), ())  # --target-mem
+    assert api.gpu_placement(None, "local-mixed", "cpu", None) == ((), ())

@@ -29,7 +29,7 @@ from orchestrator.planning.floors import check_fresh_starts
 
 def _plan(target_mem: str | None, device: DeviceName, curriculum: Path, cluster: str | None,
           data: Path | None, run: str | None, runs_dir: Path, quiet: bool,
-          placement: str = "auto") -> tuple[Plan, Path]:
+          placement: str | None = None) -> tuple[Plan, Path]:
     # deferred: torch (CLI start-up); plan_file imports the planner
     from orchestrator.planning.plan_file import parse_target_mem
 
@@ -55,12 +55,13 @@ def plan(target_mem: TargetMem = None, device: Device = "auto",
              "--explain", metavar="STAGE", help="Break STAGE's predicted peak into parameters, "
              "gradients, optimizer state, input batch, saved activations, temporaries, "
              "validation and the allocator/workspace/context terms.")] = None,
-         placement: Annotated[str, typer.Option(
+         placement: Annotated[str | None, typer.Option(
              "--placement", metavar="auto|none|TYPE", help="A cluster with GPU types of "
-             "different memory (sinfo, else the profile's gpu_types): auto plans each stage for "
-             "each type and places it on the smallest that keeps its curriculum values (a "
-             "profile with GPUs, more than one type, no --target-mem); TYPE pins every stage to "
-             "that type; none plans for one budget.")] = "auto",
+             "different memory (sinfo, else the profile's gpu_types): each stage is planned "
+             "for each type and placed on the smallest that keeps its curriculum values. "
+             "Default: where the profile names its gpu_types (or pins a stage) and no "
+             "--target-mem is given; auto: for any profile with GPUs; TYPE: every stage on "
+             "that type; none: one budget.")] = None,
          json_out: Json = False) -> None:
     """Fit every stage to the memory budget; print the table and write runs/<run>/plan.yaml.
 
