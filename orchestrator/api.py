@@ -127,7 +127,7 @@ def plan(target_mem_gb: float | None = None, *, device: DeviceName = "auto",
 
 def gpu_placement(placement: str | None, cluster: str | None, device: str,
                   target_mem_gb: float | None) -> tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]:
-    """The GPU types to place the stages on (`planning.placement.GpuOption`s) and the
+    """The GPU types to place the stages on (`plan_facts.GpuOption`s) and the
     stages' pins, for `plan`'s `placement` (see there); ((), ()) for a one-budget plan.
 
     Raises:

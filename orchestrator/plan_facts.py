@@ -3,10 +3,13 @@
 `Plan.probe` is a `ProbeRecord` (what planning/probe.py's `probe()` returns) and
 `Plan.assumptions` a `PlanAssumptions`. The field names are the keys plan.yaml has always
 had, so a plan written before these were typed loads unchanged; every field a plan from
-an older version (or a test's hand-made plan) may lack has a default.
+an older version (or a test's hand-made plan) may lack has a default. `GpuOption` is what
+mixed-GPU placement chooses from (one GPU type as the inventory found it), and `Placement`
+what it chose; both live here so that the inventory and the command line need no torch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, model_serializer
@@ -23,6 +26,21 @@ class GpuRecord(StrictModel):
     free_gb: float
     bf16: bool | None = Field(default=None, description="Compute capability >= 8.0; None in a "
                               "plan written before the probe recorded it.")
+
+
+@dataclass(frozen=True)
+class GpuOption:
+    """A GPU type a stage may be placed on, as the inventory found it."""
+
+    gpu_type: str
+    mem_gb: float
+    partition: str | None = None
+    gpus_per_node: int = 1
+    idle_gpus: int = 0
+    start_s: float | None = None  # seconds to the expected start (sbatch --test-only)
+
+    def describe(self) -> str:
+        return f"{self.gpu_type} ({self.mem_gb:g} GB)"
 
 
 class Placement(StrictModel):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import ClusterProfile
 from orchestrator.errors import ConfigError
-from orchestrator.planning.placement import GpuOption
+from orchestrator.plan_facts import GpuOption
 
 SINFO_TIMEOUT_S = 20
 

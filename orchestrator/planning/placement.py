@@ -18,28 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from orchestrator.config import Placement, StagePlan, StageSpec
 from orchestrator.errors import PlanError
+from orchestrator.plan_facts import GpuOption
 from orchestrator.planning.estimator import Budget, StepFactory, fmt_size
 from orchestrator.planning.planner import Shortfall, plan_or_shortfall
 from orchestrator.planning.pool import plan_curriculum_results
-
-
-@dataclass(frozen=True)
-class GpuOption:
-    """A GPU type a stage may be placed on, as the inventory found it."""
-
-    gpu_type: str
-    mem_gb: float
-    partition: str | None = None
-    gpus_per_node: int = 1
-    idle_gpus: int = 0
-    start_s: float | None = None  # seconds to the expected start (sbatch --test-only)
-
-    def describe(self) -> str:
-        return f"{self.gpu_type} ({self.mem_gb:g} GB)"
 
 
 def _keeps(spec: StageSpec, sp: StagePlan) -> bool:

@@ -35,7 +35,8 @@ from orchestrator.plan_facts import (
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.estimator import Budget, StepFactory
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
-from orchestrator.planning.placement import GpuOption, plan_placed
+from orchestrator.plan_facts import GpuOption
+from orchestrator.planning.placement import plan_placed
 from orchestrator.planning.pool import plan_curriculum
 from orchestrator.planning.probe import host_budget_gb, probe, slurm_answers
 from orchestrator.planning.schedule import (
