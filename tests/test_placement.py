@@ -8,8 +8,8 @@ from conftest import TINY_CURRICULUM
 
 from orchestrator.config import StagePlan, load_curriculum
 from orchestrator.errors import PlanError
-from orchestrator.planning.estimator import Candidate
 from orchestrator.plan_facts import GpuOption
+from orchestrator.planning.estimator import Candidate
 from orchestrator.planning.placement import _choose
 from orchestrator.planning.planner import Shortfall
 

@@ -29,13 +29,13 @@ from orchestrator.plan_facts import (
     CalibrationWrite,
     ClusterSource,
     DatasetRecord,
+    GpuOption,
     PlanAssumptions,
     ProbeRecord,
 )
 from orchestrator.planning import calibration as cal
 from orchestrator.planning.estimator import Budget, StepFactory
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
-from orchestrator.plan_facts import GpuOption
 from orchestrator.planning.placement import plan_placed
 from orchestrator.planning.pool import plan_curriculum
 from orchestrator.planning.probe import host_budget_gb, probe, slurm_answers

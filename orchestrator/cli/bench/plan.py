@@ -31,8 +31,8 @@ import torch
 from orchestrator.cli.bench.data import machine_info
 from orchestrator.config import DEFAULT_CURRICULUM, DeviceName
 from orchestrator.errors import OrchestratorError
-from orchestrator.planning import estimator
 from orchestrator.plan_facts import GpuOption
+from orchestrator.planning import estimator
 from orchestrator.planning.plan_file import PlanRequest, make_plan
 from orchestrator.planning.pool import default_workers
 from orchestrator.training.step import estimation_step
