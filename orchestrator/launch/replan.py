@@ -18,11 +18,13 @@ import subprocess
 from pathlib import Path
 
 from orchestrator.atomic import atomic_write_text
-from orchestrator.config import Plan, StagePlan, load_plan, plan_to_yaml
+from orchestrator.config import Plan, load_plan, plan_to_yaml
 from orchestrator.errors import PlanError
 from orchestrator.launch.inventory import type_memory
-from orchestrator.planning.estimator import Budget, fmt_size
+from orchestrator.planning.estimator import Budget
+from orchestrator.planning.floors import filter_floor
 from orchestrator.planning.memory import DEFAULT_OVERHEADS
+from orchestrator.planning.placement import numbers
 from orchestrator.planning.planner import Shortfall, plan_or_shortfall
 from orchestrator.planning.probe import probe
 from orchestrator.planning.schedule import batch_cap, measure_dataset
@@ -59,10 +61,6 @@ def gpu_got(plan: Plan) -> tuple[str, float] | None:
     return (gpu_type, mem.gb) if mem else None
 
 
-def _numbers(sp: StagePlan) -> str:
-    return f"{fmt_size(sp.input_size_vox)}, {sp.base_filters} filters, batch {sp.batch_size}"
-
-
 def replan_on_start(plan_path: Path | str, stage: str) -> str | None:
     """Plan `stage` again where its job got another GPU than its placement (module doc).
 
@@ -83,9 +81,8 @@ def replan_on_start(plan_path: Path | str, stage: str) -> str | None:
     name, gb = got
     if name.lower() == pl.gpu_type.lower() or abs(gb - pl.mem_gb) <= SAME_GB * pl.mem_gb:
         return None
-    src = plan.stage(sp.init_from) if sp.init_from and any(
-        s.name == sp.init_from for s in plan.stages) else None
-    floor = src.base_filters if src is not None and sp.kind == src.kind == "seg3d" else 0
+    src = next((s for s in plan.stages if s.name == sp.init_from), None)
+    floor = filter_floor(sp.kind, src)
     budget = Budget(gb, DEFAULT_OVERHEADS["cuda"], cuda_target=True)
     if plan.assumptions.val_volume_vox:  # what validation slides over, as planned
         budget.val_volume_vox = tuple(plan.assumptions.val_volume_vox)
@@ -97,7 +94,7 @@ def replan_on_start(plan_path: Path | str, stage: str) -> str | None:
                         f"{new.need_gb:.2f} GB; expected a {pl.gpu_type}: resubmit with "
                         f"--gres=gpu:{pl.gpu_type}:N (the profile's gres for {stage})")
     line = (f"{stage}: started on {name} ({gb:g} GB) instead of the planned {pl.gpu_type} "
-            f"({pl.mem_gb:g} GB): planned again for it: {_numbers(new)} (was {_numbers(sp)})")
+            f"({pl.mem_gb:g} GB): planned again for it: {numbers(new)} (was {numbers(sp)})")
     placed = pl.model_copy(update={"gpu_type": name, "mem_gb": gb, "replanned": line})
     new = new.model_copy(update={"placement": placed, "reasons": [line, *new.reasons],
                                  "time_estimate_min": sp.time_estimate_min})

@@ -24,6 +24,12 @@ from orchestrator.errors import PlanError
 MOST = 0.5  # share of the transferable parameters beyond which `submit` refuses
 
 
+def filter_floor(kind: str, src: StagePlan | None) -> int:
+    """The fewest base filters a stage of `kind` may have when it starts from `src` (as
+    planned): src's, between 3D stages; 0 otherwise (no source, or an LCNN on either side)."""
+    return src.base_filters if src is not None and kind == src.kind == "seg3d" else 0
+
+
 def fresh_tensors(old: StagePlan, new: StagePlan) -> dict[str, Any]:
     """What the hand-off old -> new re-initialises because new is narrower, from the two
     models built on the meta device (no memory, no data).

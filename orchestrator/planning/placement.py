@@ -23,6 +23,7 @@ from orchestrator.config import Placement, StagePlan, StageSpec
 from orchestrator.errors import PlanError
 from orchestrator.plan_facts import GpuOption
 from orchestrator.planning.estimator import Budget, StepFactory, fmt_size
+from orchestrator.planning.floors import filter_floor
 from orchestrator.planning.planner import Shortfall, plan_or_shortfall
 from orchestrator.planning.pool import plan_curriculum_results
 
@@ -32,7 +33,8 @@ def _keeps(spec: StageSpec, sp: StagePlan) -> bool:
             and sp.base_filters == spec.base_filters)
 
 
-def _numbers(sp: StagePlan) -> str:
+def numbers(sp: StagePlan) -> str:
+    """A stage plan's curriculum values and batch, as the reasons print them."""
     return f"{fmt_size(sp.input_size_vox)}, {sp.base_filters} filters, batch {sp.batch_size}"
 
 
@@ -67,9 +69,8 @@ def plan_placed(stages: list[tuple[StageSpec, str | None]], options: list[GpuOpt
     caps = batch_caps or {}
     per_type: dict[str, list[StagePlan | Shortfall]] = {}
     for o in options:
-        wanted = [spec.name for spec, _ in stages if pins.get(spec.name) in (None, o.gpu_type)]
-        if not wanted:
-            continue
+        if not any(pins.get(spec.name) in (None, o.gpu_type) for spec, _ in stages):
+            continue  # every stage is pinned elsewhere
         per_type[o.gpu_type] = plan_curriculum_results(
             stages, budget_for(o.mem_gb), step_factory, caps,
             progress=_for_type(progress, o.gpu_type))
@@ -78,7 +79,7 @@ def plan_placed(stages: list[tuple[StageSpec, str | None]], options: list[GpuOpt
     for i, (spec, init) in enumerate(stages):
         allowed = [o for o in options if pins.get(spec.name, o.gpu_type) == o.gpu_type]
         src = placed.get(init or "")
-        floor = src.base_filters if src is not None and spec.kind == src.kind == "seg3d" else 0
+        floor = filter_floor(spec.kind, src)
         results: dict[str, StagePlan | Shortfall] = {}
         for o in allowed:
             r = per_type[o.gpu_type][i]
@@ -116,7 +117,7 @@ def _choose(spec: StageSpec, allowed: list[GpuOption],
     keepers = [(o, r) for o, r in fits if _keeps(spec, r)]
     if keepers:
         o, sp = min(keepers, key=lambda f: (f[0].mem_gb, _sooner(f[0])))
-        why = f"{o.describe()}: {_numbers(sp)} fit"
+        why = f"{o.describe()}: {numbers(sp)} fit"
         smaller = [(p, r) for p, r in fits if p.mem_gb < o.mem_gb]
         bigger = [p for p in allowed if p.mem_gb > o.mem_gb]
         if smaller:
@@ -137,7 +138,7 @@ def _choose(spec: StageSpec, allowed: list[GpuOption],
     else:
         o, sp = max(fits, key=lambda f: (f[1].base_filters * math.prod(f[1].input_size_vox),
                                          f[1].batch_size, -f[0].mem_gb, [-x for x in _sooner(f[0])]))
-        why = (f"{o.describe()}: gives up least of the types: {_numbers(sp)} (the curriculum "
+        why = (f"{o.describe()}: gives up least of the types: {numbers(sp)} (the curriculum "
                f"asks {fmt_size(spec.input_size_vox)}, {spec.base_filters} filters)")
     tied = [p for p, r in fits if p is not o and p.mem_gb == o.mem_gb
             and (_keeps(spec, r) if keepers else r.base_filters == sp.base_filters
